@@ -1,0 +1,270 @@
+// CPU kernels of some::keystore_stats and some::keystore_update (SPEC §4).
+//
+// Statistics are computed per expert from the pairs grouped by expert, so
+// each thread owns whole rows of the outputs: no atomics, and the sums are
+// bit-identical run to run. The update computes every Δ_e from the old keys
+// and then writes keys, velocity and usage together.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+#include "grouping.h"
+
+namespace some {
+namespace {
+
+constexpr double kNormEps = 1e-12;
+constexpr double kRepulsionEps = 1e-8;  // max(D, 1e-8) in the repulsion term
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
+    const at::Tensor& query, const at::Tensor& indices, const at::Tensor& gates,
+    int64_t num_experts) {
+  const char* op = "some.keystore_stats";
+  check_defined(op, "query", query);
+  check_dim(op, "query", query, 2);
+  check_floating(op, "query", query);
+  check_dim(op, "indices", indices, 2);
+  check_dtype(op, "indices", indices, at::kLong);
+  check_size(op, "indices", indices, 0, query.size(0), "the number of tokens T (rows of query)");
+  TORCH_CHECK_VALUE(gates.sizes() == indices.sizes(), op, ": 'gates' has shape ",
+                    shape_str(gates), " but 'indices' has shape ", shape_str(indices),
+                    "; both must be [T, k]");
+  check_floating(op, "gates", gates);
+  check_same_device(op, "indices", indices, "query", query);
+  check_same_device(op, "gates", gates, "query", query);
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK_VALUE(at::isfinite(query).all().item<bool>(), op,
+                    ": 'query' contains NaN or Inf; the key-store statistics would be "
+                    "corrupted, so nothing was computed (the keys are untouched)");
+  TORCH_CHECK_VALUE(at::isfinite(gates).all().item<bool>(), op,
+                    ": 'gates' contains NaN or Inf; nothing was computed (the keys are untouched)");
+
+  const int64_t d = query.size(1), k = indices.size(1), N = num_experts;
+  const auto acc = stats_dtype(query.scalar_type());
+  auto q = query.to(acc).contiguous();
+  q = q / q.norm(2, 1, true).clamp_min(kNormEps);
+  const auto g = gates.to(acc).contiguous();
+  const auto idx = indices.contiguous();
+  auto [order, offsets] = group_by_expert(op, idx, N);
+
+  auto sum_q = at::zeros({N, d}, q.options());
+  auto mass = at::zeros({N}, q.options());
+  auto counts = at::zeros({N}, idx.options());
+  auto coselect = at::zeros({N, N}, idx.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc, "some_keystore_stats_cpu", [&] {
+    const scalar_t* Q = q.data_ptr<scalar_t>();
+    const scalar_t* G = g.data_ptr<scalar_t>();
+    scalar_t* SQ = sum_q.data_ptr<scalar_t>();
+    scalar_t* M = mass.data_ptr<scalar_t>();
+    int64_t* C = counts.data_ptr<int64_t>();
+    int64_t* CS = coselect.data_ptr<int64_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        scalar_t* sq = SQ + e * d;
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          const int64_t p = ord[r], t = p / k;
+          const scalar_t w = G[p];
+          M[e] += w;
+          const scalar_t* qt = Q + t * d;
+          for (int64_t c = 0; c < d; ++c) sq[c] += w * qt[c];
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t other = I[t * k + j];
+            if (other >= 0 && other != e) ++CS[e * N + other];
+          }
+        }
+        C[e] = off[e + 1] - off[e];
+      }
+    });
+  });
+  return {sum_q, mass, counts, coselect};
+}
+
+// Quantile with linear interpolation, the same rule as torch.quantile.
+template <typename scalar_t>
+scalar_t quantile_linear(std::vector<scalar_t>& v, double q) {
+  const int64_t n = v.size();
+  const double rank = q * static_cast<double>(n - 1);
+  const int64_t lo = static_cast<int64_t>(std::floor(rank));
+  const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
+  std::nth_element(v.begin(), v.begin() + lo, v.end());
+  const scalar_t below = v[lo];
+  const scalar_t above = hi == lo ? below : *std::min_element(v.begin() + lo + 1, v.end());
+  const scalar_t w = static_cast<scalar_t>(rank - static_cast<double>(lo));
+  // torch.lerp's two-sided formula, for identical rounding.
+  return w < scalar_t(0.5) ? below + w * (above - below) : above - (above - below) * (scalar_t(1) - w);
+}
+
+at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tensor& usage,
+                               const at::Tensor& sum_q, const at::Tensor& mass,
+                               const at::Tensor& counts, const at::Tensor& coselect, double alpha,
+                               double beta, double delta, double theta_percentile,
+                               double ema_decay, bool normalize) {
+  const char* op = "some.keystore_update";
+  check_defined(op, "keys", keys);
+  check_dim(op, "keys", keys, 2);
+  const int64_t N = keys.size(0), d = keys.size(1);
+  TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble, op,
+                   ": 'keys' must be float32 or float64 (the key store is kept in full "
+                   "precision), got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(velocity.sizes() == keys.sizes(), op, ": 'velocity' has shape ",
+                    shape_str(velocity), " but 'keys' has shape ", shape_str(keys));
+  TORCH_CHECK_VALUE(sum_q.sizes() == keys.sizes(), op, ": 'sum_q' has shape ",
+                    shape_str(sum_q), " but 'keys' has shape ", shape_str(keys));
+  check_dim(op, "usage", usage, 1);
+  check_size(op, "usage", usage, 0, N, "the number of experts N");
+  check_dim(op, "mass", mass, 1);
+  check_size(op, "mass", mass, 0, N, "the number of experts N");
+  check_dim(op, "counts", counts, 1);
+  check_size(op, "counts", counts, 0, N, "the number of experts N");
+  check_dim(op, "coselect", coselect, 2);
+  TORCH_CHECK_VALUE(coselect.size(0) == N && coselect.size(1) == N, op,
+                    ": 'coselect' must have shape [N, N] = [", N, ", ", N, "], got ",
+                    shape_str(coselect));
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
+                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass}}) {
+    check_same_dtype(op, name, *t, "keys", keys);
+  }
+  check_dtype(op, "counts", counts, at::kLong);
+  check_dtype(op, "coselect", coselect, at::kLong);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
+                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass},
+                         {"counts", &counts}, {"coselect", &coselect}})
+    check_same_device(op, name, *t, "keys", keys);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"keys", &keys},
+                         {"velocity", &velocity}, {"usage", &usage}})
+    check_contiguous(op, name, *t);
+  for (auto [name, v] : {std::pair<const char*, double>{"alpha", alpha}, {"beta", beta},
+                         {"delta", delta}})
+    TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
+  TORCH_CHECK_VALUE(theta_percentile >= 0 && theta_percentile <= 1, op,
+                    ": theta_percentile must be in [0, 1], got ", theta_percentile);
+  TORCH_CHECK_VALUE(ema_decay >= 0 && ema_decay <= 1, op, ": ema_decay must be in [0, 1], got ",
+                    ema_decay);
+
+  // Non-finite statistics (or a store already corrupted) leave everything untouched.
+  const bool finite = at::isfinite(sum_q).all().item<bool>() &&
+                      at::isfinite(mass).all().item<bool>() &&
+                      at::isfinite(keys).all().item<bool>() &&
+                      at::isfinite(velocity).all().item<bool>();
+  if (!finite) return at::scalar_tensor(false, keys.options().dtype(at::kBool));
+
+  const auto sq = sum_q.contiguous();
+  const auto m = mass.contiguous();
+  const auto cs = coselect.contiguous();
+  const auto cnt = counts.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "some_keystore_update_cpu", [&] {
+    const scalar_t* K = keys.data_ptr<scalar_t>();
+    const scalar_t* SQ = sq.data_ptr<scalar_t>();
+    const scalar_t* M = m.data_ptr<scalar_t>();
+    const int64_t* CS = cs.data_ptr<int64_t>();
+    scalar_t* V = velocity.data_ptr<scalar_t>();
+    scalar_t* U = usage.data_ptr<scalar_t>();
+    const int64_t* C = cnt.data_ptr<int64_t>();
+
+    // Pairwise distances and the repulsion radius θ (only needed when δ ≠ 0).
+    std::vector<scalar_t> dist;
+    scalar_t theta = 0;
+    const bool repel = delta != 0 && N > 1;
+    if (repel) {
+      dist.assign(N * N, scalar_t(0));
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e_end) {
+        for (int64_t e = b; e < e_end; ++e)
+          for (int64_t f = 0; f < N; ++f) {
+            if (f == e) continue;
+            scalar_t s = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              const scalar_t diff = K[e * d + c] - K[f * d + c];
+              s += diff * diff;
+            }
+            dist[e * N + f] = std::sqrt(s);
+          }
+      });
+      std::vector<scalar_t> upper;
+      upper.reserve(N * (N - 1) / 2);
+      for (int64_t e = 0; e < N; ++e)
+        for (int64_t f = e + 1; f < N; ++f) upper.push_back(dist[e * N + f]);
+      theta = quantile_linear(upper, theta_percentile);
+    }
+
+    const scalar_t a = alpha, bt = beta, dl = delta, gamma = ema_decay;
+    std::vector<scalar_t> new_k(N * d), new_v(N * d);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e_end) {
+      std::vector<scalar_t> delta_e(d);
+      for (int64_t e = b; e < e_end; ++e) {
+        const scalar_t* ke = K + e * d;
+        std::fill(delta_e.begin(), delta_e.end(), scalar_t(0));
+        if (a != 0 && M[e] > 0) {  // attraction to the gate-weighted mean query
+          for (int64_t c = 0; c < d; ++c) delta_e[c] += a * (SQ[e * d + c] / M[e] - ke[c]);
+        }
+        if (bt != 0) {  // peer-pull to the co-selection-weighted mean key
+          int64_t row = 0;
+          for (int64_t f = 0; f < N; ++f)
+            if (f != e) row += CS[e * N + f];
+          if (row > 0) {
+            std::vector<scalar_t> pull(d, scalar_t(0));
+            for (int64_t f = 0; f < N; ++f) {
+              const int64_t w = f == e ? 0 : CS[e * N + f];
+              if (w == 0) continue;
+              for (int64_t c = 0; c < d; ++c) pull[c] += static_cast<scalar_t>(w) * K[f * d + c];
+            }
+            for (int64_t c = 0; c < d; ++c)
+              delta_e[c] += bt * (pull[c] / static_cast<scalar_t>(row) - ke[c]);
+          }
+        }
+        if (repel) {  // push away from the keys closer than θ
+          std::vector<scalar_t> push(d, scalar_t(0));
+          int64_t close = 0;
+          for (int64_t f = 0; f < N; ++f) {
+            if (f == e) continue;
+            const scalar_t D = dist[e * N + f];
+            if (!(D < theta)) continue;
+            ++close;
+            const scalar_t inv = scalar_t(1) / std::max(D, static_cast<scalar_t>(kRepulsionEps));
+            for (int64_t c = 0; c < d; ++c) push[c] += (ke[c] - K[f * d + c]) * inv;
+          }
+          if (close > 0)
+            for (int64_t c = 0; c < d; ++c) delta_e[c] += dl * push[c] / static_cast<scalar_t>(close);
+        }
+        scalar_t norm2 = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const scalar_t v = gamma * V[e * d + c] + (scalar_t(1) - gamma) * delta_e[c];
+          new_v[e * d + c] = v;
+          const scalar_t nk = ke[c] + v;
+          new_k[e * d + c] = nk;
+          norm2 += nk * nk;
+        }
+        if (normalize) {
+          const scalar_t inv = scalar_t(1) / std::max(std::sqrt(norm2), static_cast<scalar_t>(kNormEps));
+          for (int64_t c = 0; c < d; ++c) new_k[e * d + c] *= inv;
+        }
+      }
+    });
+    std::copy(new_k.begin(), new_k.end(), keys.data_ptr<scalar_t>());
+    std::copy(new_v.begin(), new_v.end(), V);
+
+    int64_t total = 0;
+    for (int64_t e = 0; e < N; ++e) total += C[e];
+    for (int64_t e = 0; e < N; ++e) {
+      const scalar_t share = total > 0 ? static_cast<scalar_t>(C[e]) / static_cast<scalar_t>(total) : scalar_t(0);
+      U[e] = gamma * U[e] + (scalar_t(1) - gamma) * share;
+    }
+  });
+  return at::scalar_tensor(true, keys.options().dtype(at::kBool));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(some, CPU, m) {
+  m.impl("keystore_stats", &keystore_stats_cpu);
+  m.impl("keystore_update", &keystore_update_cpu);
+}
+
+}  // namespace some

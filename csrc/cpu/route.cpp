@@ -1,0 +1,399 @@
+// CPU kernels of some::route and some::route_backward (SPEC §3 steps 1-4).
+//
+// The score matrix is one GEMM (q̂ K̂ᵀ); selection and gating are per token and
+// run in parallel over tokens. All arithmetic is in the accumulation type
+// (float64 for float64 queries, float32 otherwise); outputs are cast back to
+// the query's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+
+namespace some {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+
+struct RouteArgs {
+  Gating gating;
+  bool cosine;
+  int64_t k;
+  double temperature;
+  double top_p;
+  bool fallback_top1;
+};
+
+void check_route_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
+                        int64_t k, double temperature, Gating gating, double top_p,
+                        const c10::optional<at::Tensor>& thresholds,
+                        const c10::optional<at::Tensor>& active) {
+  check_defined(op, "query", query);
+  check_defined(op, "keys", keys);
+  check_dim(op, "query", query, 2);
+  check_dim(op, "keys", keys, 2);
+  check_floating(op, "query", query);
+  check_floating(op, "keys", keys);
+  check_same_device(op, "keys", keys, "query", query);
+  const int64_t N = keys.size(0);
+  TORCH_CHECK_VALUE(N >= 1, op, ": 'keys' must hold at least one expert, got shape ",
+                    shape_str(keys));
+  check_size(op, "keys", keys, 1, query.size(1), "the query width d");
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be in 1..N = 1..", N, ", got k = ", k);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a positive finite number, got ", temperature);
+  if (gating == Gating::TopP) {
+    TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
+  }
+  if (gating == Gating::TopAny) {
+    TORCH_CHECK_VALUE(thresholds.has_value() && thresholds->defined(), op,
+                      ": gating 'top_any' needs the per-expert 'thresholds' tensor of shape [N]");
+  }
+  if (thresholds.has_value() && thresholds->defined()) {
+    const auto& th = *thresholds;
+    check_dim(op, "thresholds", th, 1);
+    check_size(op, "thresholds", th, 0, N, "the number of experts N");
+    check_floating(op, "thresholds", th);
+    check_same_device(op, "thresholds", th, "query", query);
+  }
+  if (active.has_value() && active->defined()) {
+    const auto& a = *active;
+    check_dim(op, "active", a, 1);
+    check_size(op, "active", a, 0, N, "the number of experts N");
+    check_dtype(op, "active", a, at::kBool);
+    check_same_device(op, "active", a, "query", query);
+  }
+}
+
+// Rows scaled to unit L2 norm (max(norm, eps) in the denominator), in acc dtype.
+at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc) {
+  auto x = t.to(acc).contiguous();
+  auto norms = x.norm(2, /*dim=*/1, /*keepdim=*/true).clamp_min(kNormEps);
+  return x / norms;
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// Insert (score, index) into the descending list best[0..count) of capacity
+// cap. Experts are visited in ascending index order, so a strict comparison
+// keeps the lower index first among equal scores (SPEC §3 step 3).
+template <typename acc_t>
+inline void insert_topk(acc_t s, int64_t e, acc_t* best_s, int64_t* best_i, int64_t& count,
+                        int64_t cap) {
+  if (count == cap && !(s > best_s[cap - 1])) return;
+  int64_t pos = count < cap ? count++ : cap - 1;
+  while (pos > 0 && s > best_s[pos - 1]) {
+    best_s[pos] = best_s[pos - 1];
+    best_i[pos] = best_i[pos - 1];
+    --pos;
+  }
+  best_s[pos] = s;
+  best_i[pos] = e;
+}
+
+// Top-`cap` of the eligible experts of one token's score row, descending,
+// ties to the lower index. Returns how many were found.
+template <typename acc_t, typename Eligible>
+int64_t select_topk(const acc_t* s, int64_t N, int64_t cap, Eligible eligible, acc_t* best_s,
+                    int64_t* best_i, std::vector<int64_t>& scratch) {
+  if (cap <= 32) {
+    int64_t count = 0;
+    for (int64_t e = 0; e < N; ++e)
+      if (eligible(e)) insert_topk(s[e], e, best_s, best_i, count, cap);
+    return count;
+  }
+  // Large k (up to k = N): partial sort of the eligible indices.
+  scratch.clear();
+  for (int64_t e = 0; e < N; ++e)
+    if (eligible(e)) scratch.push_back(e);
+  const int64_t count = std::min<int64_t>(cap, scratch.size());
+  std::partial_sort(scratch.begin(), scratch.begin() + count, scratch.end(),
+                    [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+  for (int64_t j = 0; j < count; ++j) {
+    best_i[j] = scratch[j];
+    best_s[j] = s[scratch[j]];
+  }
+  return count;
+}
+
+template <typename acc_t>
+void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const bool* active,
+                const acc_t* thr, int64_t* out_idx, acc_t* out_gate, acc_t* out_score) {
+  const int64_t k = a.k;
+  const acc_t tau = static_cast<acc_t>(a.temperature);
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> scratch;
+    scratch.reserve(N);
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* s = S + t * N;
+      int64_t* idx = out_idx + t * k;
+      acc_t* g = out_gate + t * k;
+      acc_t* sc = out_score + t * k;
+      auto is_active = [active](int64_t e) { return active == nullptr || active[e]; };
+      int64_t count = 0;
+      if (a.gating == Gating::TopAny) {
+        // Fired: σ(s/τ) > σ(G_e), i.e. s/τ > G_e.
+        auto fired = [&](int64_t e) { return is_active(e) && s[e] / tau > thr[e]; };
+        count = select_topk(s, N, k, fired, sc, idx, scratch);
+        if (count == 0 && a.fallback_top1) {
+          count = select_topk(s, N, 1, is_active, sc, idx, scratch);
+          if (count == 1) g[0] = acc_t(1);
+        } else {
+          for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(count);
+        }
+      } else {
+        count = select_topk(s, N, k, is_active, sc, idx, scratch);
+        switch (a.gating) {
+          case Gating::Softmax: {
+            acc_t mx = count ? sc[0] / tau : acc_t(0), sum = 0;
+            for (int64_t j = 0; j < count; ++j) sum += (g[j] = std::exp(sc[j] / tau - mx));
+            for (int64_t j = 0; j < count; ++j) g[j] /= sum;
+            break;
+          }
+          case Gating::Sigmoid:
+            for (int64_t j = 0; j < count; ++j) g[j] = sigmoid(sc[j] / tau);
+            break;
+          case Gating::Relu:
+            for (int64_t j = 0; j < count; ++j) g[j] = std::max(sc[j], acc_t(0));
+            break;
+          case Gating::AvgK:
+            for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(k);
+            break;
+          case Gating::TopP: {
+            // P = softmax(s/τ) over all active experts; keep the best ones up
+            // to and including the first where the cumulative P reaches p.
+            acc_t mx = count ? sc[0] / tau : acc_t(0), denom = 0;
+            for (int64_t e = 0; e < N; ++e)
+              if (is_active(e)) denom += std::exp(s[e] / tau - mx);
+            acc_t cum = 0;
+            int64_t kept = 0;
+            while (kept < count) {
+              g[kept] = std::exp(sc[kept] / tau - mx) / denom;
+              cum += g[kept++];
+              if (cum >= static_cast<acc_t>(a.top_p)) break;
+            }
+            count = kept;
+            break;
+          }
+          default:
+            break;
+        }
+      }
+      for (int64_t j = count; j < k; ++j) {
+        idx[j] = -1;
+        g[j] = 0;
+        sc[j] = 0;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& query, const at::Tensor& keys, int64_t k, double temperature,
+    c10::string_view gating_name, c10::string_view score_mode, double top_p,
+    const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& active,
+    bool fallback_top1) {
+  const char* op = "some.route";
+  const Gating gating = parse_gating(op, gating_name);
+  const bool cosine = parse_score_mode(op, score_mode);
+  check_route_inputs(op, query, keys, k, temperature, gating, top_p, thresholds, active);
+
+  const int64_t T = query.size(0), N = keys.size(0);
+  const auto acc = stats_dtype(query.scalar_type());
+  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
+  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto S = at::mm(q, kk.t()).contiguous();  // (T, N)
+
+  auto opts = query.options().dtype(acc);
+  auto indices = at::empty({T, k}, query.options().dtype(at::kLong));
+  auto gates = at::empty({T, k}, opts);
+  auto scores = at::empty({T, k}, opts);
+  at::Tensor act, thr;
+  if (active.has_value() && active->defined()) act = active->contiguous();
+  if (gating == Gating::TopAny) thr = thresholds->to(acc).contiguous();
+  RouteArgs args{gating, cosine, k, temperature, top_p, fallback_top1};
+
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "some_route_cpu", [&] {
+    route_rows<scalar_t>(S.data_ptr<scalar_t>(), T, N, args,
+                         act.defined() ? act.data_ptr<bool>() : nullptr,
+                         thr.defined() ? thr.data_ptr<scalar_t>() : nullptr,
+                         indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(),
+                         scores.data_ptr<scalar_t>());
+  });
+  return {indices, gates.to(query.scalar_type()), scores.to(query.scalar_type())};
+}
+
+// d(loss)/d(score) of every selected slot, from the gate and score gradients.
+// For top_p also returns coef_all[t] = -(Σ_j gg_j g_j)/τ, the weight of the
+// softmax denominator's gradient that reaches every active expert.
+template <typename acc_t>
+void route_backward_rows(const acc_t* gg, const acc_t* gs, const int64_t* idx, const acc_t* g,
+                         const acc_t* sc, const acc_t* thr, int64_t T, int64_t k,
+                         const RouteArgs& a, acc_t* grad_s, acc_t* coef_all,
+                         acc_t* grad_m /* top_any: dL/dm per slot, else unused */) {
+  const acc_t tau = static_cast<acc_t>(a.temperature);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * k;
+      int64_t count = 0;
+      while (count < k && idx[o + count] >= 0) ++count;
+      acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
+      for (int64_t j = 0; j < count; ++j) dot += gg[o + j] * g[o + j];
+      for (int64_t j = 0; j < k; ++j) {
+        grad_s[o + j] = 0;
+        if (grad_m) grad_m[o + j] = 0;
+      }
+      if (coef_all) coef_all[t] = 0;
+      for (int64_t j = 0; j < count; ++j) {
+        const acc_t s = sc[o + j], gj = g[o + j], ggj = gg[o + j];
+        acc_t ds = gs[o + j];
+        switch (a.gating) {
+          case Gating::Softmax:
+            ds += gj * (ggj - dot) / tau;
+            break;
+          case Gating::Sigmoid:
+            ds += ggj * gj * (acc_t(1) - gj) / tau;
+            break;
+          case Gating::Relu:
+            ds += s > 0 ? ggj : acc_t(0);
+            break;
+          case Gating::AvgK:
+            break;
+          case Gating::TopP:
+            ds += ggj * gj / tau;
+            break;
+          case Gating::TopAny: {
+            // Straight-through mask m_j of fired experts, gates m_j / Σ m.
+            // A fallback top-1 slot (nothing fired, evaluation) has no gradient.
+            const int64_t e = idx[o + j];
+            if (s / tau > thr[e]) {
+              const acc_t dm = (ggj - dot) / acc_t(count);
+              const acc_t sg = sigmoid(s / tau);
+              ds += dm * sg * (acc_t(1) - sg) / tau;
+              grad_m[o + j] = dm;
+            }
+            break;
+          }
+        }
+        grad_s[o + j] = ds;
+      }
+      if (a.gating == Gating::TopP && coef_all) coef_all[t] = -dot / tau;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
+    const at::Tensor& grad_gates, const at::Tensor& grad_scores, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& indices, const at::Tensor& gates,
+    const at::Tensor& scores, double temperature, c10::string_view gating_name,
+    c10::string_view score_mode, const c10::optional<at::Tensor>& thresholds,
+    const c10::optional<at::Tensor>& active) {
+  const char* op = "some.route_backward";
+  const Gating gating = parse_gating(op, gating_name);
+  const bool cosine = parse_score_mode(op, score_mode);
+  const int64_t k = indices.size(1);
+  check_route_inputs(op, query, keys, k, temperature, gating, 0.5, thresholds, active);
+  const int64_t T = query.size(0), N = keys.size(0);
+  for (auto* pr : {&grad_gates, &grad_scores, &gates, &scores}) {
+    check_dim(op, "gates/scores", *pr, 2);
+    TORCH_CHECK_VALUE(pr->size(0) == T && pr->size(1) == k, op,
+                      ": gate/score tensors must have shape [T, k] = [", T, ", ", k, "], got ",
+                      shape_str(*pr));
+  }
+  const auto acc = stats_dtype(query.scalar_type());
+  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
+  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto gg = grad_gates.to(acc).contiguous(), gs = grad_scores.to(acc).contiguous();
+  const auto g = gates.to(acc).contiguous(), sc = scores.to(acc).contiguous();
+  const auto idx = indices.contiguous();
+  at::Tensor thr;
+  const bool has_thr = thresholds.has_value() && thresholds->defined();
+  if (has_thr) thr = thresholds->to(acc).contiguous();
+
+  auto grad_s = at::empty({T, k}, q.options());
+  auto coef_all = gating == Gating::TopP ? at::empty({T}, q.options()) : at::Tensor();
+  auto grad_m = gating == Gating::TopAny ? at::empty({T, k}, q.options()) : at::Tensor();
+  RouteArgs args{gating, cosine, k, temperature, 0.0, false};
+
+  auto grad_qhat = at::zeros({T, q.size(1)}, q.options());
+  auto grad_thr = has_thr ? at::zeros({N}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "some_route_backward_cpu", [&] {
+    route_backward_rows<scalar_t>(
+        gg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+        g.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+        thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, args,
+        grad_s.data_ptr<scalar_t>(), coef_all.defined() ? coef_all.data_ptr<scalar_t>() : nullptr,
+        grad_m.defined() ? grad_m.data_ptr<scalar_t>() : nullptr);
+
+    // grad_q̂_t = Σ_j grad_s_tj k̂_{I_tj}: a gather-axpy, parallel over tokens.
+    const int64_t d = q.size(1);
+    const scalar_t* K = kk.data_ptr<scalar_t>();
+    const int64_t* I = idx.data_ptr<int64_t>();
+    const scalar_t* GS = grad_s.data_ptr<scalar_t>();
+    scalar_t* GQ = grad_qhat.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t e = I[t * k + j];
+          if (e < 0) continue;
+          const scalar_t w = GS[t * k + j];
+          const scalar_t* ke = K + e * d;
+          scalar_t* gq = GQ + t * d;
+          for (int64_t c = 0; c < d; ++c) gq[c] += w * ke[c];
+        }
+    });
+
+    if (gating == Gating::TopAny && has_thr) {
+      // dL/dG_e = -σ'(G_e) Σ_{(t,j): I_tj = e} dL/dm_tj; serial, so deterministic.
+      const scalar_t* TH = thr.data_ptr<scalar_t>();
+      const scalar_t* GM = grad_m.data_ptr<scalar_t>();
+      scalar_t* GT = grad_thr.data_ptr<scalar_t>();
+      for (int64_t p = 0; p < T * k; ++p) {
+        const int64_t e = I[p];
+        if (e < 0 || GM[p] == 0) continue;
+        const scalar_t sg = sigmoid(TH[e]);
+        GT[e] -= GM[p] * sg * (scalar_t(1) - sg);
+      }
+    }
+  });
+
+  if (gating == Gating::TopP) {
+    // The softmax denominator couples every active expert:
+    // grad_q̂_t += coef_t Σ_e P_te k̂_e, with P recomputed from the scores.
+    auto S = at::mm(q, kk.t()) / temperature;
+    if (active.has_value() && active->defined())
+      S = S.masked_fill(active->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
+    auto P = at::softmax(S, 1);
+    grad_qhat.add_(at::mm(P * coef_all.unsqueeze(1), kk));
+  }
+
+  at::Tensor grad_q;
+  if (cosine) {
+    // q̂ = q / max(||q||, eps): project out the radial part, divide by the norm.
+    auto x = query.to(acc);
+    auto norm = x.norm(2, 1, true);
+    auto radial = (q * grad_qhat).sum(1, true);
+    grad_q = at::where(norm > kNormEps, (grad_qhat - q * radial) / norm.clamp_min(kNormEps),
+                       grad_qhat / kNormEps);
+  } else {
+    grad_q = grad_qhat;
+  }
+  return {grad_q.to(query.scalar_type()),
+          has_thr ? grad_thr.to(thresholds->scalar_type()) : grad_thr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(some, CPU, m) {
+  m.impl("route", &route_cpu);
+  m.impl("route_backward", &route_backward_cpu);
+}
+
+}  // namespace some

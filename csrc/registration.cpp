@@ -1,0 +1,72 @@
+// The one place where the SoME op schemas are declared, and the pybind11
+// module `some._C` that reports how this binary was built.
+//
+// Kernels register themselves per dispatch key in their own files
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
+// live in some/ops.py.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(some, m) {
+  // SPEC §3 steps 1-4: scores, top-k selection and gates.
+  m.def(
+      "route(Tensor query, Tensor keys, int k, float temperature, str gating='softmax', "
+      "str score_mode='cosine', float top_p=0.4, Tensor? thresholds=None, "
+      "Tensor? active=None, bool fallback_top1=False) "
+      "-> (Tensor indices, Tensor gates, Tensor scores)");
+  m.def(
+      "route_backward(Tensor grad_gates, Tensor grad_scores, Tensor query, Tensor keys, "
+      "Tensor indices, Tensor gates, Tensor scores, float temperature, str gating, "
+      "str score_mode, Tensor? thresholds, Tensor? active) "
+      "-> (Tensor grad_query, Tensor grad_thresholds)");
+
+  // SPEC §3 step 5: y_t = sum_j g_tj E_{I_tj}(x_t) with frozen experts.
+  // `hidden` (pre-activations, grouped by expert), `order` and `offsets` (the
+  // token-by-expert grouping) are computed once and reused by the backward.
+  m.def(
+      "experts(Tensor x, Tensor indices, Tensor gates, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2) -> (Tensor y, Tensor hidden, Tensor order, Tensor offsets)");
+  m.def(
+      "experts_backward(Tensor grad_y, Tensor indices, Tensor gates, Tensor w1, "
+      "Tensor w2, Tensor b2, Tensor hidden, Tensor order, Tensor offsets, bool need_grad_x, "
+      "bool need_grad_gates) -> (Tensor grad_x, Tensor grad_gates)");
+
+  // SPEC §4: sufficient statistics (sums, so they can be all-reduced) and the
+  // in-place self-organization step. `keystore_update` returns a bool scalar
+  // that is False when non-finite statistics made it leave the store untouched.
+  m.def(
+      "keystore_stats(Tensor query, Tensor indices, Tensor gates, int num_experts) "
+      "-> (Tensor sum_q, Tensor mass, Tensor counts, Tensor coselect)");
+  m.def(
+      "keystore_update(Tensor(a!) keys, Tensor(b!) velocity, Tensor(c!) usage, Tensor sum_q, "
+      "Tensor mass, Tensor counts, Tensor coselect, float alpha, float beta, float delta, "
+      "float theta_percentile, float ema_decay, bool normalize=True) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Build facts of the some extension; the ops live in torch.ops.some.";
+  m.def("build_info", []() {
+    py::dict info;
+    info["version"] = SOME_VERSION;
+#ifdef SOME_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+    info["omp_max_threads"] = omp_get_max_threads();
+#else
+    info["openmp"] = false;
+    info["omp_max_threads"] = 1;
+#endif
+    info["torch_version"] = SOME_TORCH_VERSION;
+    return info;
+  });
+}

@@ -1,0 +1,230 @@
+"""The SoME layer: a trainable router over a self-organizing key store that
+picks, per token, ``k`` of ``N`` frozen experts (SPEC §2-§4).
+
+Module -> op -> kernel: this file holds the module; the maths is in the ops of
+``some.ops`` (C++/CUDA kernels in ``csrc/``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .ops import KeystoreStats
+
+ROUTERS = ("mlp", "linear", "frozen", "random")
+ROUTING_LEVELS = ("token", "sequence")
+EXPERT_INITS = ("default",)
+
+
+@dataclass
+class SoMELayerConfig:
+    """Hyper-parameters of one SoME layer (names follow the seed's)."""
+
+    d_model: int = 512
+    num_experts: int = 64  # N
+    d_ffn: int = 1024  # h, width of each expert
+    top_k: int = 4  # k (k_max for top_p / top_any)
+    temperature: float = 0.8  # τ, TRAINING_TEMP
+    gating: str = "softmax"
+    score_mode: str = "cosine"
+    top_p: float = 0.4
+    router: str = "mlp"
+    routing_level: str = "token"
+    alpha: float = 0.01  # attraction
+    beta: float = 0.005  # peer-pull
+    delta: float = 0.001  # repulsion
+    theta_percentile: float = 0.05
+    ema_decay: float = 0.99  # γ, inertia
+    expert_init: str = "default"
+
+    def validate(self) -> None:
+        for name in ("d_model", "num_experts", "d_ffn", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SoMELayerConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"SoMELayerConfig.top_k = {self.top_k} must be in 1..num_experts = 1..{self.num_experts}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"SoMELayerConfig.temperature must be positive, got {self.temperature}")
+        choices = {"gating": ops.GATINGS, "score_mode": ops.SCORE_MODES, "router": ROUTERS,
+                   "routing_level": ROUTING_LEVELS, "expert_init": EXPERT_INITS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SoMELayerConfig.{name} = {getattr(self, name)!r}; expected one of {allowed}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SoMELayerConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.theta_percentile <= 1:
+            raise ValueError(f"SoMELayerConfig.theta_percentile must be in [0, 1], got {self.theta_percentile}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"SoMELayerConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+def _uniform_(t: Tensor, bound: float, gen: Optional[torch.Generator]) -> Tensor:
+    return t.uniform_(-bound, bound, generator=gen)
+
+
+class SoMELayer(nn.Module):
+    """Router + key store + frozen experts (SPEC §2, §3), with the key-store
+    self-organization of SPEC §4 applied by :meth:`update_keys`.
+
+    Forward takes ``x`` of shape ``(B, S, d)`` (or ``(T, d)``) and an optional
+    ``token_mask`` ``(B, S)`` of real (non-padding) tokens; padding tokens get
+    no expert and output zero. In training mode each forward adds its
+    key-store statistics to a pending sum that :meth:`update_keys` consumes
+    (call it after every optimizer step).
+    """
+
+    def __init__(self, config: SoMELayerConfig, *, seed: int = 0, device=None, dtype=None,
+                 expert_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d, N, h = config.d_model, config.num_experts, config.d_ffn
+        factory = {"device": device, "dtype": dtype}
+
+        # Router (trainable unless 'frozen'/'random'): d -> 2d -> d, or d -> d.
+        if config.router == "linear":
+            self.router = nn.Linear(d, d, **factory)
+        else:
+            self.router = nn.Sequential(nn.Linear(d, 2 * d, **factory), nn.GELU(), nn.Linear(2 * d, d, **factory))
+        if config.router in ("frozen", "random"):
+            self.router.requires_grad_(False)
+
+        # Frozen experts: parameters (counted, saved) that never get a gradient.
+        edt = expert_dtype or dtype
+        self.w1 = nn.Parameter(torch.empty(N, h, d, device=device, dtype=edt), requires_grad=False)
+        self.b1 = nn.Parameter(torch.empty(N, h, device=device, dtype=edt), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(N, d, h, device=device, dtype=edt), requires_grad=False)
+        self.b2 = nn.Parameter(torch.empty(N, d, device=device, dtype=edt), requires_grad=False)
+
+        # Key store: buffers, float32 whatever the model dtype (it is updated by
+        # small increments that bfloat16 would round away).
+        kdt = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer("keys", torch.empty(N, d, device=device, dtype=kdt))
+        self.register_buffer("key_velocity", torch.zeros(N, d, device=device, dtype=kdt))
+        self.register_buffer("key_usage", torch.zeros(N, device=device, dtype=kdt))
+        # Experts that routing may select (the adaptive process masks some out).
+        self.register_buffer("expert_active", torch.ones(N, device=device, dtype=torch.bool))
+        if config.gating == "top_any":
+            self.thresholds = nn.Parameter(torch.zeros(N, device=device, dtype=kdt))
+        else:
+            self.thresholds = None
+
+        # Validation-time usage counts (not saved): see track_usage().
+        self.register_buffer("usage_counts", torch.zeros(N, device=device, dtype=torch.long), persistent=False)
+        self.track_usage = False
+        self._pending: Optional[KeystoreStats] = None
+        self.seed = seed
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Expert init ``default`` (each expert's two maps as ``nn.Linear``
+        initializes them) and random unit keys, all from ``seed``."""
+        if self.w1.device.type == "meta":
+            return
+        gen = torch.Generator(device=self.w1.device).manual_seed(self.seed)
+        d, h = self.config.d_model, self.config.d_ffn
+        # nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        _uniform_(self.w1, 1 / math.sqrt(d), gen)
+        _uniform_(self.b1, 1 / math.sqrt(d), gen)
+        _uniform_(self.w2, 1 / math.sqrt(h), gen)
+        _uniform_(self.b2, 1 / math.sqrt(h), gen)
+        keys = torch.randn(self.keys.shape, generator=gen, device=self.keys.device, dtype=self.keys.dtype)
+        self.keys.copy_(keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.key_velocity.zero_()
+        self.key_usage.zero_()
+        self.expert_active.fill_(True)
+        self._router_gen = torch.Generator(device=self.w1.device).manual_seed(self.seed + 1)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        cfg = self.config
+        shape = x.shape
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            token_mask = None if token_mask is None else token_mask.reshape(1, -1)
+        if x.dim() != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"SoMELayer: expected x of shape (B, S, {cfg.d_model}) or (T, {cfg.d_model}), got {tuple(shape)}")
+        if token_mask is not None and token_mask.shape != x.shape[:2]:
+            raise ValueError(f"SoMELayer: token_mask shape {tuple(token_mask.shape)} must be {tuple(x.shape[:2])}")
+        B, S, d = x.shape
+        q = self.router(x)  # (B, S, d)
+
+        route_kwargs = dict(score_mode=cfg.score_mode, top_p=cfg.top_p, thresholds=self.thresholds,
+                            active=self.expert_active, fallback_top1=not self.training)
+        if cfg.routing_level == "sequence":
+            # One query per sequence (mean over its real tokens): all its tokens share experts.
+            if token_mask is None:
+                q_seq = q.mean(dim=1)
+            else:
+                m = token_mask.unsqueeze(-1).to(q.dtype)
+                q_seq = (q * m).sum(1) / m.sum(1).clamp_min(1)
+            r = ops.route(q_seq, self.keys, cfg.top_k, cfg.temperature, cfg.gating, **route_kwargs)
+            indices = r.indices.unsqueeze(1).expand(B, S, -1).reshape(B * S, -1)
+            gates = r.gates.unsqueeze(1).expand(B, S, -1).reshape(B * S, -1)
+            q_tok = q_seq.unsqueeze(1).expand(B, S, d).reshape(B * S, d)
+        else:
+            q_tok = q.reshape(B * S, d)
+            r = ops.route(q_tok, self.keys, cfg.top_k, cfg.temperature, cfg.gating, **route_kwargs)
+            indices, gates = r.indices, r.gates
+        if token_mask is not None:
+            real = token_mask.reshape(-1, 1)
+            indices = indices.masked_fill(~real, -1)
+            gates = gates * real.to(gates.dtype)
+
+        xe = x.reshape(B * S, d).to(self.w1.dtype)
+        y = ops.experts(xe, indices, gates.to(self.w1.dtype), self.w1, self.b1, self.w2, self.b2)
+
+        if self.training:
+            stats = ops.keystore_stats(q_tok.detach(), indices, gates.detach(), cfg.num_experts)
+            self._pending = stats if self._pending is None else self._pending + stats
+        if self.track_usage:
+            valid = indices[indices >= 0]
+            self.usage_counts += torch.bincount(valid, minlength=cfg.num_experts)
+        self.last_indices = indices.detach() if self.track_usage else None
+        return y.to(x.dtype).reshape(shape)
+
+    # ------------------------------------------------------- self-organization
+    def pending_stats(self) -> Optional[KeystoreStats]:
+        """Key-store statistics gathered since the last update (None if none);
+        data-parallel training all-reduces these in place before update_keys()."""
+        return self._pending
+
+    @torch.no_grad()
+    def update_keys(self) -> bool:
+        """Apply SPEC §4 with the statistics gathered since the last call.
+
+        Returns True when the store was updated, False when there was nothing
+        to apply or the statistics were non-finite (then the store is untouched).
+        """
+        cfg = self.config
+        stats, self._pending = self._pending, None
+        if cfg.router == "random":  # re-drawn every step
+            for mod in self.router.modules():
+                if isinstance(mod, nn.Linear):
+                    bound = 1 / math.sqrt(mod.in_features)
+                    _uniform_(mod.weight, bound, self._router_gen)
+                    _uniform_(mod.bias, bound, self._router_gen)
+        if stats is None:
+            return False
+        sum_q, mass, counts, coselect = stats
+        return ops.keystore_update(
+            self.keys, self.key_velocity, self.key_usage, sum_q.to(self.keys.dtype), mass.to(self.keys.dtype),
+            counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
+            normalize=cfg.score_mode == "cosine",
+        )
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d={c.d_model}, N={c.num_experts}, h={c.d_ffn}, k={c.top_k}, tau={c.temperature}, "
+                f"gating={c.gating}, router={c.router}, level={c.routing_level}")
