@@ -12,12 +12,13 @@
 #endif
 
 TORCH_LIBRARY(some, m) {
-  // SPEC §3 steps 1-4: scores, top-k selection and gates.
+  // SPEC §3 steps 1-4: scores, top-k selection and gates. (Float outputs come
+  // first; some.ops.route returns them as (indices, gates, scores).)
   m.def(
       "route(Tensor query, Tensor keys, int k, float temperature, str gating='softmax', "
       "str score_mode='cosine', float top_p=0.4, Tensor? thresholds=None, "
       "Tensor? active=None, bool fallback_top1=False) "
-      "-> (Tensor indices, Tensor gates, Tensor scores)");
+      "-> (Tensor gates, Tensor scores, Tensor indices)");
   m.def(
       "route_backward(Tensor grad_gates, Tensor grad_scores, Tensor query, Tensor keys, "
       "Tensor indices, Tensor gates, Tensor scores, float temperature, str gating, "

@@ -130,7 +130,7 @@ def route(
     _check_devices("route", query=query, keys=keys, thresholds=thresholds, active=active)
     if gating == "top_any" and thresholds is None:
         raise ValueError("some.route: gating 'top_any' needs the per-expert 'thresholds' tensor of shape (N,)")
-    indices, gates, scores = torch.ops.some.route(
+    gates, scores, indices = torch.ops.some.route(
         query, keys, k, float(temperature), gating, score_mode, float(top_p), thresholds, active, fallback_top1
     )
     return RouteResult(indices, gates, scores)
@@ -145,7 +145,7 @@ def _route_fake(query, keys, k, temperature, gating="softmax", score_mode="cosin
     torch._check(query.device == keys.device, lambda: "some.route: query and keys on different devices")
     torch._check(1 <= k <= keys.shape[0], lambda: f"some.route: k must be in 1..N = 1..{keys.shape[0]}, got {k}")
     T = query.shape[0]
-    return (query.new_empty((T, k), dtype=torch.long), query.new_empty((T, k)), query.new_empty((T, k)))
+    return (query.new_empty((T, k)), query.new_empty((T, k)), query.new_empty((T, k), dtype=torch.long))
 
 
 @torch.library.register_fake("some::route_backward")
@@ -157,13 +157,13 @@ def _route_backward_fake(grad_gates, grad_scores, query, keys, indices, gates, s
 
 def _route_setup_context(ctx, inputs, output):
     query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, fallback_top1 = inputs
-    indices, gates, scores = output
+    gates, scores, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.save_for_backward(query, keys, indices, gates, scores, thresholds, active)
     ctx.route_args = (temperature, gating, score_mode)
 
 
-def _route_backward(ctx, grad_indices, grad_gates, grad_scores):
+def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
     query, keys, indices, gates, scores, thresholds, active = ctx.saved_tensors
     temperature, gating, score_mode = ctx.route_args
     need_query = ctx.needs_input_grad[0]

@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
                          indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(),
                          scores.data_ptr<scalar_t>());
   });
-  return {indices, gates.to(query.scalar_type()), scores.to(query.scalar_type())};
+  return {gates.to(query.scalar_type()), scores.to(query.scalar_type()), indices};
 }
 
 // d(loss)/d(score) of every selected slot, from the gate and score gradients.
