@@ -1,0 +1,129 @@
+"""The SoME language model: exact parameter counts (SPEC §2), causality,
+padding, determinism of the initialization, gradients and key updates."""
+import pytest
+import torch
+
+from some.config import get_preset, apply_overrides
+from some.model import SoMEForCausalLM, causal_lm_loss, format_parameter_counts
+
+EXPERT_PARAMS = 1_050_112  # 2 * 1024 * 512 + 1024 + 512
+TRAINABLE_REFERENCE = 29_417_472
+
+
+@pytest.mark.parametrize("preset, n_experts, total_m", [("A4", 64, "701.49M"), ("B1", 128, "1373.56M"),
+                                                        ("B2", 256, "2717.70M"), ("B3", 512, "5405.99M")])
+def test_reference_parameter_counts_on_meta(preset, n_experts, total_m):
+    config = get_preset(preset)
+    model = SoMEForCausalLM(config, device=torch.device("meta"))
+    total, trainable = model.parameter_counts()
+    assert trainable == TRAINABLE_REFERENCE
+    assert total - trainable == n_experts * config.n_layers * EXPERT_PARAMS
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == total - trainable
+    assert all(n.split(".")[-1] in ("w1", "b1", "w2", "b2")
+               for n, p in model.named_parameters() if not p.requires_grad)
+    lines = format_parameter_counts(total, trainable).splitlines()
+    assert lines[0] == f"Total parameters: {total_m}"
+    assert lines[1].startswith("Trainable parameters: 29.42M (")
+
+
+def test_parameter_count_lines_match_the_reference_format():
+    assert format_parameter_counts(701_489_152, 29_417_472) == (
+        "Total parameters: 701.49M\nTrainable parameters: 29.42M (4.19%)")
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    config = get_preset("tiny-test")
+    return config, SoMEForCausalLM(config)
+
+
+def test_future_tokens_do_not_change_past_logits(tiny):
+    config, model = tiny
+    model.eval()
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    changed = ids.clone()
+    changed[:, 12:] = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(changed).logits
+    # equal up to float summation order (the expert op groups tokens by expert)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-2
+
+
+def test_padding_is_masked_in_the_loss(tiny):
+    config, model = tiny
+    model.eval()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 11:] = False  # second row: 11 real tokens, then padding
+    labels = ids.masked_fill(~mask, -100)
+    other = ids.clone()
+    other[1, 11:] = torch.randint(0, config.vocab_size, (9,))  # different padding content
+    with torch.no_grad():
+        out_a = model(ids, mask, labels)
+        out_b = model(other, mask, labels)
+    # The loss only sees real targets, and real positions do not see padding.
+    assert torch.equal(out_a.loss, out_b.loss)
+    torch.testing.assert_close(out_a.logits[1, :11], out_b.logits[1, :11], rtol=0, atol=1e-6)
+    # It is the mean over the 19 + 10 real next-token targets.
+    logp = out_a.logits.log_softmax(-1)
+    nll = [-logp[0, t, ids[0, t + 1]] for t in range(19)] + [-logp[1, t, ids[1, t + 1]] for t in range(10)]
+    torch.testing.assert_close(out_a.loss, torch.stack(nll).mean())
+
+
+def test_loss_ignores_label_minus_100_even_without_mask():
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[1, 2, -100, 3]])
+    loss = causal_lm_loss(logits, labels)
+    logp = logits.log_softmax(-1)
+    torch.testing.assert_close(loss, -(logp[0, 0, 2] + logp[0, 2, 3]) / 2)
+
+
+def test_initialization_is_a_function_of_the_seed():
+    config = get_preset("tiny-test")
+    torch.manual_seed(1)
+    a = SoMEForCausalLM(config)
+    torch.manual_seed(2)
+    b = SoMEForCausalLM(config)
+    c = SoMEForCausalLM(apply_overrides(config, ["seed=7"]))
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.blocks[0].some.keys, c.blocks[0].some.keys)
+    assert not torch.equal(a.embed.weight, c.embed.weight)
+    # layers get different seeds: different experts and keys
+    assert not torch.equal(a.blocks[0].some.w1, a.blocks[1].some.w1)
+    # building a model does not consume the caller's random numbers
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    SoMEForCausalLM(config)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
+    config, model = tiny
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (4, 16))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    layer = model.blocks[0].some
+    assert layer.w1.grad is None and layer.w2.grad is None
+    assert layer.router[0].weight.grad is not None and layer.router[0].weight.grad.abs().sum() > 0
+    assert model.embed.weight.grad.abs().sum() > 0
+    keys = [l.keys.clone() for l in model.some_layers()]
+    assert model.update_keys() == [True] * config.n_layers
+    for old, l in zip(keys, model.some_layers()):
+        assert not torch.equal(old, l.keys)
+        torch.testing.assert_close(l.keys.norm(dim=1), torch.ones(config.num_experts))
+    assert model.update_keys() == [False] * config.n_layers  # nothing pending
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    config, model = tiny
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, config.seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, S\)"):
+        model(torch.zeros(config.seq_len, dtype=torch.long))
