@@ -159,6 +159,7 @@ def _route_setup_context(ctx, inputs, output):
     query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, fallback_top1 = inputs
     gates, scores, indices = output
     ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, keys, indices, gates, scores, thresholds, active)
     ctx.route_args = (temperature, gating, score_mode)
 
@@ -168,10 +169,12 @@ def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
     temperature, gating, score_mode = ctx.route_args
     need_query = ctx.needs_input_grad[0]
     need_thr = thresholds is not None and ctx.needs_input_grad[7]
-    if not (need_query or need_thr):
+    if not (need_query or need_thr) or (grad_gates is None and grad_scores is None):
         return (None,) * 10
+    grad_gates = torch.zeros_like(gates) if grad_gates is None else grad_gates.contiguous()
+    grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores.contiguous()
     grad_query, grad_thr = torch.ops.some.route_backward(
-        grad_gates.contiguous(), grad_scores.contiguous(), query, keys, indices, gates, scores,
+        grad_gates, grad_scores, query, keys, indices, gates, scores,
         temperature, gating, score_mode, thresholds, active,
     )
     return (grad_query if need_query else None, None, None, None, None, None, None,
@@ -235,13 +238,16 @@ def _experts_setup_context(ctx, inputs, output):
     x, indices, gates, w1, b1, w2, b2 = inputs
     y, hidden, order, offsets = output
     ctx.mark_non_differentiable(hidden, order, offsets)
+    # Without this, autograd would fill a (T·k, h) zero gradient for `hidden`
+    # on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(indices, gates, w1, w2, b2, hidden, order, offsets)
 
 
 def _experts_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
     indices, gates, w1, w2, b2, hidden, order, offsets = ctx.saved_tensors
     need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if not (need_x or need_gates):
+    if grad_y is None or not (need_x or need_gates):
         return (None,) * 7
     grad_x, grad_gates = torch.ops.some.experts_backward(
         grad_y.contiguous(), indices, gates, w1, w2, b2, hidden, order, offsets, need_x, need_gates

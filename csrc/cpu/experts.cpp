@@ -230,10 +230,15 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
   const int64_t* ord = order.data_ptr<int64_t>();
   const int64_t valid = off[N];
 
-  auto grad_x = need_grad_x ? at::zeros({T, d}, x.options()) : at::empty({0}, x.options());
+  // grad_x is written row by row by the combine pass; only grad_gates needs
+  // zeros (for the empty slots).
+  auto grad_x = need_grad_x ? at::empty({T, d}, x.options()) : at::empty({0}, x.options());
   auto grad_gates =
       need_grad_gates ? at::zeros({T, k}, gates.options()) : at::empty({0}, gates.options());
-  if (valid == 0 || (!need_grad_x && !need_grad_gates)) return {grad_x, grad_gates};
+  if (valid == 0 || (!need_grad_x && !need_grad_gates)) {
+    grad_x.zero_();
+    return {grad_x, grad_gates};
+  }
 
   int64_t max_rows = 0;
   for (int64_t e = 0; e < N; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
