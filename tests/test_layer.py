@@ -1,0 +1,182 @@
+"""SoMELayer: composition of the ops, gradients, key-store bookkeeping, options."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from some import SoMELayer, ops
+from some.layer import SoMELayerConfig
+
+from reference import experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
+
+
+def make_layer(dtype=torch.float64, seed=0, **kw):
+    cfg = SoMELayerConfig(**{**dict(d_model=12, num_experts=6, d_ffn=10, top_k=2), **kw})
+    return SoMELayer(cfg, seed=seed, dtype=dtype)
+
+
+def test_forward_matches_reference_composition():
+    layer = make_layer()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    y = layer(x)
+    q = layer.router(x).reshape(15, 12)
+    idx, gates, _ = route_ref(q, layer.keys, 2, 0.8)
+    want = experts_ref(x.reshape(15, 12), idx, gates, layer.w1, layer.b1, layer.w2, layer.b2)
+    torch.testing.assert_close(y, want.reshape(3, 5, 12))
+
+
+def test_gradients_reach_router_and_input_only():
+    layer = make_layer()
+    x = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for p in layer.router.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    for p in (layer.w1, layer.b1, layer.w2, layer.b2):
+        assert not p.requires_grad and p.grad is None
+    assert not layer.keys.requires_grad
+
+
+def test_parameter_counts():
+    d, N, h = 12, 6, 10
+    layer = make_layer()
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in layer.parameters())
+    assert trainable == (d * 2 * d + 2 * d) + (2 * d * d + d)  # router MLP d -> 2d -> d
+    assert total - trainable == N * (2 * h * d + h + d)  # frozen experts
+
+
+def test_default_init_is_seeded_and_nn_linear_like():
+    a, b, c = make_layer(seed=3), make_layer(seed=3), make_layer(seed=4)
+    assert torch.equal(a.w1, b.w1) and torch.equal(a.keys, b.keys)
+    assert not torch.equal(a.w1, c.w1) and not torch.equal(a.keys, c.keys)
+    assert a.w1.abs().max() <= 1 / math.sqrt(12) and a.w2.abs().max() <= 1 / math.sqrt(10)
+    assert a.w1.abs().max() > 0.8 / math.sqrt(12)  # uniform, filling the nn.Linear range
+    torch.testing.assert_close(a.keys.norm(dim=1), torch.ones(6, dtype=torch.float64))
+
+
+def test_update_keys_uses_all_micro_batches():
+    layer = make_layer()
+    layer.train()
+    x1, x2 = torch.randn(2, 4, 12, dtype=torch.float64), torch.randn(3, 4, 12, dtype=torch.float64)
+    keys0, vel0, use0 = layer.keys.clone(), layer.key_velocity.clone(), layer.key_usage.clone()
+    with torch.no_grad():
+        layer(x1)
+        layer(x2)
+        q = layer.router(torch.cat([x1, x2])).reshape(-1, 12)
+    idx, gates, _ = route_ref(q, keys0, 2, 0.8)
+    stats = keystore_stats_ref(q, idx, gates, 6)
+    c = layer.config
+    want = keystore_update_ref(keys0, vel0, use0, *stats, c.alpha, c.beta, c.delta, c.theta_percentile, c.ema_decay)
+    assert layer.update_keys() is True
+    torch.testing.assert_close(layer.keys, want[0])
+    torch.testing.assert_close(layer.key_velocity, want[1])
+    torch.testing.assert_close(layer.key_usage, want[2])
+    assert layer.update_keys() is False  # nothing pending any more
+    assert layer.pending_stats() is None
+
+
+def test_no_statistics_in_eval_mode():
+    layer = make_layer().eval()
+    layer(torch.randn(2, 3, 12, dtype=torch.float64))
+    assert layer.pending_stats() is None
+
+
+def test_padding_tokens_get_no_expert():
+    layer = make_layer()
+    layer.train()
+    layer.track_usage = True
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y = layer(x, token_mask=mask)
+    assert torch.equal(y[0, 3:], torch.zeros(2, 12, dtype=torch.float64))
+    assert int(layer.usage_counts.sum()) == 8 * 2  # 8 real tokens, k = 2
+    assert int(layer.pending_stats().counts.sum()) == 8 * 2
+    y_real = layer(x[:, :3], token_mask=None)
+    torch.testing.assert_close(y[:, :3], y_real)  # masking does not change real tokens
+
+
+def test_sequence_level_routing_shares_experts():
+    layer = make_layer(routing_level="sequence")
+    layer.track_usage = True
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    idx = layer.last_indices.reshape(3, 7, 2)
+    assert (idx == idx[:, :1]).all()
+    assert not (idx[0, 0] == idx[1, 0]).all() or not (idx[0, 0] == idx[2, 0]).all()
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gating", ops.GATINGS)
+def test_every_gating_trains(gating):
+    layer = make_layer(gating=gating, top_k=3)
+    x = torch.randn(4, 6, 12, dtype=torch.float64, requires_grad=True)
+    layer.train()
+    layer(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    if gating == "top_any":
+        assert layer.thresholds.grad is not None
+    assert layer.update_keys() is True
+
+
+def test_router_kinds():
+    lin = make_layer(router="linear")
+    assert sum(p.numel() for p in lin.parameters() if p.requires_grad) == 12 * 12 + 12
+    frozen = make_layer(router="frozen")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    rnd = make_layer(router="random")
+    w0 = rnd.router[0].weight.clone()
+    rnd.train()
+    rnd(torch.randn(1, 2, 12, dtype=torch.float64))
+    rnd.update_keys()
+    assert not torch.equal(w0, rnd.router[0].weight)  # re-drawn every step
+
+
+def test_dot_score_mode_keeps_key_norms():
+    layer = make_layer(score_mode="dot", alpha=0.5)
+    layer.train()
+    layer(torch.randn(4, 4, 12, dtype=torch.float64))
+    layer.update_keys()
+    norms = layer.keys.norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))  # no re-normalization in dot mode
+
+
+def test_inactive_experts_never_selected():
+    layer = make_layer()
+    layer.track_usage = True
+    layer.expert_active[[1, 4]] = False
+    layer(torch.randn(5, 6, 12, dtype=torch.float64))
+    assert layer.usage_counts[[1, 4]].sum() == 0 and layer.usage_counts.sum() == 60
+
+
+def test_bfloat16_experts_float32_model():
+    cfg = SoMELayerConfig(d_model=16, num_experts=4, d_ffn=24, top_k=2)
+    layer = SoMELayer(cfg, expert_dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32 and layer.w1.dtype == torch.bfloat16 and layer.keys.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_meta_device_builds_without_init():
+    layer = SoMELayer(SoMELayerConfig(d_model=512, num_experts=64, d_ffn=1024), device="meta")
+    assert sum(p.numel() for p in layer.parameters() if not p.requires_grad) == 64 * 1_050_112
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=7), dict(top_k=0), dict(gating="max"), dict(router="gru"),
+                                 dict(temperature=0.0), dict(ema_decay=1.5), dict(routing_level="doc")])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make_layer(**bad)
+
+
+def test_bad_input_shape():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="expected x of shape"):
+        layer(torch.randn(2, 3, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(torch.randn(2, 3, 12, dtype=torch.float64), token_mask=torch.ones(2, 4, dtype=torch.bool))
