@@ -194,7 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # For the test suite: seconds per run on the synthetic source.
     "tiny-test": dict(
-        vocab_size=128, d_model=32, n_layers=2, n_heads=2, seq_len=32, num_experts=8, d_ffn=32, top_k=2,
+        vocab_size=320, d_model=32, n_layers=2, n_heads=2, seq_len=32, num_experts=8, d_ffn=32, top_k=2,
         epochs=2, batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
         train_subset_size=64, val_subset_size=16, data_source="synthetic",
     ),

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import SoMEConfig
 from .layer import SoMELayer
 
-__all__ = ["SoMEForCausalLM", "CausalLMOutput", "RotaryEmbedding", "format_parameter_counts"]
+__all__ = ["SoMEForCausalLM", "CausalLMOutput", "RotaryEmbedding", "lm_loss", "format_parameter_counts"]
 
 
 class CausalLMOutput(NamedTuple):
@@ -95,9 +95,9 @@ class SoMEForCausalLM(nn.Module):
 
     ``forward(input_ids, attention_mask=None, labels=None)``: ``input_ids``
     ``(B, S)`` int64; ``attention_mask`` ``(B, S)`` bool, True for real tokens
-    (padding must be at the end of each row); ``labels`` ``(B, S)`` aligned
-    with ``input_ids`` (the model shifts them: position t predicts label t+1),
-    ``-100`` where no loss is wanted. Returns ``CausalLMOutput(logits, loss)``.
+    (padding must be at the end of each row); ``labels`` ``(B, S)`` the
+    next-token targets, ``labels[:, t]`` being the token after ``input_ids[:, t]``
+    (as ``some.data`` makes them), ``-100`` where no loss is wanted. Returns ``CausalLMOutput(logits, loss)``.
 
     Initialization is a pure function of ``config.seed`` (the global RNG is
     forked, not disturbed); SoME layer ``i`` draws its experts and keys from
@@ -148,7 +148,7 @@ class SoMEForCausalLM(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, S, V)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, attention_mask)
+            loss = lm_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits, loss)
 
     # --------------------------------------------------- self-organization
@@ -180,19 +180,19 @@ def _seeded(seed: int, device) -> Iterator[None]:
         yield
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
-                   reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy: position t predicts ``labels[:, t+1]``.
+def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
+            reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of ``logits`` (B, S, V) against ``labels`` (B, S).
 
-    Targets that are ``-100`` or padding (``attention_mask`` False) are ignored;
-    ``reduction="mean"`` averages over the remaining targets, ``"sum"`` sums.
+    ``labels[:, t]`` is the target of position ``t`` (the token after
+    ``input_ids[:, t]``; ``some.data`` shifts them). Targets that are ``-100``,
+    or at padding positions (``attention_mask`` False), do not count;
+    ``reduction="mean"`` averages over the rest, ``"sum"`` sums.
     """
-    targets = labels[:, 1:]  # (B, S-1)
     if attention_mask is not None:
-        targets = targets.masked_fill(~attention_mask[:, 1:].bool(), -100)
+        labels = labels.masked_fill(~attention_mask.bool(), -100)
     # float32 for the softmax even under bf16 autocast
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction=reduction)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def format_parameter_counts(total: int, trainable: int) -> str:

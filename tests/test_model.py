@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from some.config import get_preset, apply_overrides
-from some.model import SoMEForCausalLM, causal_lm_loss, format_parameter_counts
+from some.model import SoMEForCausalLM, format_parameter_counts, lm_loss
 
 EXPERT_PARAMS = 1_050_112  # 2 * 1024 * 512 + 1024 + 512
 TRAINABLE_REFERENCE = 29_417_472
@@ -53,13 +53,22 @@ def test_future_tokens_do_not_change_past_logits(tiny):
     assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-2
 
 
+def _shifted(ids, mask):
+    """Inputs and next-token labels the way some.data makes them."""
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    labels[:, :-1][~mask[:, 1:]] = -100
+    labels[:, -1] = -100
+    return labels
+
+
 def test_padding_is_masked_in_the_loss(tiny):
     config, model = tiny
     model.eval()
     ids = torch.randint(0, config.vocab_size, (2, 20))
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1, 11:] = False  # second row: 11 real tokens, then padding
-    labels = ids.masked_fill(~mask, -100)
+    labels = _shifted(ids, mask)
     other = ids.clone()
     other[1, 11:] = torch.randint(0, config.vocab_size, (9,))  # different padding content
     with torch.no_grad():
@@ -74,12 +83,14 @@ def test_padding_is_masked_in_the_loss(tiny):
     torch.testing.assert_close(out_a.loss, torch.stack(nll).mean())
 
 
-def test_loss_ignores_label_minus_100_even_without_mask():
+def test_loss_ignores_minus_100_and_padding_positions():
     logits = torch.randn(1, 4, 5)
-    labels = torch.tensor([[1, 2, -100, 3]])
-    loss = causal_lm_loss(logits, labels)
+    labels = torch.tensor([[1, -100, 3, 4]])
     logp = logits.log_softmax(-1)
-    torch.testing.assert_close(loss, -(logp[0, 0, 2] + logp[0, 2, 3]) / 2)
+    torch.testing.assert_close(lm_loss(logits, labels), -(logp[0, 0, 1] + logp[0, 2, 3] + logp[0, 3, 4]) / 3)
+    mask = torch.tensor([[True, True, True, False]])  # the last position is padding
+    torch.testing.assert_close(lm_loss(logits, labels, mask), -(logp[0, 0, 1] + logp[0, 2, 3]) / 2)
+    torch.testing.assert_close(lm_loss(logits, labels, mask, reduction="sum"), -(logp[0, 0, 1] + logp[0, 2, 3]))
 
 
 def test_initialization_is_a_function_of_the_seed():
@@ -107,7 +118,7 @@ def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
     config, model = tiny
     model.train()
     ids = torch.randint(0, config.vocab_size, (4, 16))
-    loss = model(ids, labels=ids).loss
+    loss = model(ids, labels=ids.roll(-1, dims=1)).loss
     loss.backward()
     layer = model.blocks[0].some
     assert layer.w1.grad is None and layer.w2.grad is None
