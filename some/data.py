@@ -516,7 +516,7 @@ class DocumentDataset(Dataset):
     and ``<|endoftext|>`` also ends it: ``[eot] + doc + [eot]``.
 
     - unpacked (default): one document per sample, truncated/padded to ``seq_len + 1`` tokens;
-    - ``packed``: the framed documents are concatenated into one stream, cut into chunks of
+    - ``packed``: the documents are concatenated into one stream ``eot d1 eot d2 eot ...``, cut into chunks of
       ``seq_len + 1`` tokens that overlap by one (each token is a target exactly once); the last
       chunk is padded.
 
@@ -535,13 +535,13 @@ class DocumentDataset(Dataset):
         self.seq_len, self.pad_id, self.eot_id, self.packed = seq_len, pad_id, eot_id, packed
         self.num_documents = len(token_ids)
         width = seq_len + 1
-        framed = [np.asarray([eot_id, *ids, eot_id], dtype=np.int64) for ids in token_ids]
-        if packed:
-            stream = np.concatenate(framed)
+        if packed:  # eot d1 eot d2 eot ...: one <|endoftext|> between neighbours
+            eot = np.asarray([eot_id], dtype=np.int64)
+            stream = np.concatenate([eot] + [a for ids in token_ids for a in (np.asarray(ids, dtype=np.int64), eot)])
             n = max(1, math.ceil((len(stream) - 1) / seq_len))
             rows = [stream[i * seq_len: i * seq_len + width] for i in range(n)]
         else:
-            rows = [f[:width] for f in framed]
+            rows = [np.asarray([eot_id, *ids, eot_id], dtype=np.int64)[:width] for ids in token_ids]
         tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
         lengths = np.empty(len(rows), dtype=np.int64)
         for i, r in enumerate(rows):
