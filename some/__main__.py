@@ -1,0 +1,6 @@
+"""``python -m some ...`` is the ``some`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

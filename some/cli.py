@@ -1,0 +1,137 @@
+"""The ``some`` command.
+
+    some train --preset tiny --out runs/tiny                 # train, then analysis, pictures, report.md
+    some train --preset A4 --set num_experts=96 --out runs/a4-96
+    some train --out runs/tiny --resume                      # continue a run from its checkpoint
+    some report runs/tiny                                    # rebuild report.md
+    some info                                                # build info and presets
+
+User errors (bad config, missing corpus, corrupt checkpoint, diverged run)
+print one line ``some: error: ...`` and exit non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .config import PRESETS, ConfigError, SoMEConfig, apply_overrides, get_preset
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="some", description="Self-Organizing Mixture of Experts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a SoME language model into a run directory",
+                       description="Train a SoME language model; writes config, logs, metrics, checkpoint, "
+                                   "analysis, pictures and report.md to --out.")
+    add_train_arguments(t)
+
+    r = sub.add_parser("report", help="rebuild report.md of a run directory")
+    r.add_argument("run_dir", help="a run directory written by 'some train'")
+
+    sub.add_parser("info", help="print how the extension was built and the presets")
+    return parser
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help=f"a named configuration: {', '.join(PRESETS)}")
+    src.add_argument("--config", metavar="FILE", help="a YAML configuration (e.g. a run's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set num_experts=128 epochs=2 (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory, e.g. runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the histogram and UMAP pictures")
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="always show the progress bar (default: only on a terminal)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace) -> Optional[SoMEConfig]:
+    """The configuration the arguments ask for; None when resuming without one."""
+    overrides = [item for group in args.overrides for item in group]
+    if args.preset is not None:
+        config = get_preset(args.preset)
+    elif args.config is not None:
+        config = SoMEConfig.load_yaml(args.config)
+    elif args.resume:
+        if overrides:
+            raise ConfigError("--set with --resume needs --preset or --config (the run's config is fixed)")
+        return None
+    else:
+        raise ConfigError(f"give --preset NAME ({', '.join(PRESETS)}) or --config FILE")
+    return apply_overrides(config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = config_from_args(args)
+    try:
+        train(config, args.out, resume=args.resume, device=args.device, make_plots=args.plots,
+              progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\nsome: interrupted; continue with: some train --out {args.out} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import some
+
+    info = some.build_info()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"{'cuda_available':<{width}}  {torch.cuda.is_available()}")
+    print(f"{'presets':<{width}}  {', '.join(PRESETS)}")
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: reported in one line."""
+    from .train import CheckpointError, RunDirError, TrainingDiverged
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, RunDirError, TrainingDiverged,
+                                         FileNotFoundError]
+    try:
+        from .data import DataError  # the data module's own error, if it defines one
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError) and e.filename:  # from open(): "[Errno 2] ..." is noise
+        return f"file not found: {e.filename}"
+    return str(e)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "report": _report, "info": _info}
+    try:
+        return handlers[args.command](args)
+    except _user_errors() as e:
+        print(f"some: error: {_describe(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``report.md`` of a run directory, built only from the files in it
+(``config.yaml``, ``run.json``, ``metrics.jsonl``, ``analysis.json``, the PNGs),
+so ``some report RUN_DIR`` can rebuild it at any time, also for an unfinished run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .config import SoMEConfig
+
+__all__ = ["build_report", "write_report", "read_run"]
+
+
+def read_run(run_dir: Union[str, Path]) -> dict[str, Any]:
+    """The parsed files of a run directory: config, run info, history, analysis."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    history = []
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return {
+        "config": SoMEConfig.load_yaml(config_path),
+        "info": _read_json(run_dir / "run.json"),
+        "history": history,
+        "analysis": _read_json(run_dir / "analysis.json"),
+    }
+
+
+def build_report(run_dir: Union[str, Path]) -> str:
+    """The Markdown text of the run's report."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    cfg: SoMEConfig = run["config"]
+    info, history, analysis = run["info"] or {}, run["history"], run["analysis"]
+    lines = [f"# SoME run `{run_dir.name}`", ""]
+
+    # ---- architecture
+    lines += ["## Architecture", ""]
+    arch = (f"SoME decoder LM: V = {cfg.vocab_size}, d = {cfg.d_model}, L = {cfg.n_layers}, "
+            f"{cfg.n_heads} heads, seq_len = {cfg.seq_len}; per layer N = {cfg.num_experts} frozen experts "
+            f"(h = {cfg.d_ffn}), top-{cfg.top_k} {cfg.gating} gating (τ = {cfg.temperature}).")
+    lines += [arch, ""]
+    params = info.get("parameters")
+    if params:
+        total, trainable = params["total"], params["trainable"]
+        lines.append(f"- Total parameters: {total / 1e6:.2f}M; Trainable parameters: {trainable / 1e6:.2f}M "
+                     f"({100 * trainable / total:.2f}%)")
+    if "total_steps" in info:
+        lines.append(f"- Steps: {info['total_steps']} ({cfg.epochs} epochs x {info['steps_per_epoch']} steps of "
+                     f"batch {cfg.batch_size})")
+    lines += [f"- Expert init: {cfg.expert_init}; router: {cfg.router} ({cfg.routing_level}-level)",
+              f"- Key store: α = {cfg.alpha}, β = {cfg.beta}, δ = {cfg.delta}, "
+              f"θ percentile = {cfg.theta_percentile}, γ = {cfg.ema_decay}",
+              f"- Data: {cfg.data_source} ({info.get('train_samples', cfg.train_subset_size)} train / "
+              f"{info.get('val_samples', cfg.val_subset_size)} val samples)"
+              + (f", OOD: {cfg.ood_source}" if cfg.ood_source else ""),
+              ""]
+    if info.get("device"):
+        lines += [f"Trained on `{info['device']}` with torch {info.get('torch', '?')}, some {info.get('some', '?')}.",
+                  ""]
+
+    # ---- per-epoch results
+    lines += ["## Results per epoch", ""]
+    if history:
+        has_ood = any("ood_loss" in r for r in history)
+        head = ["Epoch", "Step", "Train loss", "Val loss", "Val PPL"]
+        head += ["OOD loss", "OOD PPL"] if has_ood else []
+        head += ["Gini (middle)", "Entropy (bits)", "Train tok/s"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in history:
+            row = [str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
+                   f"{r['val_perplexity']:.2f}"]
+            if has_ood:
+                row += [f"{r['ood_loss']:.4f}", f"{r['ood_perplexity']:.2f}"] if "ood_loss" in r else ["", ""]
+            rate = (r.get("timing") or {}).get("train_tokens_per_s")
+            row += [f"{r['gini']:.3f}", f"{r['entropy']:.3f}", f"{rate:,.0f}" if rate else ""]
+            lines.append("| " + " | ".join(row) + " |")
+    else:
+        lines.append("No epoch has finished yet.")
+    lines.append("")
+
+    # ---- analysis and pictures
+    lines += ["## Expert utilization (aggregate, middle layer)", ""]
+    if analysis:
+        lines += [f"Middle layer {analysis['middle_layer']} of {cfg.n_layers}, usage counts over the validation "
+                  f"tokens after the last epoch.", "",
+                  f"- Experts used: {analysis['experts_used_text']}",
+                  f"- Final Gini: {analysis['gini']:.3f}",
+                  f"- Final entropy: {analysis['entropy']:.3f} bits (Max: log2 {analysis['num_experts']} = "
+                  f"{analysis['max_entropy']:.3f})", ""]
+    else:
+        done = len(history)
+        lines += [f"The run has not finished ({done} of {cfg.epochs} epochs); no final analysis yet.", ""]
+    for name, caption in (("usage_histogram.png", "Expert usage counts (log scale)"),
+                          ("keystore_umap.png", "UMAP projection of the key store")):
+        if (run_dir / name).is_file():
+            lines += [f"![{caption}]({name})", ""]
+
+    # ---- configuration
+    lines += ["## Configuration", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Union[str, Path]) -> Path:
+    """Write ``RUN_DIR/report.md`` and return its path."""
+    path = Path(run_dir) / "report.md"
+    path.write_text(build_report(run_dir))
+    return path
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else None
