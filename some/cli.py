@@ -108,12 +108,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, RunDirError, TrainingDiverged,
                                          FileNotFoundError]
-    try:
-        from .data import DataError  # the data module's own error, if it defines one
+    from .data import CorpusUnavailableError
 
-        errors.append(DataError)
-    except ImportError:
-        pass
+    errors.append(CorpusUnavailableError)
     return tuple(errors)
 
 
