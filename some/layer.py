@@ -192,9 +192,17 @@ class SoMELayer(nn.Module):
         return y.to(x.dtype).reshape(shape)
 
     # ------------------------------------------------------- self-organization
-    def pending_stats(self) -> Optional[KeystoreStats]:
-        """Key-store statistics gathered since the last update (None if none);
-        data-parallel training all-reduces these in place before update_keys()."""
+    def pending_stats(self, zeros_if_none: bool = False) -> Optional[KeystoreStats]:
+        """Key-store statistics gathered since the last update (None if none,
+        or zeros that become the pending statistics with ``zeros_if_none``).
+        Data-parallel training all-reduces these in place before update_keys()."""
+        if self._pending is None and zeros_if_none:
+            N, d = self.keys.shape
+            dev = self.keys.device
+            acc = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+            self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev), torch.zeros(N, dtype=acc, device=dev),
+                                          torch.zeros(N, dtype=torch.long, device=dev),
+                                          torch.zeros(N, N, dtype=torch.long, device=dev))
         return self._pending
 
     @torch.no_grad()
