@@ -85,8 +85,12 @@ class Block(nn.Module):
                               expert_dtype=expert_dtype)
 
     def forward(self, x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
-        x = x + self.attn(self.ln_attn(x))
-        x = x + self.some(self.ln_some(x), token_mask)
+        x = x + self.attn(self.ln_attn(x))  # (B, S, d)
+        # The SoME layer runs outside autocast: cosine scores decide a top-k
+        # (bf16 would turn near-ties into coin flips) and feed key-store sums
+        # of small increments. Its experts compute in expert_dtype either way.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x + self.some(self.ln_some(x), token_mask).to(x.dtype)
         return x
 
 

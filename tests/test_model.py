@@ -138,3 +138,16 @@ def test_bad_inputs_raise_clear_errors(tiny):
         model(torch.zeros(1, config.seq_len + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, S\)"):
         model(torch.zeros(config.seq_len, dtype=torch.long))
+
+
+def test_forward_backward_under_bf16_autocast(tiny):
+    """The CUDA training path autocasts to bf16; the SoME layers run outside it
+    (routing in fp32), the rest in bf16. Checked with CPU autocast here."""
+    config, model = tiny
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids.roll(-1, dims=1))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.blocks[0].some.router[0].weight.grad.abs().sum() > 0
+    assert model.update_keys() == [True] * config.n_layers
