@@ -89,9 +89,15 @@ class Block(nn.Module):
         # The SoME layer runs outside autocast: cosine scores decide a top-k
         # (bf16 would turn near-ties into coin flips) and feed key-store sums
         # of small increments. Its experts compute in expert_dtype either way.
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device):
             x = x + self.some(self.ln_some(x), token_mask).to(x.dtype)
         return x
+
+
+def _autocast_off(device: torch.device):
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # also for meta tensors, where autocast does not exist
 
 
 class SoMEForCausalLM(nn.Module):

@@ -27,6 +27,14 @@ def test_reference_parameter_counts_on_meta(preset, n_experts, total_m):
     assert lines[1].startswith("Trainable parameters: 29.42M (")
 
 
+def test_meta_forward_gives_shapes_without_memory():
+    """For FLOP counting and shape checks of the reference models."""
+    config = get_preset("B3")
+    model = SoMEForCausalLM(config, device="meta")
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    assert model(ids, labels=ids).logits.shape == (2, 16, config.vocab_size)
+
+
 def test_parameter_count_lines_match_the_reference_format():
     assert format_parameter_counts(701_489_152, 29_417_472) == (
         "Total parameters: 701.49M\nTrainable parameters: 29.42M (4.19%)")
