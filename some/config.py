@@ -50,6 +50,11 @@ class SoMEConfig:
     delta: float = 0.001  # repulsion
     theta_percentile: float = 0.05
     ema_decay: float = 0.99  # γ, inertia
+    # DynMoE-style adaptive process (SPEC §7), see some.layer.SoMELayerConfig
+    adaptive: bool = False
+    adaptive_window: int = 100  # key-store updates per window
+    adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
+    initial_experts: Optional[int] = None  # experts active at the start (None: all N)
     # ---- training (SPEC §6)
     epochs: int = 4
     batch_size: int = 32  # sequences per optimizer step (all micro-batches together)
@@ -112,10 +117,11 @@ class SoMEConfig:
 
     # ------------------------------------------------------------- sub-configs
     def layer_config(self):
-        """The :class:`some.layer.SoMELayerConfig` of every SoME layer."""
+        """The :class:`some.layer.SoMELayerConfig` of every SoME layer (the
+        fields both have; tests check that every layer field has one here)."""
         from .layer import SoMELayerConfig
 
-        names = {f.name for f in dataclasses.fields(SoMELayerConfig)}
+        names = {f.name for f in dataclasses.fields(SoMELayerConfig)} & {f.name for f in dataclasses.fields(self)}
         return SoMELayerConfig(**{n: getattr(self, n) for n in names})
 
     def data_config(self):

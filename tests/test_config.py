@@ -100,3 +100,20 @@ def test_parse_value_optional_and_bool():
 def test_validate_checks_types_of_direct_construction():
     with pytest.raises(ConfigError, match="'d_model' must be int"):
         dataclasses.replace(get_preset("tiny"), d_model="64").validate()
+
+
+def test_every_layer_and_data_field_is_a_config_field():
+    """New SoMELayerConfig/DataConfig fields must reach the experiment config."""
+    from some.data import DataConfig
+    from some.layer import SoMELayerConfig
+
+    fields = {f.name for f in dataclasses.fields(SoMEConfig)}
+    missing = {f.name for f in dataclasses.fields(SoMELayerConfig)} - fields
+    assert not missing, f"SoMEConfig lacks the layer fields {missing}"
+    config = get_preset("tiny")
+    layer = config.layer_config()
+    assert layer.num_experts == config.num_experts and layer.alpha == config.alpha
+    data = config.data_config()
+    assert isinstance(data, DataConfig)
+    assert (data.source, data.seq_len, data.vocab_size, data.train_subset_size) == (
+        config.data_source, config.seq_len, config.vocab_size, config.train_subset_size)
