@@ -417,7 +417,8 @@ def load_tinystories(split: str, n: int, seed: int) -> list[str]:
     total = len(ds)
     order = np.random.default_rng(seed).permutation(total)[: min(n, total)]
     if n > total:
-        warnings.warn(f"TinyStories split {split!r} has {total} stories, fewer than the {n} requested; using all")
+        warnings.warn(f"TinyStories split {split!r} has {total} stories, fewer than the {n} requested; using all",
+                      stacklevel=3)
     texts = ds.select(order.tolist())["text"]
     return [t.strip() for t in texts if t and t.strip()]
 

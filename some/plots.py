@@ -202,10 +202,11 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
             how = f"UMAP (cosine, n_neighbors={nn}, min_dist={min_dist}, seed={random_state})"
             axis = "UMAP"
         except ImportError:
-            warnings.warn("umap-learn is not installed (pip install umap-learn); drawing a PCA of the keys instead")
+            warnings.warn("umap-learn is not installed (pip install umap-learn); drawing a PCA of the keys instead",
+                          stacklevel=2)
             how = "PCA (umap-learn not installed)"
         except (ValueError, TypeError, np.linalg.LinAlgError) as e:  # degenerate keys, e.g. all equal
-            warnings.warn(f"UMAP failed on these keys ({type(e).__name__}: {e}); drawing a PCA instead")
+            warnings.warn(f"UMAP failed on these keys ({type(e).__name__}: {e}); drawing a PCA instead", stacklevel=2)
             how = "PCA (UMAP failed on these keys)"
     if emb is None:
         emb = _pca_2d(unit_keys)
@@ -301,7 +302,7 @@ def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Opti
                   error_kw=dict(elinewidth=1, ecolor="black"))
     if log_scale:
         ax.set_yscale("log")
-    for i, (bar, v) in enumerate(zip(bars, vals)):
+    for i, (bar, v) in enumerate(zip(bars, vals, strict=True)):
         if not finite[i]:
             ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 3), textcoords="offset points",
                         ha="center", va="bottom", fontsize=8, color="gray")

@@ -4,7 +4,6 @@ Fast by design: the synthetic source and tiny files; the Debian corpora only whe
 (skipped otherwise), and the Bible through a one-book range.
 """
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -19,7 +18,8 @@ from some import data as D
 HAVE_FORTUNES = (D.FORTUNES_DIR / "fortunes").is_file()
 HAVE_DIATHEKE = shutil.which("diatheke") is not None and Path("/usr/share/sword/mods.d/engWEB2015eb.conf").is_file()
 needs_fortunes = pytest.mark.skipif(not HAVE_FORTUNES, reason="fortunes not installed (scripts/install_corpus.sh)")
-needs_bible = pytest.mark.skipif(not HAVE_DIATHEKE, reason="diatheke/sword-text-web not installed (scripts/install_corpus.sh)")
+needs_bible = pytest.mark.skipif(not HAVE_DIATHEKE,
+                                 reason="diatheke/sword-text-web not installed (scripts/install_corpus.sh)")
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_installed_fortunes_corpus():
 
 def test_osis_parser_drops_leaked_titles_glossary_and_glues_words():
     out = "\n".join([
-        "Genesis 1:1: <w>In</w> <w>the</w> <w>beginning</w>, <w>God</w><w>created</w> <w>it</w>.<milestone type=\"line\"/>",
+        'Genesis 1:1: <w>In</w> <w>the</w> <w>beginning</w>, <w>God</w><w>created</w> <w>it</w>.<milestone/>',
         "A Psalm by David.  II Kings 2:3: <w>Yes</w>,  <w>I</w>  know. <milestone type=\"line\"/>",
         '<title canonical="true">Title.</title> <l level="1" sID="x"/>Esther (Greek) 16:1: <milestone type="line"/>',
         '<title canonical="true">T.</title> <l sID="y"/>Song of Solomon 1:2: <w>Kiss</w>',
