@@ -178,6 +178,40 @@ def test_tinystories_hub_failure_is_a_corpus_error(monkeypatch):
         D.load_tinystories("train", 10, 0)
 
 
+class _FakeSplit:
+    def __init__(self, texts):
+        self.texts = texts
+
+    def __len__(self):
+        return len(self.texts)
+
+    def select(self, indices):
+        return _FakeSplit([self.texts[i] for i in indices])
+
+    def __getitem__(self, column):
+        assert column == "text"
+        return self.texts
+
+
+def test_tinystories_uses_official_splits(monkeypatch, cache):
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return _FakeSplit([f"{split} story {i}." for i in range(50)])
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    sys.modules["datasets"].load_dataset = load_dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny fake corpus cannot fill the vocabulary
+        data = D.build_data(D.DataConfig(source="tinystories", ood_source="synthetic:20", seq_len=16,
+                                         vocab_size=300, train_subset_size=30, val_subset_size=10))
+    assert calls == [("roneneldan/TinyStories", "train"), ("roneneldan/TinyStories", "validation")]
+    assert len(data.train) == 30 and len(data.val) == 10
+    assert data.decode(data.val[0]["input_ids"]).startswith("validation story")
+    assert D.load_tinystories("train", 5, seed=1) == D.load_tinystories("train", 5, seed=1)
+
+
 # ----------------------------------------------------------------------------- split
 def test_split_is_deterministic_disjoint_and_val_stable():
     docs = [f"doc {i}" for i in range(100)]
