@@ -51,7 +51,7 @@ bound its time at reference scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,7 +309,7 @@ def _check_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> None:
 
 def experts_from_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, n_experts: int,
                        method: str = "balanced_kmeans", seed: int = 0,
-                       clusters: Optional[ClusterResult] = None, **method_kwargs: Any) -> ExpertsFromDense:
+                       clusters: ClusterResult | None = None, **method_kwargs: Any) -> ExpertsFromDense:
     """Cut the dense FFN ``W2 GELU(W1 x + b1) + b2`` into ``n_experts`` experts.
 
     Expert ``e`` holds the neurons ``g = groups[e]``: ``w1[e] = W1[g]``,
@@ -374,5 +374,14 @@ def load_into_layer(layer: torch.nn.Module, result: ExpertsFromDense) -> torch.n
     return layer
 
 
-__all__ = ["METHODS", "BALANCED_METHODS", "ClusterResult", "ExpertsFromDense", "normalized_keys", "rebalance",
-           "cluster_neurons", "experts_from_dense", "load_into_layer"]
+__all__ = [
+    "BALANCED_METHODS",
+    "METHODS",
+    "ClusterResult",
+    "ExpertsFromDense",
+    "cluster_neurons",
+    "experts_from_dense",
+    "load_into_layer",
+    "normalized_keys",
+    "rebalance",
+]

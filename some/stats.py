@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +36,12 @@ class FriedmanResult:
     """
 
     avg_ranks: dict[str, float]
-    statistic: Optional[float]
-    p_value: Optional[float]
+    statistic: float | None
+    p_value: float | None
     n_blocks: int
     n_variants: int
     ranks: dict[str, dict[str, float]]
-    reason: Optional[str] = None
+    reason: str | None = None
     lower_is_better: bool = True
 
     def ranking(self) -> list[str]:
@@ -59,7 +59,7 @@ def _as_float(value: Any, where: str) -> float:
     return out
 
 
-def _table(scores: Any, variants: Optional[Sequence[str]], blocks: Optional[Sequence[str]]):
+def _table(scores: Any, variants: Sequence[str] | None, blocks: Sequence[str] | None):
     """(table (n_blocks, n_variants) float64, block names, variant names)."""
     if isinstance(scores, Mapping):
         if blocks is not None:
@@ -70,7 +70,7 @@ def _table(scores: Any, variants: Optional[Sequence[str]], blocks: Optional[Sequ
         rows = list(scores.values())
         for b, row in zip(block_names, rows):
             if not isinstance(row, Mapping):
-                raise ValueError(f"friedman: block {b!r} must map variant -> score, got {type(row).__name__}")
+                raise TypeError(f"friedman: block {b!r} must map variant -> score, got {type(row).__name__}")
         names = [str(v) for v in (variants if variants is not None else rows[0])]
         if len(set(names)) != len(names):
             raise ValueError(f"friedman: duplicate variant names in {names}")
@@ -87,10 +87,7 @@ def _table(scores: Any, variants: Optional[Sequence[str]], blocks: Optional[Sequ
                 table[i, j] = _as_float(row[v], f"of variant {v!r} in block {b!r}")
         return table, block_names, names
 
-    try:
-        arr = np.asarray(scores, dtype=object)
-    except Exception as e:  # pragma: no cover - exotic inputs
-        raise ValueError(f"friedman: cannot read scores as a 2-D table: {e}") from None
+    arr = np.asarray(scores, dtype=object)  # object: the per-cell check below names bad cells
     if arr.ndim != 2:
         raise ValueError(f"friedman: scores must be a dict {{block: {{variant: score}}}} or a 2-D "
                          f"(blocks x variants) array, got an array of shape {arr.shape}")
@@ -112,8 +109,8 @@ def _table(scores: Any, variants: Optional[Sequence[str]], blocks: Optional[Sequ
     return table, block_names, names
 
 
-def friedman(scores: Any, lower_is_better: bool = True, *, variants: Optional[Sequence[str]] = None,
-             blocks: Optional[Sequence[str]] = None) -> FriedmanResult:
+def friedman(scores: Any, lower_is_better: bool = True, *, variants: Sequence[str] | None = None,
+             blocks: Sequence[str] | None = None) -> FriedmanResult:
     """Average ranks of variants over blocks and the Friedman test.
 
     Args:

@@ -121,6 +121,8 @@ def test_invalid_tables():
         friedman(np.array([[1.0, np.inf, 2.0], [1.0, 2.0, 3.0]]))
     with pytest.raises(ValueError, match=r"block 'b2' must score exactly.*missing \['C'\]"):
         friedman({"b1": {"A": 1, "B": 2, "C": 3}, "b2": {"A": 1, "B": 2}})
+    with pytest.raises(TypeError, match="must map variant -> score"):
+        friedman({"b1": [1.0, 2.0, 3.0]})
     with pytest.raises(ValueError, match="not a number"):
         friedman({"b1": {"A": "low", "B": 2, "C": 3}})
     with pytest.raises(ValueError, match="2-D"):
