@@ -104,7 +104,7 @@ def all_reduce_keystore_stats(ctx: DistContext, layers) -> None:
     contributes zeros."""
     if not ctx.enabled:
         return
-    tensors = [t for layer in layers for t in layer.pending_stats(zeros_if_none=True)]
+    tensors = [t for layer in layers for t in layer.pending_reducibles()]
     all_reduce_sum(ctx, tensors, what="all-reduce of the key-store statistics")
 
 

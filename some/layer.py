@@ -41,6 +41,16 @@ class SoMELayerConfig:
     theta_percentile: float = 0.05
     ema_decay: float = 0.99  # γ, inertia
     expert_init: str = "default"
+    # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
+    # updates, experts unused in the window are masked out of routing and, if
+    # tokens matched no expert well (best score < adaptive_threshold; for
+    # top_any: no expert fired), one expert is added with its key at the
+    # normalized sum of those queries. Capacity is the N preallocated experts;
+    # `initial_experts` of them start active (None: all).
+    adaptive: bool = False
+    adaptive_window: int = 100
+    adaptive_threshold: float = 0.0
+    initial_experts: Optional[int] = None
 
     def validate(self) -> None:
         for name in ("d_model", "num_experts", "d_ffn", "top_k"):
@@ -62,6 +72,11 @@ class SoMELayerConfig:
             raise ValueError(f"SoMELayerConfig.theta_percentile must be in [0, 1], got {self.theta_percentile}")
         if not 0 <= self.ema_decay <= 1:
             raise ValueError(f"SoMELayerConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if isinstance(self.adaptive_window, bool) or not isinstance(self.adaptive_window, int) or self.adaptive_window < 1:
+            raise ValueError(f"SoMELayerConfig.adaptive_window must be a positive int, got {self.adaptive_window!r}")
+        if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
+            raise ValueError(f"SoMELayerConfig.initial_experts must be in top_k..num_experts = "
+                             f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")
 
 
 def _uniform_(t: Tensor, bound: float, gen: Optional[torch.Generator]) -> Tensor:
@@ -115,10 +130,18 @@ class SoMELayer(nn.Module):
         else:
             self.thresholds = None
 
+        # Adaptive process: this window's counts and unmatched queries (saved, so
+        # a resumed run continues the window exactly).
+        self.register_buffer("window_counts", torch.zeros(N, device=device, dtype=torch.long))
+        self.register_buffer("window_unmatched", torch.zeros(d + 1, device=device, dtype=kdt))  # Σ q̂, count
+        self.register_buffer("window_steps", torch.zeros((), device=device, dtype=torch.long))
+
         # Validation-time usage counts (not saved): see track_usage().
         self.register_buffer("usage_counts", torch.zeros(N, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("usage_tokens", torch.zeros((), device=device, dtype=torch.long), persistent=False)
         self.track_usage = False
         self._pending: Optional[KeystoreStats] = None
+        self._pending_unmatched: Optional[Tensor] = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
         self.seed = seed
         self.reset_parameters()
 
@@ -141,6 +164,11 @@ class SoMELayer(nn.Module):
         self.key_velocity.zero_()
         self.key_usage.zero_()
         self.expert_active.fill_(True)
+        if self.config.initial_experts is not None:
+            self.expert_active[self.config.initial_experts:] = False
+        self.window_counts.zero_()
+        self.window_unmatched.zero_()
+        self.window_steps.zero_()
         self._router_gen = torch.Generator(device=self.w1.device).manual_seed(self.seed + 1)
 
     # --------------------------------------------------------------- forward
@@ -185,13 +213,72 @@ class SoMELayer(nn.Module):
         if self.training:
             stats = ops.keystore_stats(q_tok.detach(), indices, gates.detach(), cfg.num_experts)
             self._pending = stats if self._pending is None else self._pending + stats
+            if cfg.adaptive:  # r was routed from q_seq (sequence level) or q_tok (token level)
+                if cfg.routing_level == "sequence":
+                    self._gather_unmatched(q_seq.detach(), r, None)
+                else:
+                    self._gather_unmatched(q_tok.detach(), r, token_mask)
         if self.track_usage:
             valid = indices[indices >= 0]
             self.usage_counts += torch.bincount(valid, minlength=cfg.num_experts)
+            self.usage_tokens += int(token_mask.sum()) if token_mask is not None else B * S
         self.last_indices = indices.detach() if self.track_usage else None
         return y.to(x.dtype).reshape(shape)
 
+    @torch.no_grad()
+    def _gather_unmatched(self, q: Tensor, r: "ops.RouteResult", token_mask: Optional[Tensor]) -> None:
+        """Add the normalized queries of tokens that matched no expert well."""
+        cfg = self.config
+        if cfg.gating == "top_any":
+            unmatched = (r.indices < 0).all(dim=1)
+        else:
+            unmatched = r.scores[:, 0].float() < cfg.adaptive_threshold
+        if token_mask is not None:
+            unmatched &= token_mask.reshape(-1)
+        qn = torch.nn.functional.normalize(q.to(self.window_unmatched.dtype), dim=-1)
+        add = torch.cat([qn[unmatched].sum(0), unmatched.sum().to(qn.dtype).reshape(1)])
+        self._pending_unmatched = add if self._pending_unmatched is None else self._pending_unmatched + add
+
+    @torch.no_grad()
+    def _adapt(self, counts: Tensor) -> None:
+        """One step of the adaptive process's window (SPEC §7, DynMoE)."""
+        cfg = self.config
+        self.window_counts += counts
+        if self._pending_unmatched is not None:
+            self.window_unmatched += self._pending_unmatched
+        self.window_steps += 1
+        if int(self.window_steps) < cfg.adaptive_window:
+            return
+        # remove: experts unused during the whole window (keep at least top_k)
+        unused = self.expert_active & (self.window_counts == 0)
+        if int((self.expert_active & ~unused).sum()) >= cfg.top_k:
+            self.expert_active &= ~unused
+        # add: one expert keyed at the normalized sum of the unmatched queries
+        d = cfg.d_model
+        free = torch.nonzero(~self.expert_active).flatten()
+        if self.window_unmatched[d] > 0 and free.numel() > 0:
+            slot = int(free[0])
+            key = self.window_unmatched[:d]
+            self.keys[slot] = key / key.norm().clamp_min(1e-12)
+            self.key_velocity[slot] = 0
+            self.key_usage[slot] = 0
+            self.expert_active[slot] = True
+        self.window_counts.zero_()
+        self.window_unmatched.zero_()
+        self.window_steps.zero_()
+
     # ------------------------------------------------------- self-organization
+    def pending_reducibles(self) -> list[Tensor]:
+        """Every pending per-step sum that data-parallel ranks must all-reduce
+        (in place) before :meth:`update_keys`: the key-store statistics and,
+        with the adaptive process, the unmatched-query sum."""
+        tensors = list(self.pending_stats(zeros_if_none=True))
+        if self.config.adaptive:
+            if self._pending_unmatched is None:
+                self._pending_unmatched = torch.zeros_like(self.window_unmatched)
+            tensors.append(self._pending_unmatched)
+        return tensors
+
     def pending_stats(self, zeros_if_none: bool = False) -> Optional[KeystoreStats]:
         """Key-store statistics gathered since the last update (None if none,
         or zeros that become the pending statistics with ``zeros_if_none``).
@@ -223,14 +310,28 @@ class SoMELayer(nn.Module):
         if stats is None:
             return False
         sum_q, mass, counts, coselect = stats
-        return ops.keystore_update(
+        applied = ops.keystore_update(
             self.keys, self.key_velocity, self.key_usage, sum_q.to(self.keys.dtype), mass.to(self.keys.dtype),
             counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
             normalize=cfg.score_mode == "cosine",
         )
+        if cfg.adaptive:  # after the step's self-organization, which used this step's experts
+            self._adapt(counts)
+        self._pending_unmatched = None
+        return applied
 
     def reset_usage(self) -> None:
         self.usage_counts.zero_()
+        self.usage_tokens.zero_()
+
+    @property
+    def experts_per_token(self) -> float:
+        """Mean number of experts per (real) token since the last reset_usage()."""
+        return float(self.usage_counts.sum()) / max(int(self.usage_tokens), 1)
+
+    @property
+    def active_experts(self) -> int:
+        return int(self.expert_active.sum())
 
     def extra_repr(self) -> str:
         c = self.config

@@ -183,3 +183,55 @@ def test_bad_input_shape():
         layer(torch.randn(2, 3, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match="token_mask"):
         layer(torch.randn(2, 3, 12, dtype=torch.float64), token_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_adaptive_process_removes_unused_and_adds_keyed_expert():
+    """A constructed case: experts 4 and 5 start inactive (spare capacity); all
+    tokens point at expert 0's key, so expert 3 is never used and is removed;
+    with a threshold above every score, all tokens count as unmatched and a
+    new expert is added at the normalized sum of their queries."""
+    layer = make_layer(adaptive=True, adaptive_window=2, adaptive_threshold=2.0, initial_experts=4)
+    assert layer.active_experts == 4 and not layer.expert_active[4:].any()
+    with torch.no_grad():
+        layer.keys.copy_(torch.eye(6, 12, dtype=torch.float64))
+        # a linear router that maps everything onto +e0 (plus a little of e1, e2)
+        lin = layer.router[2]
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([1.0, 0.3, 0.2] + [0.0] * 9, dtype=torch.float64))
+    layer.train()
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    q = torch.nn.functional.normalize(layer.router(x).reshape(-1, 12), dim=-1)
+    for step in range(2):
+        layer(x)
+        assert layer.update_keys()
+        if step == 0:
+            assert layer.active_experts == 4  # the window is not over yet
+    # every token's top-2 is {0, 1} (q ∝ e0 + .3 e1 + .2 e2), so experts 2 and 3
+    # are unused -> removed; one expert is added in the lowest free slot (2),
+    # keyed at the normalized sum of the (all unmatched) queries
+    assert layer.expert_active.tolist() == [True, True, True, False, False, False]
+    want = torch.nn.functional.normalize(q.sum(0), dim=0)
+    torch.testing.assert_close(layer.keys[2], want)
+    torch.testing.assert_close(layer.key_velocity[2], torch.zeros(12, dtype=torch.float64))
+    assert int(layer.window_steps) == 0 and int(layer.window_counts.sum()) == 0
+
+
+def test_adaptive_process_state_is_in_state_dict():
+    layer = make_layer(adaptive=True, adaptive_window=5)
+    layer.train()
+    layer(torch.randn(2, 3, 12, dtype=torch.float64))
+    layer.update_keys()
+    sd = layer.state_dict()
+    assert int(sd["window_steps"]) == 1 and int(sd["window_counts"].sum()) == 12
+    fresh = make_layer(adaptive=True, adaptive_window=5)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.window_counts, layer.window_counts)
+
+
+def test_experts_per_token_counts_real_tokens():
+    layer = make_layer(gating="top_p", top_k=4, top_p=0.5)
+    layer.track_usage = True
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    layer(torch.randn(1, 3, 12, dtype=torch.float64), token_mask=mask)
+    assert int(layer.usage_tokens) == 2
+    assert 1 <= layer.experts_per_token <= 4
