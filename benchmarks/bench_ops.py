@@ -18,13 +18,19 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import some
 from some import ops
+
+# The naive PyTorch loop over experts is the tests' reference (what a user writes without the op).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import experts_loop_ref as naive_loop  # noqa: E402
 
 
 def sync(device):
@@ -47,18 +53,6 @@ def timeit(fns, device, repeat, warmup=1):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def naive_loop(x, indices, gates, w1, b1, w2, b2):
-    """What a user writes without the op: a Python loop over experts."""
-    y = torch.zeros_like(x)
-    for e in range(w1.shape[0]):
-        tok, slot = torch.nonzero(indices == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = F.gelu(x[tok] @ w1[e].T + b1[e])
-        y = y.index_add(0, tok, (h @ w2[e].T + b2[e]) * gates[tok, slot, None])
-    return y
 
 
 def grouped_mm_experts(x, indices, gates, w1, b1, w2, b2):
