@@ -1,0 +1,335 @@
+"""Measurements that compare model variants (SPEC §7): FLOPs per token (analytic
+and counted), inference latency, peak memory, and how specialized the experts
+are (mutual information between expert id and token type).
+
+    analytic_flops_per_token(config, experts_per_token=[2.0, 2.0])   # {"total": ..., "experts": ...}
+    count_flops(model, input_ids)                                    # FlopCounterMode, forward only
+    routing_pass(model, data.val, batch_size, device)                # usage of every layer + middle-layer pairs
+    specialization(pairs.experts, pairs.tokens, token_classes(tokenizer, V))
+    inference_latency(model, input_ids)                              # median ms per forward
+    peak_memory_mb(device)                                           # CUDA max allocated / CPU peak RSS
+
+FLOP convention (the one ``torch.utils.flop_counter.FlopCounterMode`` uses, so
+that the analytic and the counted numbers can be compared term by term): a
+multiply-add is 2 FLOPs; only matrix products count (linear layers, the
+attention products, the SoME ops' GEMMs), not norms, activations or softmax;
+attention is counted as the full ``S x S`` product (``FlopCounterMode``'s SDPA
+formula takes no causal discount). The embedding lookup costs nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+from .config import SoMEConfig
+
+__all__ = [
+    "analytic_flops_per_token", "count_flops", "RoutingPass", "routing_pass", "token_batch",
+    "TOKEN_CLASSES", "token_classes", "mutual_information_bits", "specialization",
+    "inference_latency", "peak_memory_mb", "memory_kind",
+]
+
+# ----------------------------------------------------------------------- FLOPs
+
+# PyTorch registers FLOP formulas for the CUDA attention kernels but not for the
+# CPU flash kernel that F.scaled_dot_product_attention uses on the CPU, so a CPU
+# count would silently leave attention out. Same formula as the CUDA kernels.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+    @register_flop_formula(_CPU_SDPA, get_raw=True)
+    def _cpu_sdpa_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def analytic_flops_per_token(config: SoMEConfig, experts_per_token: Union[float, Sequence[float]],
+                             seq_len: Optional[int] = None) -> dict[str, float]:
+    """Forward FLOPs per token of :class:`some.model.SoMEForCausalLM`, by part.
+
+    ``experts_per_token``: the mean number of experts a token runs through, per
+    layer (a sequence of ``n_layers`` numbers) or one number for every layer;
+    ``top_k`` for the fixed-k gatings, measured for ``top_p``/``top_any`` and
+    the adaptive process. ``seq_len`` (default ``config.seq_len``) sets the
+    attention term, ``4·S·d`` per layer and token (full ``S x S``, see the
+    module doc). Returns the parts and their ``total``.
+    """
+    d, L, V, N, h = config.d_model, config.n_layers, config.vocab_size, config.num_experts, config.d_ffn
+    S = config.seq_len if seq_len is None else seq_len
+    k_eff = [float(experts_per_token)] * L if isinstance(experts_per_token, (int, float)) else \
+        [float(x) for x in experts_per_token]
+    if len(k_eff) != L:
+        raise ValueError(f"experts_per_token needs one value per layer ({L}), got {len(k_eff)}")
+    router = 2 * d * d if config.router == "linear" else 2 * (d * 2 * d + 2 * d * d)  # d -> 2d -> d
+    # sequence-level routing scores one query per sequence, shared by its S tokens
+    route = 2 * N * d / (S if config.routing_level == "sequence" else 1)
+    parts = {
+        "attention_linear": L * (2 * d * 3 * d + 2 * d * d),  # fused qkv + output projection
+        "attention_sdpa": L * 4 * S * d,  # q kᵀ and (attn) v
+        "router": L * router,
+        "route": L * route,
+        "experts": sum(4 * k * h * d for k in k_eff),  # two GEMMs per selected expert
+        "lm_head": 2 * d * V,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, input_ids: Tensor,
+                attention_mask: Optional[Tensor] = None) -> dict[str, int]:
+    """Forward FLOPs of ``model(input_ids)`` counted by ``FlopCounterMode`` (the
+    SoME ops register their own formulas in ``some.ops``), by operator, plus
+    ``total``. The model is run in eval mode and restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids, attention_mask)
+    finally:
+        model.train(was_training)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    by_op["total"] = int(counter.get_total_flops())
+    return by_op
+
+
+def token_batch(dataset, rows: int, seq_len: int) -> Tensor:
+    """``(rows, seq_len)`` token ids of real text with no padding: the real
+    tokens of ``dataset``'s samples, concatenated in order and cut into rows
+    (so that per-token numbers are not diluted by padding positions). Fewer
+    rows if the dataset is too small; at least one row is required."""
+    chunks, have, need = [], 0, rows * seq_len
+    for i in range(len(dataset)):
+        item = dataset[i]
+        real = item["input_ids"][item["attention_mask"].bool()]
+        chunks.append(real)
+        have += real.numel()
+        if have >= need:
+            break
+    flat = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
+    n_rows = min(rows, flat.numel() // seq_len)
+    if n_rows < 1:
+        raise ValueError(f"the dataset has {flat.numel()} real tokens, fewer than one row of {seq_len}")
+    return flat[: n_rows * seq_len].view(n_rows, seq_len)
+
+
+# ------------------------------------------------------------------ routing pass
+
+
+@dataclass
+class RoutingPass:
+    """What the SoME layers did on a dataset (eval mode).
+
+    ``usage_counts[l]`` ``(N,)`` selections of each expert in layer ``l``;
+    ``experts_per_token[l]`` mean selected experts per real token;
+    ``active_experts[l]`` experts routing may select (the adaptive process
+    masks some out); ``experts``/``tokens``: for layer ``layer``, one entry per
+    (real token, selected expert) pair: the expert id and the input token id.
+    """
+
+    layer: int
+    usage_counts: list[Tensor]
+    experts_per_token: list[float]
+    active_experts: list[int]
+    experts: np.ndarray
+    tokens: np.ndarray
+    real_tokens: int
+
+
+@torch.no_grad()
+def routing_pass(model, dataset, batch_size: int, device: Union[str, torch.device],
+                 layer: Optional[int] = None) -> RoutingPass:
+    """Run ``model`` over ``dataset`` (eval mode) recording every SoME layer's
+    usage and, for ``layer`` (default: the middle one, ``L // 2``), which
+    expert each real token went to."""
+    from .train import collate
+
+    layers = model.some_layers()
+    layer = len(layers) // 2 if layer is None else layer
+    was_training = model.training
+    model.eval()
+    for lay in layers:
+        lay.reset_usage()
+        lay.track_usage = True
+    experts, tokens, real_total = [], [], 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = collate(dataset, range(start, min(start + batch_size, len(dataset))), device)
+            model(batch["input_ids"], batch["attention_mask"])
+            idx = layers[layer].last_indices  # (B·S, k), -1 at padding and empty slots
+            tok = batch["input_ids"].reshape(-1, 1).expand_as(idx)
+            keep = idx >= 0
+            experts.append(idx[keep].cpu().numpy())
+            tokens.append(tok[keep].cpu().numpy())
+            real_total += int(batch["attention_mask"].sum())
+    finally:
+        for lay in layers:
+            lay.track_usage = False
+        model.train(was_training)
+    return RoutingPass(
+        layer=layer,
+        usage_counts=[lay.usage_counts.detach().cpu().clone() for lay in layers],
+        experts_per_token=[lay.experts_per_token for lay in layers],
+        active_experts=[lay.active_experts for lay in layers],
+        experts=np.concatenate(experts) if experts else np.empty(0, np.int64),
+        tokens=np.concatenate(tokens) if tokens else np.empty(0, np.int64),
+        real_tokens=real_total,
+    )
+
+
+# ---------------------------------------------------------------- specialization
+
+# A partition of the vocabulary by what a token *is* in the text, for
+# "what token types does each expert receive": few classes, so the plug-in
+# mutual information is nearly unbiased even on a small validation set.
+TOKEN_CLASSES = ("special", "whitespace", "punctuation", "digits", "word_start", "word_piece")
+
+
+def _token_class(text: str) -> int:
+    if text == "":
+        return 0  # special tokens (pad, end of text) decode to nothing
+    if text.isspace():
+        return 1
+    body = text.lstrip()
+    if all(unicodedata.category(c)[0] in "PSZ" or c.isspace() for c in text):
+        return 2
+    if any(c.isdigit() for c in body) and not any(c.isalpha() for c in body):
+        return 3
+    # a word start is a token that begins a word: after a space (BPE merges the
+    # space into the token) — word pieces continue a word
+    return 4 if text[0].isspace() else 5
+
+
+def token_classes(tokenizer, vocab_size: int) -> np.ndarray:
+    """``(vocab_size,)`` int64: the :data:`TOKEN_CLASSES` index of each token
+    id, from its decoded text (ids the tokenizer does not have are 'special')."""
+    out = np.zeros(vocab_size, dtype=np.int64)
+    n = min(vocab_size, tokenizer.get_vocab_size())
+    for i in range(n):
+        out[i] = _token_class(tokenizer.decode([i], skip_special_tokens=True))
+    return out
+
+
+def mutual_information_bits(x: np.ndarray, y: np.ndarray) -> float:
+    """Plug-in mutual information ``I(X; Y)`` in bits of paired samples of two
+    non-negative integer variables (the empirical joint distribution)."""
+    x, y = np.asarray(x, dtype=np.int64).ravel(), np.asarray(y, dtype=np.int64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must pair up, got {x.size} and {y.size} samples")
+    if x.size == 0:
+        raise ValueError("mutual information of zero samples is undefined")
+    if x.min() < 0 or y.min() < 0:
+        raise ValueError("x and y must be non-negative integer codes")
+    _, xi = np.unique(x, return_inverse=True)  # compact codes: the joint table stays small
+    _, yi = np.unique(y, return_inverse=True)
+    nx, ny = int(xi.max()) + 1, int(yi.max()) + 1
+    joint = np.bincount(xi * ny + yi, minlength=nx * ny).reshape(nx, ny).astype(np.float64) / x.size
+    px, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    mi = float(np.sum(joint[nz] * np.log2(joint[nz] / (px @ py)[nz])))
+    return max(mi, 0.0)  # rounding can give -1e-17 for independent variables
+
+
+def specialization(experts: np.ndarray, tokens: np.ndarray, classes: np.ndarray, *,
+                   seed: int = 0) -> dict[str, float]:
+    """How much an expert's id tells about the tokens it receives, over
+    (token, selected expert) pairs:
+
+    - ``mi_class_bits``: ``I(expert; token class)`` (:data:`TOKEN_CLASSES`),
+      and ``class_entropy_bits`` = ``H(token class)``, its upper bound;
+    - ``mi_token_bits``: ``I(expert; token id)``, plug-in, and
+      ``mi_token_shuffled_bits``: the same with the token ids shuffled across
+      the pairs (independence, same marginals). The plug-in estimate over many
+      token ids is biased upward on finite data; the shuffled value measures
+      that bias, and ``mi_token_excess_bits`` = the difference is the part
+      that is routing, not sample size.
+    """
+    experts, tokens = np.asarray(experts), np.asarray(tokens)
+    cls = np.asarray(classes)[tokens]
+    shuffled = np.random.default_rng(seed).permutation(tokens)
+    mi_token = mutual_information_bits(experts, tokens)
+    mi_shuffled = mutual_information_bits(experts, shuffled)
+    p = np.bincount(cls) / cls.size
+    p = p[p > 0]
+    return {
+        "mi_class_bits": mutual_information_bits(experts, cls),
+        "class_entropy_bits": float(-(p * np.log2(p)).sum()),
+        "mi_token_bits": mi_token,
+        "mi_token_shuffled_bits": mi_shuffled,
+        "mi_token_excess_bits": mi_token - mi_shuffled,
+        "pairs": int(experts.size),
+    }
+
+
+# ------------------------------------------------------------- latency, memory
+
+
+@torch.no_grad()
+def inference_latency(model: torch.nn.Module, input_ids: Tensor, *, repeats: int = 20,
+                      warmup: int = 3) -> dict[str, float]:
+    """Wall time of one forward pass of ``input_ids`` in eval mode: the median
+    (and the 10th/90th percentiles) over ``repeats`` timed passes after
+    ``warmup`` untimed ones, in milliseconds (CUDA is synchronized around each)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = input_ids.device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(input_ids.device)
+            t0 = time.perf_counter()
+            model(input_ids)
+            if cuda:
+                torch.cuda.synchronize(input_ids.device)
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    q = np.percentile(times, [10, 90])
+    return {"median_ms": statistics.median(times), "p10_ms": float(q[0]), "p90_ms": float(q[1]),
+            "repeats": repeats}
+
+
+def memory_kind(device: Union[str, torch.device]) -> str:
+    """What :func:`peak_memory_mb` measures on ``device``."""
+    if torch.device(device).type == "cuda":
+        return "CUDA max allocated"
+    return "peak RSS of the process"
+
+
+def peak_memory_mb(device: Union[str, torch.device]) -> float:
+    """Peak memory so far in MiB: on CUDA ``torch.cuda.max_memory_allocated``
+    (tensors only; reset it with ``torch.cuda.reset_peak_memory_stats`` before
+    the part to measure); on the CPU the process's peak resident set size
+    (``VmHWM`` of ``/proc/self/status``: the whole process, Python and
+    PyTorch included — run the part to measure in its own process)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        # VmHWM belongs to this process image; ru_maxrss can carry the parent's
+        # peak over a fork + exec
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 1024  # bytes on macOS, kB on Linux
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
