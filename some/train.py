@@ -527,7 +527,7 @@ class Trainer:
             from .plots import keystore_umap, usage_histogram
 
             usage_histogram(counts, self.out / "usage_histogram.png",
-                            title=f"Expert usage, layer {self.middle} (N = {n}, validation tokens)")
+                            title=f"Expert usage, layer {self.middle} (N = {n}, validation set)", unit="selections")
             keystore_umap(layer.keys.detach().float().cpu(), counts, self.out / "keystore_umap.png",
                           title=f"Key store (UMAP), layer {self.middle}, colored by usage")
         from .report import write_report
