@@ -18,14 +18,13 @@ formula takes no causal discount). The embedding lookup costs nothing.
 """
 from __future__ import annotations
 
-import math
 import os
 import resource
 import statistics
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,9 +34,18 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from .config import SoMEConfig
 
 __all__ = [
-    "analytic_flops_per_token", "count_flops", "RoutingPass", "routing_pass", "token_batch",
-    "TOKEN_CLASSES", "token_classes", "mutual_information_bits", "specialization",
-    "inference_latency", "peak_memory_mb", "memory_kind",
+    "TOKEN_CLASSES",
+    "RoutingPass",
+    "analytic_flops_per_token",
+    "count_flops",
+    "inference_latency",
+    "memory_kind",
+    "mutual_information_bits",
+    "peak_memory_mb",
+    "routing_pass",
+    "specialization",
+    "token_batch",
+    "token_classes",
 ]
 
 # ----------------------------------------------------------------------- FLOPs
@@ -52,8 +60,8 @@ if _CPU_SDPA not in flop_registry:
         return sdpa_flop_count(query.shape, key.shape, value.shape)
 
 
-def analytic_flops_per_token(config: SoMEConfig, experts_per_token: Union[float, Sequence[float]],
-                             seq_len: Optional[int] = None) -> dict[str, float]:
+def analytic_flops_per_token(config: SoMEConfig, experts_per_token: float | Sequence[float],
+                             seq_len: int | None = None) -> dict[str, float]:
     """Forward FLOPs per token of :class:`some.model.SoMEForCausalLM`, by part.
 
     ``experts_per_token``: the mean number of experts a token runs through, per
@@ -86,7 +94,7 @@ def analytic_flops_per_token(config: SoMEConfig, experts_per_token: Union[float,
 
 @torch.no_grad()
 def count_flops(model: torch.nn.Module, input_ids: Tensor,
-                attention_mask: Optional[Tensor] = None) -> dict[str, int]:
+                attention_mask: Tensor | None = None) -> dict[str, int]:
     """Forward FLOPs of ``model(input_ids)`` counted by ``FlopCounterMode`` (the
     SoME ops register their own formulas in ``some.ops``), by operator, plus
     ``total``. The model is run in eval mode and restored."""
@@ -146,8 +154,8 @@ class RoutingPass:
 
 
 @torch.no_grad()
-def routing_pass(model, dataset, batch_size: int, device: Union[str, torch.device],
-                 layer: Optional[int] = None) -> RoutingPass:
+def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
+                 layer: int | None = None) -> RoutingPass:
     """Run ``model`` over ``dataset`` (eval mode) recording every SoME layer's
     usage and, for ``layer`` (default: the middle one, ``L // 2``), which
     expert each real token went to."""
@@ -200,7 +208,9 @@ def _token_class(text: str) -> int:
     if text.isspace():
         return 1
     body = text.lstrip()
-    if all(unicodedata.category(c)[0] in "PSZ" or c.isspace() for c in text):
+    # punctuation, symbols, controls, and the replacement character of a lone
+    # byte of a multi-byte character (byte-level BPE has those tokens)
+    if all(unicodedata.category(c)[0] in "PSZC" for c in text):
         return 2
     if any(c.isdigit() for c in body) and not any(c.isalpha() for c in body):
         return 3
@@ -302,14 +312,14 @@ def inference_latency(model: torch.nn.Module, input_ids: Tensor, *, repeats: int
             "repeats": repeats}
 
 
-def memory_kind(device: Union[str, torch.device]) -> str:
+def memory_kind(device: str | torch.device) -> str:
     """What :func:`peak_memory_mb` measures on ``device``."""
     if torch.device(device).type == "cuda":
         return "CUDA max allocated"
     return "peak RSS of the process"
 
 
-def peak_memory_mb(device: Union[str, torch.device]) -> float:
+def peak_memory_mb(device: str | torch.device) -> float:
     """Peak memory so far in MiB: on CUDA ``torch.cuda.max_memory_allocated``
     (tensors only; reset it with ``torch.cuda.reset_peak_memory_stats`` before
     the part to measure); on the CPU the process's peak resident set size
@@ -331,5 +341,3 @@ def peak_memory_mb(device: Union[str, torch.device]) -> float:
     return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 1024  # bytes on macOS, kB on Linux
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
