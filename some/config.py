@@ -20,6 +20,11 @@ from typing import Any, Iterable, Optional, Union
 __all__ = ["ConfigError", "SoMEConfig", "PRESETS", "get_preset", "apply_overrides", "parse_value"]
 
 
+EXPERT_INITS = ("default", "cluster")
+DENSE_SOURCES = ("random", "pretrained")
+DENSE_TRANSFERS = ("all", "ffn")
+
+
 class ConfigError(ValueError):
     """A user error in a configuration: unknown key or preset, bad value."""
 
@@ -43,7 +48,22 @@ class SoMEConfig:
     top_p: float = 0.4  # p of the top_p gating
     router: str = "mlp"  # mlp | linear | frozen | random
     routing_level: str = "token"  # token | sequence
-    expert_init: str = "default"
+    # Expert construction (SPEC §7, some.dense): "default" = independently
+    # initialized experts and random keys; "cluster" = experts cut from a dense
+    # FFN of width N·h by clustering its neurons (cluster_method), keys at each
+    # cluster's mean normalized key. The dense FFN is dense_source: "random"
+    # (freshly initialized) or "pretrained" (a dense LM trained first on the same
+    # data for dense_pretrain_epochs; with dense_transfer "all" the SoME model
+    # also takes its embedding, attention, LayerNorms and LM head, "ffn": only
+    # the experts and keys). The router is never taken from the dense model.
+    expert_init: str = "default"  # default | cluster
+    cluster_method: str = "balanced_kmeans"  # some.construction.METHODS
+    cluster_n_init: int = 1  # k-means restarts (kmeans, balanced_kmeans only)
+    cluster_max_iter: int = 100  # Lloyd iterations (kmeans, balanced_kmeans only): their cost at H = N·h
+    dense_source: str = "random"  # random | pretrained
+    dense_pretrain_epochs: int = 1
+    dense_grad_accum: int = 1  # micro-batches per dense step (its FFN activations are N times wider)
+    dense_transfer: str = "all"  # all | ffn (with dense_source = pretrained)
     expert_dtype: str = "float32"  # storage dtype of the frozen experts: float32 | bfloat16
     alpha: float = 0.01  # attraction
     beta: float = 0.005  # peer-pull
@@ -87,7 +107,8 @@ class SoMEConfig:
             if not _has_type(value, hints[f.name]):
                 raise ConfigError(f"config field '{f.name}' must be {_type_name(hints[f.name])}, got {value!r}")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "num_experts", "d_ffn", "top_k",
-                    "epochs", "batch_size", "grad_accum", "train_subset_size", "val_subset_size")
+                    "epochs", "batch_size", "grad_accum", "train_subset_size", "val_subset_size",
+                    "cluster_n_init", "cluster_max_iter", "dense_pretrain_epochs", "dense_grad_accum")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
@@ -107,6 +128,18 @@ class SoMEConfig:
             raise ConfigError(f"batch_size = {self.batch_size} must be divisible by grad_accum = {self.grad_accum}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError(f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        from .construction import METHODS
+
+        for name, allowed in (("expert_init", EXPERT_INITS), ("cluster_method", METHODS),
+                              ("dense_source", DENSE_SOURCES), ("dense_transfer", DENSE_TRANSFERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}; expected one of {allowed}")
+        if self.dense_source == "pretrained" and self.expert_init != "cluster":
+            raise ConfigError("dense_source = 'pretrained' needs expert_init = 'cluster' (the experts are cut "
+                              "from the dense model's FFNs)")
+        if self.batch_size % self.dense_grad_accum:
+            raise ConfigError(f"batch_size = {self.batch_size} must be divisible by "
+                              f"dense_grad_accum = {self.dense_grad_accum}")
         if self.expert_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"config field 'expert_dtype' must be 'float32' or 'bfloat16', got {self.expert_dtype!r}")
         try:  # the layer knows its own rules (choices of gating, router, ...)
@@ -122,7 +155,12 @@ class SoMEConfig:
         from .layer import SoMELayerConfig
 
         names = {f.name for f in dataclasses.fields(SoMELayerConfig)} & {f.name for f in dataclasses.fields(self)}
-        return SoMELayerConfig(**{n: getattr(self, n) for n in names})
+        kwargs = {n: getattr(self, n) for n in names}
+        # "cluster" experts are the layer's default ones replaced after construction
+        # (some.dense.init_experts_from_dense, called by the Trainer)
+        if kwargs.get("expert_init") == "cluster":
+            kwargs["expert_init"] = "default"
+        return SoMELayerConfig(**kwargs)
 
     def data_config(self):
         """The :class:`some.data.DataConfig` of the run's corpus."""
