@@ -313,6 +313,12 @@ class Trainer:
         self.middle = config.n_layers // 2
 
         self.model = SoMEForCausalLM(config, device=self.device)
+        if state is None and config.expert_init == "cluster":
+            # experts cut from a dense FFN (SPEC §7); a resumed run has them in its checkpoint
+            from .dense import init_experts_from_dense
+
+            record = init_experts_from_dense(self.model, config, self.data, self.device, log=self.log)
+            (self.out / "dense.json").write_text(json.dumps(record, indent=2) + "\n")
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         self.pos = _Position()
