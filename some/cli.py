@@ -4,6 +4,7 @@
     some train --preset A4 --set num_experts=96 --out runs/a4-96
     some train --out runs/tiny --resume                      # continue a run from its checkpoint
     some report runs/tiny                                    # rebuild report.md
+    some ablate experiments/gating.yaml [--smoke]            # an ablation study (SPEC §7): every variant x seed
     some info                                                # build info and presets
 
 User errors (bad config, missing corpus, corrupt checkpoint, diverged run)
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="rebuild report.md of a run directory")
     r.add_argument("run_dir", help="a run directory written by 'some train'")
+
+    a = sub.add_parser("ablate", help="run an ablation study (experiments/*.yaml) and compare its variants",
+                       description="Run every variant x dataset x seed of a study file (each run in its own "
+                                   "process, finished runs are kept), then write results.md/csv and pictures.")
+    from .ablate import add_arguments as add_ablate_arguments
+
+    add_ablate_arguments(a)
 
     sub.add_parser("info", help="print how the extension was built and the presets")
     return parser
@@ -88,6 +96,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import run_from_args
+
+    return run_from_args(args)
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -122,7 +136,7 @@ def _describe(e: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "report": _report, "info": _info}
+    handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate}
     try:
         return handlers[args.command](args)
     except _user_errors() as e:
