@@ -1,0 +1,986 @@
+// CUDA kernels of some::experts and some::experts_backward (SPEC §3 step 5),
+// and the device-side token-by-expert grouping that route.cu and keystore.cu
+// reuse (declared in common.cuh).
+//
+// Plan (the CPU's, csrc/cpu/experts.cpp, without host synchronization):
+//   1. group the (token, slot) pairs by expert on the device (`order`,
+//      `offsets`, same meaning as the CPU's); the backward reuses them;
+//   2. grouped GEMMs: every thread block computes one (row tile, column tile)
+//      of one expert's segment. Blocks are mapped to (expert, tile) by a
+//      device-side schedule (cumulative row-tile counts per expert, from
+//      `offsets`); the grid is a host-known upper bound, ceil(P/BM) + N row
+//      tiles, and blocks past the real count exit at once, so the host never
+//      needs the counts. A rows are gathered through `order` while loading the
+//      tile (no padded or permuted copies of x / grad_y);
+//   3. fused epilogues on the accumulator tile: bias + GELU (storing the
+//      pre-activation `hidden` in grouped order, as the CPU), gate * (· + b2),
+//      and in the backward gate * dA * GELU'(pre) with the row dot
+//      dA · GELU(pre) for the gate gradient;
+//   4. per-token combine in slot order (a second pass instead of atomics), so
+//      every output is bit-identical run to run.
+// The experts are frozen: no weight gradient is ever computed.
+//
+// Math: bfloat16 uses tensor cores (WMMA 16x16x16, fp32 accumulators);
+// float32 and float64 use a plain FMA tiled path in their own precision
+// (fp32 stays true fp32, as on the CPU). Accumulation type: at::opmath_type.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mma.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace some {
+namespace gpu {
+
+// =====================================================================
+// Grouping of the (token, slot) pairs by expert
+// =====================================================================
+//
+// The flat pair list is cut into tiles of `pairs_per_tile` consecutive pairs,
+// one warp per tile. Three passes (plus two tiny scans):
+//   count:   tile_counts[tile][e] = pairs of tile with expert e;
+//   scan:    per expert, exclusive prefix over tiles (-> start of the tile's
+//            run inside the expert's segment) and the expert's total;
+//   scatter: order[offsets[e] + start + rank] = p, the rank within the tile
+//            from __match_any_sync over each 32-pair chunk, in pair order.
+// Tiles, chunks and lanes are visited in increasing pair order, so the
+// grouping is stable (identical to the CPU's counting sort).
+
+namespace {
+
+constexpr int kGroupWarpsPerBlock = 4;
+
+// Expert of pair p if in 0..N-1, else -1 (dropped).
+__device__ __forceinline__ int pair_expert(const int64_t* indices, int64_t p, int64_t end,
+                                           int num_experts) {
+  if (p >= end) return -1;
+  const int64_t v = indices[p];
+  return (v >= 0 && v < num_experts) ? static_cast<int>(v) : -1;
+}
+
+__global__ void group_count_kernel(const int64_t* __restrict__ indices, int64_t P,
+                                   int num_experts, int64_t pairs_per_tile, int64_t num_tiles,
+                                   int* __restrict__ tile_counts) {
+  const int64_t tile = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  if (tile >= num_tiles) return;  // whole warp
+  const int lane = threadIdx.x % kWarpSize;
+  int* cnt = tile_counts + tile * num_experts;
+  const int64_t begin = tile * pairs_per_tile;
+  const int64_t end = min(P, begin + pairs_per_tile);
+  for (int64_t base = begin; base < end; base += kWarpSize) {
+    const int e = pair_expert(indices, base + lane, end, num_experts);
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    // One lane per distinct expert updates its counter: no two lanes write
+    // the same address, and only this warp owns row `tile`.
+    if (e >= 0 && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
+    __syncwarp();  // the next chunk sees these counts
+  }
+}
+
+// One thread per expert: exclusive prefix over the tiles (in place) and the
+// expert's total into offsets[e + 1].
+__global__ void group_scan_tiles_kernel(int* __restrict__ tile_counts, int64_t num_tiles,
+                                        int num_experts, int64_t* __restrict__ offsets) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= num_experts) return;
+  int run = 0;
+#pragma unroll 8
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int c = tile_counts[t * num_experts + e];
+    tile_counts[t * num_experts + e] = run;
+    run += c;
+  }
+  offsets[e + 1] = run;
+}
+
+// offsets[1..N] hold the per-expert counts; turn them into prefix sums
+// (offsets[0] is already 0). One block.
+__global__ void offsets_scan_kernel(int64_t* __restrict__ offsets, int num_experts) {
+  __shared__ int64_t scratch[kWarpSize];
+  int64_t carry = 0;
+  for (int base = 0; base < num_experts; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const int64_t v = i < num_experts ? offsets[i + 1] : 0;
+    int64_t total;
+    const int64_t s = block_inclusive_scan(v, scratch, total);
+    if (i < num_experts) offsets[i + 1] = carry + s;
+    carry += total;
+  }
+}
+
+__global__ void group_scatter_kernel(const int64_t* __restrict__ indices, int64_t P,
+                                     int num_experts, int64_t pairs_per_tile, int64_t num_tiles,
+                                     int* __restrict__ tile_cursor,
+                                     const int64_t* __restrict__ offsets,
+                                     int64_t* __restrict__ order) {
+  const int64_t tile = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  if (tile >= num_tiles) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int* cursor = tile_cursor + tile * num_experts;
+  const int64_t begin = tile * pairs_per_tile;
+  const int64_t end = min(P, begin + pairs_per_tile);
+  for (int64_t base = begin; base < end; base += kWarpSize) {
+    const int64_t p = base + lane;
+    const int e = pair_expert(indices, p, end, num_experts);
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    const int leader = __ffs(peers) - 1;
+    int run = 0;
+    if (e >= 0 && lane == leader) {
+      run = cursor[e];
+      cursor[e] = run + __popc(peers);
+    }
+    run = __shfl_sync(kFullMask, run, leader);
+    if (e >= 0) order[offsets[e] + run + __popc(peers & lanes_below)] = p;
+    __syncwarp();
+  }
+}
+
+// tile_start[e + 1] = Σ_{e' <= e} ceil(n_e' / rows_per_tile). One block.
+__global__ void tile_schedule_kernel(const int64_t* __restrict__ offsets, int num_experts,
+                                     int rows_per_tile, int* __restrict__ tile_start) {
+  __shared__ int scratch[kWarpSize];
+  if (threadIdx.x == 0) tile_start[0] = 0;
+  int carry = 0;
+  for (int base = 0; base < num_experts; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const int v = i < num_experts
+                      ? static_cast<int>(ceil_div(offsets[i + 1] - offsets[i], rows_per_tile))
+                      : 0;
+    int total;
+    const int s = block_inclusive_scan(v, scratch, total);
+    if (i < num_experts) tile_start[i + 1] = carry + s;
+    carry += total;
+  }
+}
+
+bool index_checks_requested() {
+  const char* v = std::getenv("SOME_CHECK_INDICES");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
+// The CPU's IndexError, at the price of a synchronization (opt-in).
+void check_index_range_sync(const char* op, const at::Tensor& idx, int64_t N) {
+  const auto flat = idx.reshape({-1});
+  const auto bad = flat.lt(-1).logical_or(flat.ge(N));
+  if (!bad.any().item<bool>()) return;
+  const int64_t p = bad.to(at::kByte).argmax().item<int64_t>();  // first bad position
+  const int64_t e = flat[p].item<int64_t>();
+  TORCH_CHECK_INDEX(false, op, ": indices must be in -1..N-1 = -1..", N - 1, ", found ", e,
+                    " at flat position ", p);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> group_by_expert_cuda(const char* op, const at::Tensor& indices,
+                                                        int64_t N) {
+  const auto idx = indices.contiguous();
+  const int64_t P = idx.numel();
+  TORCH_CHECK_VALUE(P < INT_MAX, op, ": at most ", INT_MAX - 1, " (token, slot) pairs are supported on CUDA, got ", P);
+  TORCH_CHECK_VALUE(N >= 0 && N < INT_MAX, op, ": too many experts (", N, ")");
+  if (index_checks_requested()) check_index_range_sync(op, idx, N);
+  c10::cuda::CUDAGuard guard(idx.device());
+  auto offsets = at::zeros({N + 1}, idx.options());
+  auto order = at::full({P}, -1, idx.options());
+  if (P == 0 || N == 0) return {order, offsets};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // About 256 pairs per warp, but at most 4M tile counters in all.
+  int64_t num_tiles = std::min<int64_t>(ceil_div(P, 256), std::max<int64_t>(1, (int64_t{1} << 22) / N));
+  const int64_t pairs_per_tile = ceil_div(ceil_div(P, num_tiles), kWarpSize) * kWarpSize;
+  num_tiles = ceil_div(P, pairs_per_tile);
+  auto tile_counts = at::zeros({num_tiles, N}, idx.options().dtype(at::kInt));
+
+  const int threads = kGroupWarpsPerBlock * kWarpSize;
+  const auto blocks = static_cast<unsigned>(ceil_div(num_tiles, kGroupWarpsPerBlock));
+  const int64_t* I = idx.data_ptr<int64_t>();
+  int* TC = tile_counts.data_ptr<int>();
+  int64_t* off = offsets.data_ptr<int64_t>();
+  const int n = static_cast<int>(N);
+
+  group_count_kernel<<<blocks, threads, 0, stream>>>(I, P, n, pairs_per_tile, num_tiles, TC);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  group_scan_tiles_kernel<<<static_cast<unsigned>(ceil_div(N, 256)), 256, 0, stream>>>(TC, num_tiles, n, off);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  offsets_scan_kernel<<<1, 1024, 0, stream>>>(off, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  group_scatter_kernel<<<blocks, threads, 0, stream>>>(I, P, n, pairs_per_tile, num_tiles, TC, off,
+                                                       order.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {order, offsets};
+}
+
+at::Tensor tile_schedule_cuda(const at::Tensor& offsets, int64_t N, int64_t rows_per_tile) {
+  c10::cuda::CUDAGuard guard(offsets.device());
+  auto tile_start = at::empty({N + 1}, offsets.options().dtype(at::kInt));
+  tile_schedule_kernel<<<1, 1024, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      offsets.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(rows_per_tile),
+      tile_start.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return tile_start;
+}
+
+// =====================================================================
+// Grouped GEMM
+// =====================================================================
+//
+// For the row tile [r0, r0 + rows) of expert e's segment and the column tile
+// [n0, n0 + BN):  C[m, n] = Σ_kk A[src(m), kk] · B_e(kk, n0 + n), where
+//   src(m) = order[r0 + m] / k  (gathered: x or grad_y, one row per token)
+//   src(m) = r0 + m             (grouped buffers: act, grad_pre)
+// and B_e is expert e's weight matrix, either stored [ncols][K] ("B
+// transposed": W1_e in the forward up-projection, W2_e in the
+// down-projection) or [K][ncols] (W2_e, W1_e in the backward).
+// The finished accumulator tile goes through shared memory to the epilogue,
+// which works one warp per row (coalesced stores, and a deterministic row
+// reduction where the epilogue needs one).
+
+namespace {
+
+// float32 / float64: FMA tiles in the input precision. 256 threads, each a
+// 4x4 micro-tile of rows ty + 16 i, columns tx + 16 j (conflict-free
+// shared-memory reads).
+struct FmaTile {
+  static constexpr bool kWmma = false;
+  static constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
+  static constexpr int kTM = 4, kTN = 4, kPad = 4;
+  static constexpr int kLda = kBM + kPad;  // As is [BK][BM + pad] (k-major)
+  static constexpr int kLdb = kBN + kPad;  // Bs is [BK][BN + pad]
+  static constexpr int kLdc = kBN + kPad;
+  template <typename acc_t>
+  __host__ __device__ static constexpr int smem_bytes() {
+    constexpr int ab = (kBK * kLda + kBK * kLdb) * static_cast<int>(sizeof(acc_t));
+    constexpr int c = kBM * kLdc * static_cast<int>(sizeof(acc_t));
+    return ab > c ? ab : c;
+  }
+};
+
+// bfloat16: WMMA 16x16x16 with fp32 accumulators. 8 warps as 2 (rows) x 4
+// (columns), each 32x32 = 2x2 fragments. Paddings keep every fragment
+// pointer 32-byte aligned and the leading dimensions legal (multiples of 8
+// bf16 / 4 floats) while spreading rows over the shared-memory banks.
+struct WmmaTile {
+  static constexpr bool kWmma = true;
+  static constexpr int kBM = 64, kBN = 128, kBK = 32, kThreads = 256;
+  static constexpr int kWarpsN = 4, kWarpTileM = 32, kWarpTileN = 32;
+  static constexpr int kPad = 8;
+  static constexpr int kLda = kBK + kPad;    // As [BM][BK + pad]
+  static constexpr int kLdbT = kBK + kPad;   // Bs [BN][BK + pad] when B is [ncols][K]
+  static constexpr int kLdbN = kBN + kPad;   // Bs [BK][BN + pad] when B is [K][ncols]
+  static constexpr int kLdc = kBN + 4;       // Cs [BM][BN + 4] floats
+  template <typename acc_t>
+  __host__ __device__ static constexpr int smem_bytes() {
+    constexpr int a = kBM * kLda * 2;
+    constexpr int bt = kBN * kLdbT * 2, bn = kBK * kLdbN * 2;
+    constexpr int ab = a + (bt > bn ? bt : bn);
+    constexpr int c = kBM * kLdc * static_cast<int>(sizeof(float));
+    return ab > c ? ab : c;
+  }
+};
+
+template <typename T>
+using TileFor = std::conditional_t<std::is_same_v<T, c10::BFloat16>, WmmaTile, FmaTile>;
+
+template <typename T>
+struct GemmArgs {
+  const T* a;             // A rows, [*, K] row-major
+  const int64_t* order;   // grouped row -> flat pair index
+  int64_t slots;          // k: pair p is token p / k
+  const T* b;             // expert 0's B; expert e at b + e * b_stride
+  int64_t b_stride;
+  int K;                  // reduction length
+  int ncols;              // output columns
+  const int64_t* offsets; // [N + 1]
+  const int* tile_start;  // [N + 1]
+  int num_experts;
+};
+
+// VEC consecutive elements moved as one (16-byte when VEC * sizeof(T) == 16).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> zero_pack() {
+  Pack<T, VEC> z;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) z.v[i] = T(0);
+  return z;
+}
+
+// ---- FMA main loop (float32 / float64) -------------------------------
+
+template <typename T, bool kGatherA, bool kBT>
+__device__ __forceinline__ void mainloop_fma(const GemmArgs<T>& args, const T* __restrict__ b,
+                                             const int64_t* s_src, int n0, unsigned char* smem) {
+  using Tile = FmaTile;
+  using acc_t = at::opmath_type<T>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, NT = Tile::kThreads;
+  constexpr int A_LOADS = BM * BK / NT, B_LOADS = BN * BK / NT;
+  static_assert(BM * BK % NT == 0 && BN * BK % NT == 0, "tile loads must split evenly");
+  acc_t* As = reinterpret_cast<acc_t*>(smem);
+  acc_t* Bs = As + BK * Tile::kLda;
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int K = args.K, ncols = args.ncols;
+
+  // Fixed per thread: which A rows / B rows-or-columns it loads.
+  const T* a_row[A_LOADS];
+  int a_m[A_LOADS], a_k[A_LOADS];
+#pragma unroll
+  for (int i = 0; i < A_LOADS; ++i) {
+    const int idx = tid + i * NT;
+    a_m[i] = idx / BK;
+    a_k[i] = idx % BK;  // consecutive threads walk along K: coalesced
+    const int64_t src = s_src[a_m[i]];
+    a_row[i] = src >= 0 ? args.a + src * K : nullptr;
+  }
+  int b_n[B_LOADS], b_k[B_LOADS];
+#pragma unroll
+  for (int i = 0; i < B_LOADS; ++i) {
+    const int idx = tid + i * NT;
+    if constexpr (kBT) {  // B[n][k]: walk along k
+      b_n[i] = idx / BK;
+      b_k[i] = idx % BK;
+    } else {  // B[k][n]: walk along n
+      b_k[i] = idx / BN;
+      b_n[i] = idx % BN;
+    }
+  }
+
+  T a_reg[A_LOADS], b_reg[B_LOADS];
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < A_LOADS; ++i) {
+      const int kk = k0 + a_k[i];
+      a_reg[i] = (a_row[i] != nullptr && kk < K) ? a_row[i][kk] : T(0);
+    }
+#pragma unroll
+    for (int i = 0; i < B_LOADS; ++i) {
+      const int kk = k0 + b_k[i], n = n0 + b_n[i];
+      const bool ok = kk < K && n < ncols;
+      b_reg[i] = ok ? (kBT ? b[static_cast<int64_t>(n) * K + kk] : b[static_cast<int64_t>(kk) * ncols + n])
+                    : T(0);
+    }
+  };
+  auto store = [&]() {
+#pragma unroll
+    for (int i = 0; i < A_LOADS; ++i) As[a_k[i] * Tile::kLda + a_m[i]] = static_cast<acc_t>(a_reg[i]);
+#pragma unroll
+    for (int i = 0; i < B_LOADS; ++i) Bs[b_k[i] * Tile::kLdb + b_n[i]] = static_cast<acc_t>(b_reg[i]);
+  };
+
+  acc_t acc[Tile::kTM][Tile::kTN];
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i)
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) acc[i][j] = acc_t(0);
+
+  const int nk = static_cast<int>(ceil_div(K, BK));
+  if (nk > 0) {
+    load(0);
+    store();
+    __syncthreads();
+  }
+  for (int kt = 0; kt < nk; ++kt) {
+    // Prefetch the next K slice into registers while this one is multiplied.
+    if (kt + 1 < nk) load((kt + 1) * BK);
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t av[Tile::kTM], bv[Tile::kTN];
+#pragma unroll
+      for (int i = 0; i < Tile::kTM; ++i) av[i] = As[kk * Tile::kLda + ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < Tile::kTN; ++j) bv[j] = Bs[kk * Tile::kLdb + tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < Tile::kTM; ++i)
+#pragma unroll
+        for (int j = 0; j < Tile::kTN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+    if (kt + 1 < nk) {
+      store();
+      __syncthreads();
+    }
+  }
+  // Cs aliases As/Bs: every read of them finished at the last barrier.
+#pragma unroll
+  for (int i = 0; i < Tile::kTM; ++i)
+#pragma unroll
+    for (int j = 0; j < Tile::kTN; ++j) Cs[(ty + 16 * i) * Tile::kLdc + tx + 16 * j] = acc[i][j];
+}
+
+// ---- WMMA main loop (bfloat16, sm_80+) -------------------------------
+
+template <typename T, bool kGatherA, bool kBT, int VEC>
+__device__ __forceinline__ void mainloop_wmma(const GemmArgs<T>& args, const T* __restrict__ b,
+                                              const int64_t* s_src, int n0, unsigned char* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bfloat16 tensor cores need sm_80 or newer (CMAKE_CUDA_ARCHITECTURES)
+#else
+  namespace wmma = nvcuda::wmma;
+  using Tile = WmmaTile;
+  static_assert(sizeof(T) == 2, "the WMMA path is for bfloat16");
+  constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, NT = Tile::kThreads;
+  constexpr int LDA = Tile::kLda, LDB = kBT ? Tile::kLdbT : Tile::kLdbN;
+  constexpr int A_CH = BM * BK / VEC / NT, B_CH = BN * BK / VEC / NT;
+  static_assert(BM * BK % (VEC * NT) == 0 && BN * BK % (VEC * NT) == 0, "tile loads must split evenly");
+  using P = Pack<T, VEC>;
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = As + BM * LDA;
+  float* Cs = reinterpret_cast<float*>(smem);
+  const int tid = threadIdx.x;
+  const int K = args.K, ncols = args.ncols;
+
+  // Thread -> (row, K chunk) of A; (n, K chunk) or (K row, n chunk) of B.
+  constexpr int A_CPR = BK / VEC;  // chunks per A row
+  const T* a_row[A_CH];
+  int a_m[A_CH], a_k[A_CH];
+#pragma unroll
+  for (int i = 0; i < A_CH; ++i) {
+    const int c = tid + i * NT;
+    a_m[i] = c / A_CPR;
+    a_k[i] = (c % A_CPR) * VEC;
+    const int64_t src = s_src[a_m[i]];
+    a_row[i] = src >= 0 ? args.a + src * K : nullptr;
+  }
+  constexpr int B_CPR = kBT ? BK / VEC : BN / VEC;
+  int b_r[B_CH], b_c[B_CH];  // kBT: (n, k) ; else (k, n)
+#pragma unroll
+  for (int i = 0; i < B_CH; ++i) {
+    const int c = tid + i * NT;
+    b_r[i] = c / B_CPR;
+    b_c[i] = (c % B_CPR) * VEC;
+  }
+
+  // With VEC > 1 the host guarantees K (and ncols for [K][ncols] B) are
+  // multiples of VEC, so a chunk is either wholly inside or wholly outside.
+  P a_reg[A_CH], b_reg[B_CH];
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i) {
+      const int kk = k0 + a_k[i];
+      a_reg[i] = (a_row[i] != nullptr && kk < K) ? *reinterpret_cast<const P*>(a_row[i] + kk)
+                                                 : zero_pack<T, VEC>();
+    }
+#pragma unroll
+    for (int i = 0; i < B_CH; ++i) {
+      if constexpr (kBT) {
+        const int n = n0 + b_r[i], kk = k0 + b_c[i];
+        b_reg[i] = (n < ncols && kk < K)
+                       ? *reinterpret_cast<const P*>(b + static_cast<int64_t>(n) * K + kk)
+                       : zero_pack<T, VEC>();
+      } else {
+        const int kk = k0 + b_r[i], n = n0 + b_c[i];
+        b_reg[i] = (kk < K && n < ncols)
+                       ? *reinterpret_cast<const P*>(b + static_cast<int64_t>(kk) * ncols + n)
+                       : zero_pack<T, VEC>();
+      }
+    }
+  };
+  auto store = [&]() {
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i) *reinterpret_cast<P*>(As + a_m[i] * LDA + a_k[i]) = a_reg[i];
+#pragma unroll
+    for (int i = 0; i < B_CH; ++i) *reinterpret_cast<P*>(Bs + b_r[i] * LDB + b_c[i]) = b_reg[i];
+  };
+
+  using BLayout = std::conditional_t<kBT, wmma::col_major, wmma::row_major>;
+  const int warp = tid / kWarpSize;
+  const int wm = warp / Tile::kWarpsN, wn = warp % Tile::kWarpsN;
+  constexpr int FM = Tile::kWarpTileM / 16, FN = Tile::kWarpTileN / 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  const __nv_bfloat16* Asb = reinterpret_cast<const __nv_bfloat16*>(As);
+  const __nv_bfloat16* Bsb = reinterpret_cast<const __nv_bfloat16*>(Bs);
+  const int nk = static_cast<int>(ceil_div(K, BK));
+  if (nk > 0) {
+    load(0);
+    store();
+    __syncthreads();
+  }
+  for (int kt = 0; kt < nk; ++kt) {
+    if (kt + 1 < nk) load((kt + 1) * BK);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> af[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> bf[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+        wmma::load_matrix_sync(af[i], Asb + (wm * Tile::kWarpTileM + i * 16) * LDA + kk, LDA);
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn * Tile::kWarpTileN + j * 16;
+        // element (k, n) of B_e sits at Bs[n][k] (col_major) or Bs[k][n] (row_major)
+        wmma::load_matrix_sync(bf[j], kBT ? Bsb + n * LDB + kk : Bsb + kk * LDB + n, LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+    __syncthreads();
+    if (kt + 1 < nk) {
+      store();
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+      wmma::store_matrix_sync(
+          Cs + (wm * Tile::kWarpTileM + i * 16) * Tile::kLdc + wn * Tile::kWarpTileN + j * 16,
+          acc[i][j], Tile::kLdc, wmma::mem_row_major);
+#endif
+}
+
+// ---- the kernel ------------------------------------------------------
+
+template <typename T, bool kGatherA, bool kBT, int VEC, typename Epi>
+__global__ void __launch_bounds__(TileFor<T>::kThreads)
+    grouped_gemm_kernel(const GemmArgs<T> args, const Epi epi) {
+  using Tile = TileFor<T>;
+  using acc_t = at::opmath_type<T>;
+  using cs_t = std::conditional_t<Tile::kWmma, float, acc_t>;
+  constexpr int BM = Tile::kBM, BN = Tile::kBN;
+  __shared__ __align__(128) unsigned char smem[Tile::template smem_bytes<acc_t>()];
+  __shared__ int64_t s_pair[BM];  // flat pair index of each row of the tile
+  __shared__ int64_t s_src[BM];   // row of A it reads, -1 past the segment
+
+  // (expert, row tile) of this block from the device-side schedule.
+  const int tile = blockIdx.x;
+  if (tile >= args.tile_start[args.num_experts]) return;  // surplus block
+  const int e = expert_of_tile(args.tile_start, args.num_experts, tile);
+  const int64_t r0 = args.offsets[e] + static_cast<int64_t>(tile - args.tile_start[e]) * BM;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(BM), args.offsets[e + 1] - r0));
+  const int n0 = blockIdx.y * BN;
+
+  for (int m = threadIdx.x; m < BM; m += Tile::kThreads) {
+    int64_t pair = -1, src = -1;
+    if (m < rows) {
+      pair = args.order[r0 + m];
+      src = kGatherA ? pair / args.slots : r0 + m;
+    }
+    s_pair[m] = pair;
+    s_src[m] = src;
+  }
+  __syncthreads();
+
+  const T* b = args.b + static_cast<int64_t>(e) * args.b_stride;
+  if constexpr (Tile::kWmma) mainloop_wmma<T, kGatherA, kBT, VEC>(args, b, s_src, n0, smem);
+  else mainloop_fma<T, kGatherA, kBT>(args, b, s_src, n0, smem);
+  __syncthreads();
+
+  // Epilogue: one warp per row, lanes along the columns.
+  const cs_t* Cs = reinterpret_cast<const cs_t*>(smem);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  constexpr int kWarps = Tile::kThreads / kWarpSize;
+  for (int m = warp; m < rows; m += kWarps) {
+    const int64_t r = r0 + m, pair = s_pair[m];
+    const acc_t scale = epi.row_scale(pair);
+    acc_t dot = 0;
+    for (int n = lane; n < BN; n += kWarpSize) {
+      const int col = n0 + n;
+      if (col < args.ncols) dot += epi.apply(e, r, pair, col, static_cast<acc_t>(Cs[m * Tile::kLdc + n]), scale);
+    }
+    if constexpr (Epi::kRowDot) {
+      dot = warp_sum(dot);
+      if (lane == 0) epi.row_done(r, blockIdx.y, dot);
+    }
+  }
+}
+
+// ---- epilogues -------------------------------------------------------
+
+// Forward up-projection: pre = acc + b1_e (stored as `hidden`, grouped rows),
+// act = GELU(pre) (input of the down-projection).
+template <typename T>
+struct EpiBiasGelu {
+  using acc_t = at::opmath_type<T>;
+  static constexpr bool kRowDot = false;
+  T* hidden;
+  T* act;
+  const T* b1;
+  int64_t h;
+  __device__ acc_t row_scale(int64_t) const { return acc_t(1); }
+  __device__ acc_t apply(int e, int64_t r, int64_t, int col, acc_t v, acc_t) const {
+    v += static_cast<acc_t>(b1[e * h + col]);
+    hidden[r * h + col] = static_cast<T>(v);
+    act[r * h + col] = static_cast<T>(v * gelu_cdf(v));
+    return acc_t(0);
+  }
+  __device__ void row_done(int64_t, int, acc_t) const {}
+};
+
+// Forward down-projection: out[pair] = g * (acc + b2_e), in acc precision,
+// indexed by the flat pair so that the combine reads a token's slots in order.
+template <typename T>
+struct EpiGateBias {
+  using acc_t = at::opmath_type<T>;
+  static constexpr bool kRowDot = false;
+  acc_t* out;
+  const T* b2;
+  const T* gates;
+  int64_t d;
+  __device__ acc_t row_scale(int64_t pair) const { return static_cast<acc_t>(gates[pair]); }
+  __device__ acc_t apply(int e, int64_t, int64_t pair, int col, acc_t v, acc_t g) const {
+    out[pair * d + col] = g * (v + static_cast<acc_t>(b2[e * d + col]));
+    return acc_t(0);
+  }
+  __device__ void row_done(int64_t, int, acc_t) const {}
+};
+
+// Backward first GEMM, acc = dL/da (before the gate): grad_pre = g * dA *
+// GELU'(pre) (grouped rows, input of the second GEMM) and the partial row dot
+// Σ_col dA · GELU(pre) of this column tile (for dL/dg).
+template <typename T>
+struct EpiGeluGrad {
+  using acc_t = at::opmath_type<T>;
+  static constexpr bool kRowDot = true;
+  const T* hidden;
+  T* grad_pre;    // nullptr when grad_x is not needed
+  const T* gates;
+  acc_t* dotpart; // [P, col_tiles]; nullptr when grad_gates is not needed
+  int64_t h;
+  int64_t col_tiles;
+  __device__ acc_t row_scale(int64_t pair) const { return static_cast<acc_t>(gates[pair]); }
+  __device__ acc_t apply(int, int64_t r, int64_t, int col, acc_t dv, acc_t g) const {
+    const acc_t x = static_cast<acc_t>(hidden[r * h + col]);
+    const acc_t cdf = gelu_cdf(x);
+    if (grad_pre != nullptr) grad_pre[r * h + col] = static_cast<T>(g * dv * (cdf + x * gelu_pdf(x)));
+    return dv * x * cdf;
+  }
+  __device__ void row_done(int64_t r, int col_tile, acc_t dot) const {
+    if (dotpart != nullptr) dotpart[r * col_tiles + col_tile] = dot;
+  }
+};
+
+// Backward second GEMM: per-pair dL/dx rows, indexed by the flat pair.
+template <typename T>
+struct EpiScatter {
+  using acc_t = at::opmath_type<T>;
+  static constexpr bool kRowDot = false;
+  acc_t* out;
+  int64_t d;
+  __device__ acc_t row_scale(int64_t) const { return acc_t(1); }
+  __device__ acc_t apply(int, int64_t, int64_t pair, int col, acc_t v, acc_t) const {
+    out[pair * d + col] = v;
+    return acc_t(0);
+  }
+  __device__ void row_done(int64_t, int, acc_t) const {}
+};
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Launch one grouped GEMM over the schedule `tile_start` (built for
+// TileFor<T>::kBM). No-op when there is nothing to compute.
+template <bool kGatherA, bool kBT, typename T, typename Epi>
+void launch_grouped_gemm(const GemmArgs<T>& args, const Epi& epi, int64_t row_tiles,
+                         cudaStream_t stream) {
+  using Tile = TileFor<T>;
+  if (row_tiles == 0 || args.ncols == 0) return;
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(ceil_div(args.ncols, Tile::kBN)));
+  TORCH_CHECK(grid.y <= 65535, "some: too many output columns for one grouped GEMM (", args.ncols, ")");
+  if constexpr (Tile::kWmma) {
+    // 16-byte loads when every row start is 16-byte aligned.
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = aligned16(args.a) && aligned16(args.b) && args.K % V == 0 &&
+                     args.b_stride % V == 0 && (kBT || args.ncols % V == 0);
+    if (vec) {
+      grouped_gemm_kernel<T, kGatherA, kBT, V, Epi><<<grid, Tile::kThreads, 0, stream>>>(args, epi);
+    } else {
+      grouped_gemm_kernel<T, kGatherA, kBT, 1, Epi><<<grid, Tile::kThreads, 0, stream>>>(args, epi);
+    }
+  } else {
+    grouped_gemm_kernel<T, kGatherA, kBT, 1, Epi><<<grid, Tile::kThreads, 0, stream>>>(args, epi);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// =====================================================================
+// Small kernels around the GEMMs
+// =====================================================================
+
+// out[t, :] = Σ_j pairs[t*k + j, :] over the valid slots, in slot order.
+template <typename T, typename acc_t>
+__global__ void combine_pairs_kernel(const acc_t* __restrict__ pairs,
+                                     const int64_t* __restrict__ indices, int64_t k, int64_t d,
+                                     int64_t num_experts, T* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t p = t * k + j, e = indices[p];
+      if (e >= 0 && e < num_experts) acc += pairs[p * d + c];
+    }
+    out[t * d + c] = static_cast<T>(acc);
+  }
+}
+
+// Rows past the valid pairs of `hidden` are defined as zeros (as the CPU).
+template <typename T>
+__global__ void zero_tail_rows_kernel(T* __restrict__ hidden, const int64_t* __restrict__ offsets,
+                                      int num_experts, int64_t P, int64_t h) {
+  const int64_t first = offsets[num_experts] * h, total = P * h;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
+    hidden[i] = T(0);
+}
+
+// dL/dg of each valid pair: Σ over column tiles of the row dots (fixed
+// order) + grad_y_t · b2_e. One warp per grouped row.
+template <typename T, typename acc_t>
+__global__ void gate_grad_kernel(const acc_t* __restrict__ dotpart, int64_t col_tiles,
+                                 const int64_t* __restrict__ order,
+                                 const int64_t* __restrict__ offsets, int num_experts,
+                                 const int64_t* __restrict__ indices,
+                                 const T* __restrict__ grad_y, const T* __restrict__ b2, int64_t k,
+                                 int64_t d, T* __restrict__ grad_gates) {
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (r >= offsets[num_experts]) return;  // whole warp
+  const int64_t p = order[r], e = indices[p], t = p / k;
+  acc_t acc = 0;
+  for (int64_t c = lane; c < d; c += kWarpSize)
+    acc += static_cast<acc_t>(grad_y[t * d + c]) * static_cast<acc_t>(b2[e * d + c]);
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    acc_t dot = 0;
+    for (int64_t ct = 0; ct < col_tiles; ++ct) dot += dotpart[r * col_tiles + ct];
+    grad_gates[p] = static_cast<T>(dot + acc);
+  }
+}
+
+// =====================================================================
+// Host side
+// =====================================================================
+
+void check_expert_inputs(const char* op, const at::Tensor& x, const at::Tensor& indices,
+                         const at::Tensor& gates, const at::Tensor& w1, const at::Tensor& b1,
+                         const at::Tensor& w2, const at::Tensor& b2) {
+  // The CPU's checks (csrc/cpu/experts.cpp), message for message.
+  check_defined(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_dim(op, "indices", indices, 2);
+  check_dtype(op, "indices", indices, at::kLong);
+  check_dim(op, "gates", gates, 2);
+  check_dim(op, "w1", w1, 3);
+  check_dim(op, "b1", b1, 2);
+  check_dim(op, "w2", w2, 3);
+  check_dim(op, "b2", b2, 2);
+  const int64_t T = x.size(0), d = x.size(1), N = w1.size(0), h = w1.size(1);
+  check_size(op, "indices", indices, 0, T, "the number of tokens T (rows of x)");
+  TORCH_CHECK_VALUE(gates.sizes() == indices.sizes(), op, ": 'gates' has shape ",
+                    shape_str(gates), " but 'indices' has shape ", shape_str(indices),
+                    "; both must be [T, k]");
+  check_size(op, "w1", w1, 2, d, "the model width d (columns of x)");
+  check_size(op, "b1", b1, 0, N, "the number of experts N (w1.shape[0])");
+  check_size(op, "b1", b1, 1, h, "the expert width h (w1.shape[1])");
+  check_size(op, "w2", w2, 0, N, "the number of experts N (w1.shape[0])");
+  check_size(op, "w2", w2, 1, d, "the model width d");
+  check_size(op, "w2", w2, 2, h, "the expert width h (w1.shape[1])");
+  check_size(op, "b2", b2, 0, N, "the number of experts N (w1.shape[0])");
+  check_size(op, "b2", b2, 1, d, "the model width d");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"gates", &gates},
+                         {"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}}) {
+    check_same_dtype(op, name, *t, "x", x);
+    check_same_device(op, name, *t, "x", x);
+  }
+  check_same_device(op, "indices", indices, "x", x);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"b1", &b1},
+                         {"w2", &w2}, {"b2", &b2}})
+    check_contiguous(op, name, *t);
+  TORCH_CHECK_VALUE(d < INT_MAX && h < INT_MAX, op, ": d and h must be below 2^31");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
+    const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  const char* op = "some.experts";
+  check_expert_inputs(op, x_in, indices_in, gates_in, w1, b1, w2, b2);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto gates = gates_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), N = w1.size(0),
+                h = w1.size(1), P = T * k;
+  at::Tensor order, offsets;  // (not a structured binding: the dispatch lambda captures them)
+  std::tie(order, offsets) = group_by_expert_cuda(op, indices, N);
+  auto hidden = at::empty({P, h}, x.options());
+  auto y = at::empty({T, d}, x.options());
+  if (T == 0) return {y, hidden, order, offsets};
+  if (P == 0 || N == 0) {  // k == 0 or no experts: nothing selected
+    hidden.zero_();
+    y.zero_();
+    return {y, hidden, order, offsets};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "some_experts_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Tile = TileFor<scalar_t>;
+    const auto opts_acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto tile_start = tile_schedule_cuda(offsets, N, Tile::kBM);
+    const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
+    auto act = at::empty({P, h}, x.options());  // GELU(pre), grouped rows
+    auto ypair = at::empty({P, d}, opts_acc);   // g * E_e(x_t) per flat pair
+    const int64_t* ord = order.data_ptr<int64_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int* ts = tile_start.data_ptr<int>();
+
+    // pre = x[token] W1_e^T + b1_e, act = GELU(pre)      (B = W1_e, [h][d])
+    GemmArgs<scalar_t> up{x.data_ptr<scalar_t>(), ord, k, w1.data_ptr<scalar_t>(), h * d,
+                          static_cast<int>(d), static_cast<int>(h), off, ts, static_cast<int>(N)};
+    EpiBiasGelu<scalar_t> up_epi{hidden.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
+                                 b1.data_ptr<scalar_t>(), h};
+    launch_grouped_gemm</*gather*/ true, /*B transposed*/ true>(up, up_epi, row_tiles, stream);
+
+    // ypair[p] = g_p (act W2_e^T + b2_e)                  (B = W2_e, [d][h])
+    GemmArgs<scalar_t> down{act.data_ptr<scalar_t>(), ord, k, w2.data_ptr<scalar_t>(), d * h,
+                            static_cast<int>(h), static_cast<int>(d), off, ts, static_cast<int>(N)};
+    EpiGateBias<scalar_t> down_epi{ypair.data_ptr<acc_t>(), b2.data_ptr<scalar_t>(),
+                                   gates.data_ptr<scalar_t>(), d};
+    launch_grouped_gemm<false, true>(down, down_epi, row_tiles, stream);
+
+    if (d > 0) {
+      combine_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T), 128, 0, stream>>>(
+          ypair.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), k, d, N, y.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (h > 0) {
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(P * h, 256), 1024));
+      zero_tail_rows_kernel<scalar_t><<<blocks, 256, 0, stream>>>(hidden.data_ptr<scalar_t>(), off,
+                                                                  static_cast<int>(N), P, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {y, hidden, order, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
+    const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden,
+    const at::Tensor& order, const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const char* op = "some.experts_backward";
+  // The CPU's checks, plus the device and contiguity the kernels rely on.
+  check_dim(op, "grad_y", grad_y_in, 2);
+  check_dim(op, "indices", indices_in, 2);
+  check_dim(op, "w1", w1, 3);
+  const int64_t T = indices_in.size(0), d = w1.size(2), k = indices_in.size(1), N = w1.size(0),
+                h = w1.size(1), P = T * k;
+  TORCH_CHECK_VALUE(grad_y_in.size(0) == T && grad_y_in.size(1) == d, op,
+                    ": 'grad_y' must have shape [T, d] = [", T, ", ", d, "], got ",
+                    shape_str(grad_y_in));
+  check_same_dtype(op, "grad_y", grad_y_in, "w1", w1);
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == P && hidden.size(1) == h, op,
+                    ": 'hidden' must have shape [T*k, h] = [", P, ", ", h, "], got ",
+                    shape_str(hidden));
+  TORCH_CHECK_VALUE(order.numel() == P && offsets.numel() == N + 1, op,
+                    ": 'order'/'offsets' do not match this call (expected ", P, " and ", N + 1,
+                    " entries); pass the tensors returned by some.experts");
+  check_dtype(op, "indices", indices_in, at::kLong);
+  check_dtype(op, "order", order, at::kLong);
+  check_dtype(op, "offsets", offsets, at::kLong);
+  check_same_dtype(op, "gates", gates_in, "w1", w1);
+  check_same_dtype(op, "hidden", hidden, "w1", w1);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"indices", &indices_in},
+                         {"gates", &gates_in}, {"w1", &w1}, {"w2", &w2}, {"b2", &b2},
+                         {"hidden", &hidden}, {"order", &order}, {"offsets", &offsets}})
+    check_same_device(op, name, *t, "grad_y", grad_y_in);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"w2", &w2},
+                         {"b2", &b2}})
+    check_contiguous(op, name, *t);
+  c10::cuda::CUDAGuard guard(grad_y_in.device());
+  const auto grad_y = grad_y_in.contiguous();
+  const auto gates = gates_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto hid = hidden.contiguous();
+  const auto ord_t = order.contiguous();
+  const auto off_t = offsets.contiguous();
+
+  auto grad_x = need_grad_x ? at::empty({T, d}, grad_y.options()) : at::empty({0}, grad_y.options());
+  auto grad_gates =
+      need_grad_gates ? at::zeros({T, k}, gates.options()) : at::empty({0}, gates.options());
+  if ((!need_grad_x && !need_grad_gates) || T == 0) return {grad_x, grad_gates};
+  if (P == 0 || N == 0) {
+    grad_x.zero_();
+    return {grad_x, grad_gates};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_y.scalar_type(), "some_experts_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Tile = TileFor<scalar_t>;
+    const auto opts_acc = grad_y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto tile_start = tile_schedule_cuda(off_t, N, Tile::kBM);
+    const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
+    const int64_t col_tiles = ceil_div(h, Tile::kBN);
+    const int64_t* ord = ord_t.data_ptr<int64_t>();
+    const int64_t* off = off_t.data_ptr<int64_t>();
+    const int* ts = tile_start.data_ptr<int>();
+
+    auto grad_pre = need_grad_x ? at::empty({P, h}, grad_y.options()) : at::Tensor();
+    auto dotpart = need_grad_gates ? at::empty({P, col_tiles}, opts_acc) : at::Tensor();
+
+    // dA = grad_y[token] W2_e (before the gate), fused GELU' and row dots.
+    // (B = W2_e stored [d][h] = [K][ncols])
+    GemmArgs<scalar_t> da{grad_y.data_ptr<scalar_t>(), ord, k, w2.data_ptr<scalar_t>(), d * h,
+                          static_cast<int>(d), static_cast<int>(h), off, ts, static_cast<int>(N)};
+    EpiGeluGrad<scalar_t> da_epi{hid.data_ptr<scalar_t>(),
+                                 need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
+                                 gates.data_ptr<scalar_t>(),
+                                 need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr, h, col_tiles};
+    launch_grouped_gemm<true, false>(da, da_epi, row_tiles, stream);
+
+    if (need_grad_gates) {
+      const int warps_per_block = 8;
+      gate_grad_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned>(ceil_div(P, warps_per_block)), warps_per_block * kWarpSize, 0, stream>>>(
+              h > 0 ? dotpart.data_ptr<acc_t>() : nullptr, h > 0 ? col_tiles : 0, ord, off,
+              static_cast<int>(N), indices.data_ptr<int64_t>(), grad_y.data_ptr<scalar_t>(),
+              b2.data_ptr<scalar_t>(), k, d, grad_gates.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_grad_x && d > 0) {
+      auto xpair = at::empty({P, d}, opts_acc);
+      // per-pair dL/dx = grad_pre W1_e     (B = W1_e stored [h][d] = [K][ncols])
+      GemmArgs<scalar_t> dx{h > 0 ? grad_pre.data_ptr<scalar_t>() : nullptr, ord, k,
+                            w1.data_ptr<scalar_t>(), h * d, static_cast<int>(h),
+                            static_cast<int>(d), off, ts, static_cast<int>(N)};
+      EpiScatter<scalar_t> dx_epi{xpair.data_ptr<acc_t>(), d};
+      launch_grouped_gemm<false, false>(dx, dx_epi, row_tiles, stream);
+      combine_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T), 128, 0, stream>>>(
+          xpair.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), k, d, N,
+          grad_x.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_x, grad_gates};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(some, CUDA, m) {
+  m.impl("experts", &experts_cuda);
+  m.impl("experts_backward", &experts_backward_cuda);
+}
+
+}  // namespace gpu
+}  // namespace some

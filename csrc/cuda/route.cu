@@ -1,0 +1,493 @@
+// CUDA kernels of some::route and some::route_backward (SPEC §3 steps 1-4).
+//
+// As on the CPU (csrc/cpu/route.cpp): the score matrix is one GEMM on the
+// normalized rows (at::mm, cuBLAS); selection and gating run one warp per
+// token; all arithmetic is in the accumulation type (float64 for float64
+// queries, float32 otherwise) and the outputs are cast to the query's dtype.
+// Nothing here synchronizes with the host.
+//
+// Selection: k rounds of a warp-wide arg-max over the token's score row, each
+// round restricted to the experts ranked after the previous winner in the
+// order (score descending, index ascending). That order is strict, so ties go
+// to the lower index (SPEC §3 step 3) without a "taken" mask, and any k <= N
+// works with no per-token buffer. top_p stops as soon as the cumulative
+// probability reaches p. NaN scores are never selected.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace some {
+namespace gpu {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr int kRouteWarpsPerBlock = 8;
+
+// The CPU's checks (csrc/cpu/route.cpp), message for message.
+void check_route_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
+                        int64_t k, double temperature, Gating gating, double top_p,
+                        const c10::optional<at::Tensor>& thresholds,
+                        const c10::optional<at::Tensor>& active) {
+  check_defined(op, "query", query);
+  check_defined(op, "keys", keys);
+  check_dim(op, "query", query, 2);
+  check_dim(op, "keys", keys, 2);
+  check_floating(op, "query", query);
+  check_floating(op, "keys", keys);
+  check_same_device(op, "keys", keys, "query", query);
+  const int64_t N = keys.size(0);
+  TORCH_CHECK_VALUE(N >= 1, op, ": 'keys' must hold at least one expert, got shape ",
+                    shape_str(keys));
+  check_size(op, "keys", keys, 1, query.size(1), "the query width d");
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be in 1..N = 1..", N, ", got k = ", k);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a positive finite number, got ", temperature);
+  if (gating == Gating::TopP) {
+    TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
+  }
+  if (gating == Gating::TopAny) {
+    TORCH_CHECK_VALUE(thresholds.has_value() && thresholds->defined(), op,
+                      ": gating 'top_any' needs the per-expert 'thresholds' tensor of shape [N]");
+  }
+  if (thresholds.has_value() && thresholds->defined()) {
+    const auto& th = *thresholds;
+    check_dim(op, "thresholds", th, 1);
+    check_size(op, "thresholds", th, 0, N, "the number of experts N");
+    check_floating(op, "thresholds", th);
+    check_same_device(op, "thresholds", th, "query", query);
+  }
+  if (active.has_value() && active->defined()) {
+    const auto& a = *active;
+    check_dim(op, "active", a, 1);
+    check_size(op, "active", a, 0, N, "the number of experts N");
+    check_dtype(op, "active", a, at::kBool);
+    check_same_device(op, "active", a, "query", query);
+  }
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int>::max(), op, ": too many experts (", N, ")");
+}
+
+// Rows scaled to unit L2 norm (max(norm, eps) in the denominator), in acc dtype.
+at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc) {
+  auto x = t.to(acc).contiguous();
+  auto norms = x.norm(2, /*dim=*/1, /*keepdim=*/true).clamp_min(kNormEps);
+  return x / norms;
+}
+
+// ------------------------------------------------------------ forward
+
+template <typename acc_t>
+struct Cand {
+  acc_t s;
+  int e;  // -1: none
+};
+
+// Does (s, e) rank before (bs, be)? Score descending, then index ascending;
+// an empty candidate (be < 0) ranks last.
+template <typename acc_t>
+__device__ __forceinline__ bool ranks_before(acc_t s, int e, acc_t bs, int be) {
+  return be < 0 || s > bs || (s == bs && e < be);
+}
+
+// Warp-wide best candidate; every lane receives the same one (the order is
+// strict and total on distinct experts, so the butterfly agrees everywhere).
+template <typename acc_t>
+__device__ __forceinline__ Cand<acc_t> warp_best(Cand<acc_t> c) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const acc_t os = __shfl_xor_sync(kFullMask, c.s, o);
+    const int oe = __shfl_xor_sync(kFullMask, c.e, o);
+    if (oe >= 0 && ranks_before(os, oe, c.s, c.e)) c = {os, oe};
+  }
+  return c;
+}
+
+template <typename acc_t>
+struct RouteParams {
+  const acc_t* scores;  // [T, N]
+  int64_t T;
+  int N;
+  int k;
+  acc_t tau;
+  Gating gating;
+  acc_t top_p;
+  bool fallback_top1;
+  const bool* active;  // [N] or nullptr
+  const acc_t* thr;    // [N] (top_any) or nullptr
+  int64_t* out_idx;    // [T, k]
+  acc_t* out_gate;
+  acc_t* out_score;
+};
+
+template <typename acc_t>
+__global__ void route_select_kernel(const RouteParams<acc_t> a) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  if (t >= a.T) return;  // whole warp
+  const int lane = threadIdx.x % kWarpSize;
+  const acc_t* s = a.scores + t * a.N;
+  int64_t* idx = a.out_idx + t * a.k;
+  acc_t* g = a.out_gate + t * a.k;
+  acc_t* sc = a.out_score + t * a.k;
+  const acc_t tau = a.tau;
+
+  // The best eligible expert ranked after `prev` (all of them when prev.e < 0).
+  auto next = [&](Cand<acc_t> prev, bool need_fired) -> Cand<acc_t> {
+    Cand<acc_t> best{acc_t(0), -1};
+    for (int e = lane; e < a.N; e += kWarpSize) {
+      const acc_t v = s[e];
+      if (!(v == v)) continue;  // NaN
+      if (a.active != nullptr && !a.active[e]) continue;
+      // top_any fires when σ(s/τ) > σ(G_e), i.e. s/τ > G_e (as the CPU)
+      if (need_fired && !(v / tau > a.thr[e])) continue;
+      if (prev.e >= 0 && !ranks_before(prev.s, prev.e, v, e)) continue;
+      if (ranks_before(v, e, best.s, best.e)) best = {v, e};
+    }
+    return warp_best(best);
+  };
+
+  // All lanes run the same control flow (every decision below depends only
+  // on warp-uniform values); lane 0 writes the outputs.
+  int count = 0;
+  Cand<acc_t> c{acc_t(0), -1};
+  if (a.gating == Gating::TopAny) {
+    while (count < a.k) {
+      c = next(c, true);
+      if (c.e < 0) break;
+      if (lane == 0) {
+        idx[count] = c.e;
+        sc[count] = c.s;
+      }
+      ++count;
+    }
+    if (count == 0 && a.fallback_top1) {
+      c = next(Cand<acc_t>{acc_t(0), -1}, false);
+      if (c.e >= 0) {
+        if (lane == 0) {
+          idx[0] = c.e;
+          sc[0] = c.s;
+          g[0] = acc_t(1);
+        }
+        count = 1;
+      }
+    } else if (lane == 0) {
+      for (int j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(count);
+    }
+  } else if (a.gating == Gating::TopP) {
+    // P = softmax(s/τ) over the active experts; keep the best ones up to and
+    // including the first where the cumulative P reaches p.
+    c = next(c, false);
+    if (c.e >= 0) {
+      const acc_t mx = c.s / tau;
+      acc_t part = 0;
+      for (int e = lane; e < a.N; e += kWarpSize)
+        if (a.active == nullptr || a.active[e]) part += dev_exp(s[e] / tau - mx);
+      const acc_t denom = warp_sum(part);
+      acc_t cum = 0;
+      while (true) {
+        const acc_t p = dev_exp(c.s / tau - mx) / denom;
+        if (lane == 0) {
+          idx[count] = c.e;
+          sc[count] = c.s;
+          g[count] = p;
+        }
+        ++count;
+        cum += p;
+        if (cum >= a.top_p || count == a.k) break;
+        c = next(c, false);
+        if (c.e < 0) break;
+      }
+    }
+  } else {
+    while (count < a.k) {
+      c = next(c, false);
+      if (c.e < 0) break;
+      if (lane == 0) {
+        idx[count] = c.e;
+        sc[count] = c.s;
+      }
+      ++count;
+    }
+    if (lane == 0) {  // gates from the selected scores, sequential as the CPU
+      switch (a.gating) {
+        case Gating::Softmax: {
+          const acc_t mx = count ? sc[0] / tau : acc_t(0);
+          acc_t sum = 0;
+          for (int j = 0; j < count; ++j) sum += (g[j] = dev_exp(sc[j] / tau - mx));
+          for (int j = 0; j < count; ++j) g[j] /= sum;
+          break;
+        }
+        case Gating::Sigmoid:
+          for (int j = 0; j < count; ++j) g[j] = sigmoid(sc[j] / tau);
+          break;
+        case Gating::Relu:
+          for (int j = 0; j < count; ++j) g[j] = sc[j] > acc_t(0) ? sc[j] : acc_t(0);
+          break;
+        case Gating::AvgK:
+          for (int j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(a.k);
+          break;
+        default:
+          break;
+      }
+    }
+  }
+  if (lane == 0) {
+    for (int j = count; j < a.k; ++j) {
+      idx[j] = -1;
+      g[j] = 0;
+      sc[j] = 0;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& query, const at::Tensor& keys, int64_t k, double temperature,
+    c10::string_view gating_name, c10::string_view score_mode, double top_p,
+    const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& active,
+    bool fallback_top1) {
+  const char* op = "some.route";
+  const Gating gating = parse_gating(op, gating_name);
+  const bool cosine = parse_score_mode(op, score_mode);
+  check_route_inputs(op, query, keys, k, temperature, gating, top_p, thresholds, active);
+  c10::cuda::CUDAGuard guard(query.device());
+
+  const int64_t T = query.size(0), N = keys.size(0);
+  const auto acc = stats_dtype(query.scalar_type());
+  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
+  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto S = at::mm(q, kk.t()).contiguous();  // (T, N)
+
+  auto opts = query.options().dtype(acc);
+  auto indices = at::empty({T, k}, query.options().dtype(at::kLong));
+  auto gates = at::empty({T, k}, opts);
+  auto scores = at::empty({T, k}, opts);
+  at::Tensor act, thr;
+  if (active.has_value() && active->defined()) act = active->contiguous();
+  if (gating == Gating::TopAny) thr = thresholds->to(acc).contiguous();
+
+  if (T > 0) {
+    const int threads = kRouteWarpsPerBlock * kWarpSize;
+    const auto blocks = static_cast<unsigned>(ceil_div(T, kRouteWarpsPerBlock));
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "some_route_cuda", [&] {
+      RouteParams<scalar_t> p{S.data_ptr<scalar_t>(),
+                              T,
+                              static_cast<int>(N),
+                              static_cast<int>(k),
+                              static_cast<scalar_t>(temperature),
+                              gating,
+                              static_cast<scalar_t>(top_p),
+                              fallback_top1,
+                              act.defined() ? act.data_ptr<bool>() : nullptr,
+                              thr.defined() ? thr.data_ptr<scalar_t>() : nullptr,
+                              indices.data_ptr<int64_t>(),
+                              gates.data_ptr<scalar_t>(),
+                              scores.data_ptr<scalar_t>()};
+      route_select_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {gates.to(query.scalar_type()), scores.to(query.scalar_type()), indices};
+}
+
+// ----------------------------------------------------------- backward
+
+// d(loss)/d(score) of every selected slot (one thread per token), the
+// port of the CPU's route_backward_rows: for top_p also
+// coef_all[t] = -(Σ_j gg_j g_j)/τ, and for top_any dL/dm per slot.
+template <typename acc_t>
+__global__ void route_backward_rows_kernel(const acc_t* __restrict__ gg, const acc_t* __restrict__ gs,
+                                           const int64_t* __restrict__ idx,
+                                           const acc_t* __restrict__ g, const acc_t* __restrict__ sc,
+                                           const acc_t* __restrict__ thr, int64_t T, int64_t k,
+                                           Gating gating, acc_t tau, acc_t* __restrict__ grad_s,
+                                           acc_t* __restrict__ coef_all, acc_t* __restrict__ grad_m) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  const int64_t o = t * k;
+  int64_t count = 0;
+  while (count < k && idx[o + count] >= 0) ++count;
+  acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
+  for (int64_t j = 0; j < count; ++j) dot += gg[o + j] * g[o + j];
+  for (int64_t j = 0; j < k; ++j) {
+    grad_s[o + j] = 0;
+    if (grad_m) grad_m[o + j] = 0;
+  }
+  if (coef_all) coef_all[t] = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t s = sc[o + j], gj = g[o + j], ggj = gg[o + j];
+    acc_t ds = gs[o + j];
+    switch (gating) {
+      case Gating::Softmax:
+        ds += gj * (ggj - dot) / tau;
+        break;
+      case Gating::Sigmoid:
+        ds += ggj * gj * (acc_t(1) - gj) / tau;
+        break;
+      case Gating::Relu:
+        ds += s > 0 ? ggj : acc_t(0);
+        break;
+      case Gating::AvgK:
+        break;
+      case Gating::TopP:
+        ds += ggj * gj / tau;
+        break;
+      case Gating::TopAny: {
+        // Straight-through mask m_j of fired experts, gates m_j / Σ m. A
+        // fallback top-1 slot (nothing fired, evaluation) has no gradient.
+        const int64_t e = idx[o + j];
+        if (s / tau > thr[e]) {
+          const acc_t dm = (ggj - dot) / acc_t(count);
+          const acc_t sg = sigmoid(s / tau);
+          ds += dm * sg * (acc_t(1) - sg) / tau;
+          grad_m[o + j] = dm;
+        }
+        break;
+      }
+    }
+    grad_s[o + j] = ds;
+  }
+  if (gating == Gating::TopP && coef_all) coef_all[t] = -dot / tau;
+}
+
+// grad_q̂[t, c] = Σ_j grad_s[t, j] k̂[I_tj, c], slots in order (deterministic).
+template <typename acc_t>
+__global__ void gather_axpy_kernel(const acc_t* __restrict__ grad_s, const int64_t* __restrict__ idx,
+                                   const acc_t* __restrict__ keys, int64_t k, int64_t d, int64_t N,
+                                   acc_t* __restrict__ grad_qhat) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = idx[t * k + j];
+      if (e >= 0 && e < N) acc += grad_s[t * k + j] * keys[e * d + c];
+    }
+    grad_qhat[t * d + c] = acc;
+  }
+}
+
+// dL/dG_e = -σ'(G_e) Σ_{(t,j): I_tj = e} dL/dm_tj over expert e's grouped
+// pairs: one warp per expert, fixed order (deterministic, no atomics).
+template <typename acc_t>
+__global__ void threshold_grad_kernel(const acc_t* __restrict__ grad_m, const int64_t* __restrict__ order,
+                                      const int64_t* __restrict__ offsets, const acc_t* __restrict__ thr,
+                                      int num_experts, acc_t* __restrict__ grad_thr) {
+  const int e = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+  if (e >= num_experts) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const acc_t sg = sigmoid(thr[e]);
+  const acc_t dsg = sg * (acc_t(1) - sg);
+  acc_t acc = 0;
+  for (int64_t r = offsets[e] + lane; r < offsets[e + 1]; r += kWarpSize) acc += grad_m[order[r]] * dsg;
+  acc = warp_sum(acc);
+  if (lane == 0) grad_thr[e] = -acc;
+}
+
+std::tuple<at::Tensor, at::Tensor> route_backward_cuda(
+    const at::Tensor& grad_gates, const at::Tensor& grad_scores, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& indices, const at::Tensor& gates,
+    const at::Tensor& scores, double temperature, c10::string_view gating_name,
+    c10::string_view score_mode, const c10::optional<at::Tensor>& thresholds,
+    const c10::optional<at::Tensor>& active) {
+  const char* op = "some.route_backward";
+  const Gating gating = parse_gating(op, gating_name);
+  const bool cosine = parse_score_mode(op, score_mode);
+  check_dim(op, "indices", indices, 2);
+  check_dtype(op, "indices", indices, at::kLong);
+  const int64_t k = indices.size(1);
+  check_route_inputs(op, query, keys, k, temperature, gating, 0.5, thresholds, active);
+  const int64_t T = query.size(0), N = keys.size(0), d = query.size(1);
+  for (auto* pr : {&grad_gates, &grad_scores, &gates, &scores}) {
+    check_dim(op, "gates/scores", *pr, 2);
+    TORCH_CHECK_VALUE(pr->size(0) == T && pr->size(1) == k, op,
+                      ": gate/score tensors must have shape [T, k] = [", T, ", ", k, "], got ",
+                      shape_str(*pr));
+    check_same_device(op, "gates/scores", *pr, "query", query);
+  }
+  check_same_device(op, "indices", indices, "query", query);
+  c10::cuda::CUDAGuard guard(query.device());
+  const auto acc = stats_dtype(query.scalar_type());
+  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
+  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto gg = grad_gates.to(acc).contiguous(), gs = grad_scores.to(acc).contiguous();
+  const auto g = gates.to(acc).contiguous(), sc = scores.to(acc).contiguous();
+  const auto idx = indices.contiguous();
+  at::Tensor thr;
+  const bool has_thr = thresholds.has_value() && thresholds->defined();
+  if (has_thr) thr = thresholds->to(acc).contiguous();
+
+  auto grad_s = at::empty({T, k}, q.options());
+  auto coef_all = gating == Gating::TopP ? at::empty({T}, q.options()) : at::Tensor();
+  auto grad_m = gating == Gating::TopAny ? at::empty({T, k}, q.options()) : at::Tensor();
+  auto grad_qhat = at::empty({T, d}, q.options());
+  auto grad_thr = has_thr ? at::zeros({N}, q.options()) : at::empty({0}, q.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (T > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "some_route_backward_cuda", [&] {
+      route_backward_rows_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(T, 128)), 128, 0, stream>>>(
+          gg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          g.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+          thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, gating,
+          static_cast<scalar_t>(temperature), grad_s.data_ptr<scalar_t>(),
+          coef_all.defined() ? coef_all.data_ptr<scalar_t>() : nullptr,
+          grad_m.defined() ? grad_m.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (d > 0) {
+        gather_axpy_kernel<scalar_t><<<static_cast<unsigned>(T), 128, 0, stream>>>(
+            grad_s.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), kk.data_ptr<scalar_t>(), k, d, N,
+            grad_qhat.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (gating == Gating::TopAny && has_thr) {
+        at::Tensor order, offsets;
+        std::tie(order, offsets) = group_by_expert_cuda(op, idx, N);
+        const int warps_per_block = 8;
+        threshold_grad_kernel<scalar_t>
+            <<<static_cast<unsigned>(ceil_div(N, warps_per_block)), warps_per_block * kWarpSize, 0, stream>>>(
+                grad_m.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                thr.data_ptr<scalar_t>(), static_cast<int>(N), grad_thr.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+
+  if (gating == Gating::TopP) {
+    // The softmax denominator couples every active expert:
+    // grad_q̂_t += coef_t Σ_e P_te k̂_e, with P recomputed from the scores.
+    auto S = at::mm(q, kk.t()) / temperature;
+    if (active.has_value() && active->defined())
+      S = S.masked_fill(active->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
+    auto P = at::softmax(S, 1);
+    grad_qhat.add_(at::mm(P * coef_all.unsqueeze(1), kk));
+  }
+
+  at::Tensor grad_q;
+  if (cosine) {
+    // q̂ = q / max(||q||, eps): project out the radial part, divide by the norm.
+    auto x = query.to(acc);
+    auto norm = x.norm(2, 1, true);
+    auto radial = (q * grad_qhat).sum(1, true);
+    grad_q = at::where(norm > kNormEps, (grad_qhat - q * radial) / norm.clamp_min(kNormEps),
+                       grad_qhat / kNormEps);
+  } else {
+    grad_q = grad_qhat;
+  }
+  return {grad_q.to(query.scalar_type()),
+          has_thr ? grad_thr.to(thresholds->scalar_type()) : grad_thr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(some, CUDA, m) {
+  m.impl("route", &route_cuda);
+  m.impl("route_backward", &route_backward_cuda);
+}
+
+}  // namespace gpu
+}  // namespace some
