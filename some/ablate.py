@@ -97,7 +97,7 @@ class Measure:
 
     latency_repeats: int = 20  # timed forward passes (after the warmup ones); the median is reported
     latency_warmup: int = 3
-    latency_batch: int = 1  # sequences of seq_len real tokens per timed forward
+    latency_batch: int = 4  # sequences of seq_len real tokens per timed forward
     flops_rows: int = 4  # sequences of seq_len real tokens in the counted forward
 
 
@@ -125,6 +125,10 @@ class Run:
     dataset: str
     seed: int
     config: SoMEConfig
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.variant, self.dataset, self.seed)
 
     @property
     def block(self) -> str:
@@ -232,9 +236,22 @@ def load_study(path: str | Path, smoke: bool = False, *, check_corpora: bool = T
     study = Study(name=name, description=str(raw.get("description") or "").strip(), path=path, smoke=smoke,
                   preset=preset, datasets=datasets, seeds=seeds, variants=variants, measure=measure,
                   run_plots=flags["run_plots"], keep_checkpoints=flags["keep_checkpoints"], runs=tuple(runs))
+    _check_one_sequence_batches(study)
     if check_corpora:
         _check_corpora(study)
     return study
+
+
+def _check_one_sequence_batches(study: Study) -> None:
+    # Sequence-level routing of a one-sequence batch hands ops.experts stride-0
+    # (expanded) indices, and the CPU kernel reads a temporary contiguous copy
+    # after freeing it (csrc/cpu/experts.cpp): the process crashes. Refuse the
+    # measurement that would do that before any training, until the kernel is fixed.
+    if any(r.config.routing_level == "sequence" for r in study.runs):
+        for name in ("latency_batch", "flops_rows"):
+            if getattr(study.measure, name) < 2:
+                raise StudyError(f"{study.path}: measure: {name} = 1 with sequence-level routing: one-sequence "
+                                 f"batches crash the CPU experts kernel (stride-0 indices); use 2 or more")
 
 
 def _check_keys(mapping: dict, allowed: Sequence[str], where: str) -> None:
@@ -427,10 +444,10 @@ def run_study(study: Study, out: str | Path | None = None, *, device: str = "aut
     either way, and :class:`RuntimeError` names the failed runs at the end.
     """
     out = Path(out) if out is not None else study.default_out()
-    status = {run: run_status(run, out) for run in study.runs}  # every stale directory shows before any training
+    status = {run.key: run_status(run, out) for run in study.runs}  # every stale directory shows before any training
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study.path, out / "study.yaml")
-    todo = [run for run in study.runs if status[run] != "done"]
+    todo = [run for run in study.runs if status[run.key] != "done"]
     log(f"Study '{study.name}'{' (smoke)' if study.smoke else ''}: {len(study.variants)} variants x "
         f"{len(study.datasets)} datasets x {len(study.seeds)} seeds = {len(study.runs)} runs; "
         f"{len(study.runs) - len(todo)} finished, {len(todo)} to run; output {out}")
@@ -440,7 +457,7 @@ def run_study(study: Study, out: str | Path | None = None, *, device: str = "aut
     _prepare_dense_models(study, todo, out, device, log, stream, failed)
     for i, run in enumerate(todo, 1):
         label = f"[{i}/{len(todo)}] {run.variant} / {run.dataset} / seed {run.seed}"
-        if status[run] == "partial":
+        if status[run.key] == "partial":
             label += " (resuming)"
         log(label)
         t0 = time.perf_counter()
@@ -535,9 +552,10 @@ def _child_run(spec_path: str) -> int:
     """Train one run (or resume it) and measure the trained model."""
     import torch
 
-    from .analysis import memory_kind, peak_memory_mb
+    from .analysis import current_rss_mb, memory_kind, peak_memory_mb
     from .train import CHECKPOINT, Trainer
 
+    baseline = current_rss_mb()  # Python, PyTorch and the extension, before any data or model
     spec = json.loads(Path(spec_path).read_text())
     config = SoMEConfig.from_dict(spec["config"], source=spec_path)
     run_dir = Path(spec["run_dir"])
@@ -550,7 +568,8 @@ def _child_run(spec_path: str) -> int:
     trainer.run(make_plots=spec["run_plots"])
     peak = peak_memory_mb(trainer.device)  # before measuring: the peak of training
     result = {**spec["labels"], "device": str(trainer.device), "threads": torch.get_num_threads(),
-              "peak_memory_mb": peak, "memory_kind": memory_kind(trainer.device), "resumed": resume,
+              "peak_memory_mb": peak, "memory_kind": memory_kind(trainer.device), "baseline_rss_mb": baseline,
+              "resumed": resume,
               **measure_run(trainer, Measure(**spec["measure"]))}
     dense = run_dir / "dense.json"
     if dense.is_file():
@@ -658,8 +677,9 @@ def _load_results(study: Study, out: Path) -> tuple[list[dict[str, Any]], list[R
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value: no spread to show)."""
     arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
 
 
 def summarize(study: Study, out: str | Path) -> Path:
@@ -715,11 +735,24 @@ def summarize(study: Study, out: str | Path) -> Path:
     return out / "results.md"
 
 
+def _baseline_note(rows) -> str:
+    base = [r["baseline_rss_mb"] for r in rows if r.get("baseline_rss_mb") is not None
+            and math.isfinite(r["baseline_rss_mb"]) and r["memory_kind"].startswith("peak RSS")]
+    if not base:
+        return ""
+    return (f" (a CPU process's RSS includes Python, PyTorch and the extension: {np.mean(base):,.0f} MiB on average "
+            f"before any data or model was built)")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _cell(value: float, fmt: str, scale: float = 1.0, std: float | None = None) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     text = fmt.format(value * scale)
-    if std:  # 0 or None: one run, no spread to show
+    if std is not None and math.isfinite(std):
         text += " ± " + fmt.format(std * scale)
     return text
 
@@ -730,9 +763,10 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
     lines = [f"# Ablation study `{study.name}`{' (smoke)' if study.smoke else ''}", ""]
     if study.description:
         lines += [study.description, ""]
-    lines += [f"Study file `{study.path}`; preset `{study.preset}`; {len(study.variants)} variants × "
-              f"{len(study.datasets)} datasets × {len(study.seeds)} seeds (seeds {', '.join(map(str, study.seeds))}); "
-              f"{len(rows)} of {len(study.runs)} runs finished; device {', '.join(devices) or 'n/a'}.", ""]
+    lines += [(f"Study file `{study.path}`; preset `{study.preset}`; {_count(len(study.variants), 'variant')} × "
+               f"{_count(len(study.datasets), 'dataset')} × {_count(len(study.seeds), 'seed')} "
+               f"({', '.join(map(str, study.seeds))}); {len(rows)} of {len(study.runs)} runs finished; "
+               f"device {', '.join(devices) or 'n/a'}."), ""]
 
     head = ["Variant"]
     for ds in study.datasets:
@@ -776,11 +810,11 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
               "each layer, and counted with `torch.utils.flop_counter.FlopCounterMode` (the SoME ops register their "
               "formulas) on a forward of real validation tokens without padding.",
               f"- **Peak memory**: of each run's training, which runs in its own process: "
-              f"{'; '.join(kinds) or 'n/a'} (a CPU process's RSS includes Python and PyTorch themselves).",
+              f"{'; '.join(kinds) or 'n/a'}" + _baseline_note(rows) + ".",
               "- **Train tok/s**: input positions (padding included) per second of training, over the epochs.",
               "- **Latency**: median wall time of one eval-mode forward of "
-              f"{study.measure.latency_batch} × seq_len real tokens over {study.measure.latency_repeats} passes "
-              f"(after {study.measure.latency_warmup} warmup passes).",
+              f"{study.measure.latency_batch} × seq_len real tokens, over {study.measure.latency_repeats} timed "
+              f"passes after {study.measure.latency_warmup} untimed.",
               "- **Experts/token, experts used, active experts, Gini, entropy**: middle layer (L // 2), over the "
               "validation tokens after training; active = experts routing may select (the adaptive process masks "
               "some out; N otherwise).",
@@ -811,16 +845,12 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
 
     pics = []
     for ds in study.datasets:
-        for metric, what in (("id_perplexity", "ID"), ("ood_perplexity", "OOD")):
-            values = {row["variant"]: row[f"{metric}[{ds.name}]"] for row in table}
-            if not any(math.isfinite(x) for x in values.values()):
-                continue
-            errors = {row["variant"]: row[f"{metric}_std[{ds.name}]"] for row in table}
-            source = ds.data_source if what == "ID" else ds.ood_source
-            name = f"ppl_{what.lower()}_{ds.name}.png"
-            comparison_bars(values, out / name, errors=errors, best="min", ylabel=f"{what} perplexity",
-                            title=f"{study.name}: {what} perplexity on {source} (mean ± std over seeds)")
-            pics.append((name, f"{what} perplexity, {ds.name}"))
+        runs = {v: [r for r in rs if r["dataset"] == ds.name] for v, rs in by_variant.items()}
+        if any(runs.values()):
+            name = f"perplexity_{ds.name}.png"
+            perplexity_plot(runs, out / name, title=f"{study.name}: perplexity per variant (ID {ds.data_source}, "
+                                                    f"OOD {ds.ood_source})")
+            pics.append((name, f"Perplexity per variant, {ds.name}"))
     counts = {}
     for v, rs in by_variant.items():
         first = sorted(rs, key=lambda r: (r["dataset"] != study.datasets[0].name, r["seed"]))
@@ -837,6 +867,41 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
                         title=f"{study.name}: MI(expert; token class), middle layer")
         pics.append(("specialization.png", "Expert specialization"))
     return pics
+
+
+def perplexity_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """ID and OOD perplexity per variant side by side: one dot per run (seed)
+    and the mean with ± std whiskers; the axes zoom to the data, since
+    variants often differ by a few percent."""
+    from .plots import _BEST, _USED, _figure, _save
+
+    names = list(runs)
+    fig = _figure(max(7.0, 1.4 * len(names) + 3), 4.2)
+    for ax, metric, what in zip(fig.subplots(1, 2), ("id_perplexity", "ood_perplexity"), ("ID", "OOD"), strict=True):
+        means = []
+        for i, v in enumerate(names):
+            vals = np.array([r[metric] for r in runs[v]], dtype=np.float64)
+            if vals.size == 0:
+                means.append(math.nan)
+                continue
+            jitter = np.linspace(-0.12, 0.12, vals.size) if vals.size > 1 else np.zeros(1)
+            ax.scatter(i + jitter, vals, s=14, color=_USED, alpha=0.6, zorder=2)
+            std = vals.std(ddof=1) if vals.size > 1 else 0.0
+            ax.errorbar(i, vals.mean(), yerr=std, fmt="_", color="black", markersize=18, capsize=5, zorder=3)
+            means.append(float(vals.mean()))
+        if np.isfinite(means).any():
+            best = int(np.nanargmin(means))
+            ax.axhline(means[best], color=_BEST, linestyle="--", linewidth=1, label=f"best mean: {names[best]}")
+            ax.legend(fontsize=7, loc="best")
+        rotate = len(names) > 4 or max(map(len, names)) > 10
+        ax.set_xticks(range(len(names)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+                      fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(f"{what} perplexity (lower is better)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{what}: dots = seeds, black = mean ± std", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:

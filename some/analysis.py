@@ -38,6 +38,7 @@ __all__ = [
     "RoutingPass",
     "analytic_flops_per_token",
     "count_flops",
+    "current_rss_mb",
     "inference_latency",
     "memory_kind",
     "mutual_information_bits",
@@ -317,6 +318,19 @@ def memory_kind(device: str | torch.device) -> str:
     if torch.device(device).type == "cuda":
         return "CUDA max allocated"
     return "peak RSS of the process"
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB (``VmRSS``; NaN where
+    ``/proc`` is missing): the baseline to read a CPU peak against."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def peak_memory_mb(device: str | torch.device) -> float:

@@ -177,7 +177,7 @@ def pretrain_dense(config: SoMEConfig, data, device: str | torch.device,
                 with _autocast(device):
                     loss = model(mb["input_ids"], mb["attention_mask"], mb["labels"]).loss
                 (loss * (n_mb / n_targets)).backward()
-                step_loss += float(loss) * n_mb / n_targets
+                step_loss += float(loss.detach()) * n_mb / n_targets
             if not math.isfinite(step_loss):
                 raise RuntimeError(f"dense pre-training diverged: loss {step_loss} at step {step + 1}")
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
@@ -249,7 +249,6 @@ def _cluster_kwargs(config: SoMEConfig) -> dict[str, Any]:
     return {}
 
 
-@torch.no_grad()
 def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | torch.device = "cpu",
                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Give every SoME layer of ``model`` experts and keys cut from a dense FFN
@@ -273,10 +272,11 @@ def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | 
         if config.dense_transfer == "all":
             own = model.state_dict()
             taken = {}
-            for name, value in state.items():
-                if any(name.startswith(p.format(i=i)) for p in TRANSFERRED for i in range(config.n_layers)):
-                    own[name].copy_(value.to(own[name].dtype))
-                    taken[name] = value.numel()
+            with torch.no_grad():
+                for name, value in state.items():
+                    if any(name.startswith(p.format(i=i)) for p in TRANSFERRED for i in range(config.n_layers)):
+                        own[name].copy_(value.to(own[name].dtype))
+                        taken[name] = value.numel()
             record["transferred_parameters"] = sum(taken.values())
             log(f"Took {len(taken)} tensors ({sum(taken.values()) / 1e6:.2f}M parameters: embedding, attention, "
                 f"LayerNorms, LM head) from the dense model")
@@ -286,8 +286,9 @@ def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | 
     record["layers"] = []
     for i, (layer, f) in enumerate(zip(model.some_layers(), ffn, strict=True)):
         t0 = time.perf_counter()
-        built = experts_from_dense(f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias, config.num_experts,
-                                   config.cluster_method, seed=config.seed + i, **_cluster_kwargs(config))
+        w1, b1, w2, b2 = (t.detach() for t in (f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias))
+        built = experts_from_dense(w1, b1, w2, b2, config.num_experts, config.cluster_method,
+                                   seed=config.seed + i, **_cluster_kwargs(config))
         load_into_layer(layer, built)
         seconds = time.perf_counter() - t0
         record["layers"].append({"layer": i, "seconds": seconds, "n_moved": built.n_moved,
