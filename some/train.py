@@ -278,7 +278,7 @@ class Trainer:
                 raise RunDirError(f"nothing to resume: no {CHECKPOINT} in {self.out}")
         elif self.out.exists() and any(self.out.iterdir()):
             raise RunDirError(f"run directory {self.out} is not empty; pass --resume to continue "
-                              f"the run there or choose another --out")
+                              f"the run there, or choose another --out (or delete it to start over)")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.out / "train.log", echo=echo)
 
@@ -320,6 +320,7 @@ class Trainer:
             record = init_experts_from_dense(self.model, config, self.data, self.device, log=self.log)
             (self.out / "dense.json").write_text(json.dumps(record, indent=2) + "\n")
         self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, config)
         self.pos = _Position()
         if state is not None:
@@ -395,12 +396,13 @@ class Trainer:
             self.log(f"Resuming from {self.out / CHECKPOINT} at step {self.global_step}/{self.total_steps} "
                      f"(epoch {self.pos.epoch + 1}, batch {self.pos.step})")
         while self.pos.epoch < cfg.epochs:
-            self._train_epoch()
-            self._end_epoch()
+            timing = self._train_epoch()
+            self._end_epoch(timing)
         analysis = self.finish(make_plots=make_plots)
         return RunResult(self.out, self.pos.history, analysis)
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> dict[str, float]:
+        """Train to the end of the current epoch; returns its timing."""
         cfg, pos = self.config, self.pos
         if pos.order is None:  # a fresh epoch (else: resuming inside one)
             pos.order = epoch_order(len(self.data.train), cfg.seed, pos.epoch)
@@ -421,8 +423,8 @@ class Trainer:
                 self.save()
                 self.log(f"Saved checkpoint at step {self.global_step}")
         bar.close()
-        self._epoch_seconds = time.perf_counter() - t0
-        self._epoch_rate = (pos.tokens - tokens0) / max(self._epoch_seconds, 1e-9)
+        seconds = time.perf_counter() - t0
+        return {"epoch_seconds": seconds, "train_tokens_per_s": (pos.tokens - tokens0) / max(seconds, 1e-9)}
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step over ``batch`` (split into ``grad_accum``
@@ -448,8 +450,7 @@ class Trainer:
         value = float(loss_sum) / n_targets
         if not math.isfinite(value):
             self._diverged(f"loss is {value}", step)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):
             self._diverged(f"gradient norm is {float(grad_norm)}", step)
         lr = lr_at(step - 1, cfg, self.total_steps)
@@ -468,7 +469,7 @@ class Trainer:
         raise TrainingDiverged(f"training diverged: {what} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                                f"stopped without saving; {kept}")
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, timing: dict[str, float]) -> None:
         cfg, pos = self.config, self.pos
         val = evaluate(self.model, self.data.val, cfg.batch_size // cfg.grad_accum, self.device, self.middle)
         record: dict[str, Any] = {
@@ -490,8 +491,7 @@ class Trainer:
             self.log(f"OOD ({cfg.ood_source}): Val Loss = {ood.loss:.4f}, Val Perplexity = {ood.perplexity:.2f}")
         self.log(f"Middle Layer Expert Metrics: Gini = {record['gini']:.3f}, Entropy = {record['entropy']:.3f}")
         # timing is not part of the deterministic record (it differs between identical runs)
-        record["timing"] = {"epoch_seconds": getattr(self, "_epoch_seconds", None),
-                            "train_tokens_per_s": getattr(self, "_epoch_rate", None)}
+        record["timing"] = timing
         pos.history.append(record)
         pos.last_usage = val.usage_counts
         pos.epoch, pos.step, pos.order, pos.loss_sum, pos.tokens = pos.epoch + 1, 0, None, 0.0, 0
