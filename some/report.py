@@ -40,6 +40,13 @@ def build_report(run_dir: Union[str, Path]) -> str:
     cfg: SoMEConfig = run["config"]
     info, history, analysis = run["info"] or {}, run["history"], run["analysis"]
     lines = [f"# SoME run `{run_dir.name}`", ""]
+    if history:  # the headline numbers first
+        last = history[-1]
+        ood = f" (OOD {cfg.ood_source}: {last['ood_perplexity']:.2f})" if "ood_perplexity" in last else ""
+        used = f"; experts used {analysis['experts_used_text']}" if analysis else ""
+        lines += [f"**After epoch {last['epoch']}/{cfg.epochs}:** val loss {last['val_loss']:.4f}, "
+                  f"val perplexity {last['val_perplexity']:.2f}{ood}; middle layer Gini {last['gini']:.3f}, "
+                  f"entropy {last['entropy']:.3f} bits{used}.", ""]
 
     # ---- architecture
     lines += ["## Architecture", ""]
@@ -48,8 +55,11 @@ def build_report(run_dir: Union[str, Path]) -> str:
             f"(h = {cfg.d_ffn}), top-{cfg.top_k} {cfg.gating} gating (τ = {cfg.temperature}).")
     lines += [arch, ""]
     params = info.get("parameters")
-    if params:
+    if params and "total_steps" in info:  # the seed's one-line summary
         total, trainable = params["total"], params["trainable"]
+        lines += [f"**{total / 1e6:.2f}M total / {trainable / 1e6:.2f}M trainable parameters, "
+                  f"{info['total_steps']} steps, expert init {cfg.expert_init}, router {cfg.router}**", ""]
+    if params:
         lines.append(f"- Total parameters: {total / 1e6:.2f}M; Trainable parameters: {trainable / 1e6:.2f}M "
                      f"({100 * trainable / total:.2f}%)")
     if "total_steps" in info:
