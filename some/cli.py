@@ -118,10 +118,11 @@ def _info(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's to fix: reported in one line."""
-    from .train import CheckpointError, RunDirError, TrainingDiverged
+    from .distributed import PeerLostError
+    from .train import CheckpointError, RunDirError, RunStopped, TrainingDiverged
 
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, RunDirError, TrainingDiverged,
-                                         FileNotFoundError]
+                                         RunStopped, PeerLostError, FileNotFoundError]
     from .data import CorpusUnavailableError
 
     errors.append(CorpusUnavailableError)

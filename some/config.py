@@ -95,8 +95,15 @@ class SoMEConfig:
     val_subset_size: int = 2000  # validation documents
     packed: bool = False  # concatenate documents instead of one padded document per sample
     cache_dir: Optional[str] = None  # tokenizer/data cache; None = the data module's default
-    # ---- debugging hooks (tests): 0 = off
+    # ---- data parallel (torchrun): seconds a collective may wait for the
+    # other ranks before the run stops with an error (a dead rank never hangs it)
+    dist_timeout: float = 600.0
+    # ---- debugging hooks (tests): 0 / False = off
     debug_nan_step: int = 0  # make the loss NaN at this optimizer step (1-based)
+    debug_state_digest: bool = False  # write digest.rank{R}.jsonl: key-store/parameter digests per step
+    debug_stop_after_step: int = 0  # stop (error) after this step's checkpoint, like a preempted job
+    debug_die_at_step: int = 0  # the rank debug_die_rank exits abruptly at this step (peer-loss tests)
+    debug_die_rank: int = 0
 
     # ------------------------------------------------------------ validation
     def validate(self) -> "SoMEConfig":
@@ -112,7 +119,8 @@ class SoMEConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "debug_nan_step", "weight_decay", "grad_clip",
+        for name in ("warmup_steps", "checkpoint_every", "debug_nan_step", "debug_stop_after_step",
+                     "debug_die_at_step", "debug_die_rank", "weight_decay", "grad_clip",
                      "alpha", "beta", "delta", "min_learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
@@ -124,6 +132,8 @@ class SoMEConfig:
             raise ConfigError(f"d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ConfigError(f"config field 'dist_timeout' must be a positive number of seconds, got {self.dist_timeout}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size = {self.batch_size} must be divisible by grad_accum = {self.grad_accum}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "all_reduce_keystore_stats", "all_reduce_sum",
-           "shard_range", "PeerLostError"]
+__all__ = ["DistContext", "init_distributed", "shutdown", "barrier", "all_reduce_keystore_stats",
+           "all_reduce_sum", "shard_range", "PeerLostError"]
 
 
 class PeerLostError(RuntimeError):
@@ -79,6 +79,14 @@ def _collective(ctx: DistContext, fn, what: str):
             f"rank {ctx.rank}/{ctx.world_size}: {what} failed; another rank probably died or stopped "
             f"responding (collective timeout {ctx.timeout_s:g} s): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank, bounded by the timeout; a no-op for one process."""
+    if ctx.enabled:
+        # an all-reduce of one number is a barrier that honours the group's timeout
+        flag = torch.zeros(1, device="cuda" if ctx.backend == "nccl" else "cpu")
+        _collective(ctx, lambda: dist.all_reduce(flag), "barrier")
 
 
 def all_reduce_sum(ctx: DistContext, tensors: Sequence[torch.Tensor], what: str = "all-reduce") -> None:

@@ -21,6 +21,14 @@ Run directory (``--out``)::
 Resuming is exact: the checkpoint holds the model (with key stores), the
 optimizer, every RNG state and the data position, so a resumed CPU run is
 bit-identical to an uninterrupted one.
+
+Data parallel: under ``torchrun --nproc_per_node=P -m some.train ...`` each
+rank takes a 1/P share of every global batch (DistributedDataParallel, NCCL on
+GPU, gloo on CPU); before each key-store update the ranks all-reduce the
+key-store statistics, so every rank applies the same update and the stores
+stay identical. Metrics are reduced over the ranks; rank 0 alone writes the
+run directory; a checkpoint resumes with any number of ranks (the data
+position is counted in global steps).
 """
 from __future__ import annotations
 
@@ -35,16 +43,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import hashlib
+
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import ConfigError, SoMEConfig
 from .data import build_data
+from .distributed import (DistContext, PeerLostError, all_reduce_keystore_stats, all_reduce_sum, barrier,
+                          init_distributed, shard_range, shutdown)
 from .metrics import entropy_bits, experts_used, gini, max_entropy_bits
 from .model import SoMEForCausalLM, lm_loss, format_parameter_counts
 
-__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "CheckpointError", "RunDirError",
+__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "CheckpointError", "RunDirError", "RunStopped",
            "lr_at", "evaluate", "EvalResult", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "some-checkpoint-v1"
@@ -61,6 +75,15 @@ class CheckpointError(RuntimeError):
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (exists / nothing to resume)."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on request (debug_stop_after_step) after saving its checkpoint."""
+
+
+# Fields that may differ between a run and its resumption: they change how the
+# run is executed, not what it computes.
+RESUMABLE_CHANGES = ("dist_timeout",)
 
 
 # ------------------------------------------------------------------ schedule
@@ -132,9 +155,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: SoMEForCausalLM, dataset, batch_size: int, device: torch.device,
-             track_layer: Optional[int] = None) -> EvalResult:
+             track_layer: Optional[int] = None, dist_ctx: DistContext = DistContext()) -> EvalResult:
     """Token-weighted validation loss over the whole ``dataset``, and the usage
-    counts of SoME layer ``track_layer`` over its real tokens."""
+    counts of SoME layer ``track_layer`` over its real tokens. With several
+    ranks each evaluates its share and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     layer = model.some_layers()[track_layer] if track_layer is not None else None
@@ -142,9 +166,10 @@ def evaluate(model: SoMEForCausalLM, dataset, batch_size: int, device: torch.dev
         layer.reset_usage()
         layer.track_usage = True
     loss_sum, tokens = 0.0, 0
+    share = shard_range(len(dataset), dist_ctx)
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate(dataset, range(start, min(start + batch_size, len(dataset))), device)
+        for start in range(share.start, share.stop, batch_size):
+            batch = collate(dataset, range(start, min(start + batch_size, share.stop)), device)
             with _autocast(device):
                 logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (B, S, V)
             loss_sum += float(lm_loss(logits, batch["labels"], batch["attention_mask"], reduction="sum"))
@@ -153,6 +178,11 @@ def evaluate(model: SoMEForCausalLM, dataset, batch_size: int, device: torch.dev
         if layer is not None:
             layer.track_usage = False
         model.train(was_training)
+    if dist_ctx.enabled:
+        sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
+        all_reduce_sum(dist_ctx, [sums] + ([layer.usage_counts] if layer is not None else []),
+                       what="all-reduce of the validation metrics")
+        loss_sum, tokens = float(sums[0]), int(sums[1])
     loss = loss_sum / max(tokens, 1)
     counts = layer.usage_counts.detach().cpu().clone() if layer is not None else None
     return EvalResult(loss, math.exp(min(loss, 700.0)), tokens, counts)
@@ -272,6 +302,11 @@ class Trainer:
         self.out = Path(out_dir)
         self.device = pick_device(device)
         self.progress = progress
+        # torchrun: join the process group (a no-op for a single process)
+        self.dist = init_distributed(self.device, config.dist_timeout if config is not None else 600.0)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
         checkpoint_path = self.out / CHECKPOINT
         if resume:
             if not checkpoint_path.is_file():
@@ -279,8 +314,11 @@ class Trainer:
         elif self.out.exists() and any(self.out.iterdir()):
             raise RunDirError(f"run directory {self.out} is not empty; pass --resume to continue "
                               f"the run there, or choose another --out (or delete it to start over)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = RunLog(self.out / "train.log", echo=echo)
+        barrier(self.dist)  # every rank has looked at the run directory before rank 0 writes to it
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # rank 0 alone logs and writes the run directory
+        self.log = RunLog(self.out / "train.log" if self.is_main else None, echo=echo and self.is_main)
 
         state = None
         if resume:
@@ -290,7 +328,8 @@ class Trainer:
             if config is None:
                 config = saved
             else:  # the run's configuration is fixed; only the debugging hooks may change
-                diff = {k: v for k, v in saved.diff(config).items() if not k.startswith("debug_")}
+                diff = {k: v for k, v in saved.diff(config).items()
+                        if not k.startswith("debug_") and k not in RESUMABLE_CHANGES}
                 if diff:
                     what = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in diff.items())
                     raise CheckpointError(f"checkpoint {checkpoint_path} belongs to another configuration ({what})")
@@ -299,10 +338,19 @@ class Trainer:
         self.config = config.validate()
         seed_everything(config.seed)
 
+        if self.dist.enabled and config.batch_size % (self.dist.world_size * config.grad_accum):
+            raise ConfigError(f"batch_size = {config.batch_size} must be divisible by world size x grad_accum = "
+                              f"{self.dist.world_size} x {config.grad_accum}")
+        # rank 0 builds (and caches) the tokenizer first; the others then load it from the cache
+        if not self.is_main:
+            barrier(self.dist)
         try:
             self.data = build_data(config.data_config())
         except ValueError as e:  # the data module's check of its part of the config
             raise ConfigError(str(e)) from None
+        finally:
+            if self.is_main:
+                barrier(self.dist)
         if self.data.vocab_size > config.vocab_size:
             raise ConfigError(f"the tokenizer has {self.data.vocab_size} tokens but vocab_size = {config.vocab_size}")
         self.steps_per_epoch = len(self.data.train) // config.batch_size  # last partial batch dropped
@@ -318,15 +366,27 @@ class Trainer:
             from .dense import init_experts_from_dense
 
             record = init_experts_from_dense(self.model, config, self.data, self.device, log=self.log)
-            (self.out / "dense.json").write_text(json.dumps(record, indent=2) + "\n")
+            if self.is_main:
+                (self.out / "dense.json").write_text(json.dumps(record, indent=2) + "\n")
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, config)
         self.pos = _Position()
         if state is not None:
             self._restore(state, checkpoint_path)
-        else:
+        elif self.is_main:
             config.save_yaml(self.out / "config.yaml")
+        # DDP: gradients all-reduced in backward; it also broadcasts rank 0's
+        # parameters and buffers once here. Buffers are not re-broadcast each
+        # step: the key stores stay identical through the reduced statistics.
+        self.ddp = None
+        if self.dist.enabled:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                # avg_k gates do not depend on the scores, and top_any thresholds
+                # can miss a step: their parameters may get no gradient
+                find_unused_parameters=config.gating in ("avg_k", "top_any"))
         total, trainable = self.model.parameter_counts()
         self.run_info = {
             "parameters": {"total": total, "trainable": trainable},
@@ -334,9 +394,10 @@ class Trainer:
             "train_samples": len(self.data.train), "val_samples": len(self.data.val),
             "ood_samples": len(self.data.ood) if self.data.ood is not None else 0,
             "middle_layer": self.middle, "device": str(self.device),
-            "torch": torch.__version__, "some": _some_version(),
+            "torch": torch.__version__, "some": _some_version(), "world_size": self.dist.world_size,
         }
-        (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2) + "\n")
+        if self.is_main:
+            (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2) + "\n")
 
     # ----------------------------------------------------------- checkpoint
     def _state(self) -> dict[str, Any]:
@@ -376,7 +437,8 @@ class Trainer:
         self._write_metrics()
 
     def save(self) -> None:
-        save_checkpoint(self.out / CHECKPOINT, self._state())
+        if self.is_main:
+            save_checkpoint(self.out / CHECKPOINT, self._state())
 
     @property
     def global_step(self) -> int:
@@ -395,10 +457,21 @@ class Trainer:
         else:
             self.log(f"Resuming from {self.out / CHECKPOINT} at step {self.global_step}/{self.total_steps} "
                      f"(epoch {self.pos.epoch + 1}, batch {self.pos.step})")
-        while self.pos.epoch < cfg.epochs:
-            timing = self._train_epoch()
-            self._end_epoch(timing)
-        analysis = self.finish(make_plots=make_plots)
+        if self.dist.enabled:
+            self.log(f"Data parallel: world size {self.dist.world_size} ({self.dist.backend}), "
+                     f"{cfg.batch_size // self.dist.world_size} samples per rank per step")
+        try:
+            while self.pos.epoch < cfg.epochs:
+                timing = self._train_epoch()
+                self._end_epoch(timing)
+            analysis = self.finish(make_plots=make_plots)
+        except (RuntimeError, dist.DistError) as e:
+            if not self.dist.enabled or isinstance(e, (TrainingDiverged, RunStopped, PeerLostError, CheckpointError)):
+                raise
+            # DDP's gradient all-reduce fails inside backward when a peer is gone
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PeerLostError(f"rank {self.dist.rank}/{self.dist.world_size}: a collective failed; another rank "
+                                f"probably died or stopped responding (timeout {self.dist.timeout_s:g} s): {first}") from None
         return RunResult(self.out, self.pos.history, analysis)
 
     def _train_epoch(self) -> dict[str, float]:
@@ -411,7 +484,8 @@ class Trainer:
         t0, tokens0 = time.perf_counter(), pos.tokens
         while pos.step < self.steps_per_epoch:
             idx = pos.order[pos.step * cfg.batch_size:(pos.step + 1) * cfg.batch_size]
-            loss = self._train_step(collate(self.data.train, idx, self.device))
+            mine = shard_range(len(idx), self.dist)  # this rank's share of the global batch
+            loss = self._train_step(collate(self.data.train, idx[mine.start:mine.stop], self.device))
             pos.step += 1
             pos.loss_sum += loss
             pos.tokens += cfg.batch_size * cfg.seq_len
@@ -422,31 +496,40 @@ class Trainer:
                     and pos.step < self.steps_per_epoch:  # the epoch's end saves anyway
                 self.save()
                 self.log(f"Saved checkpoint at step {self.global_step}")
+            self._debug_hooks_after_step()
         bar.close()
         seconds = time.perf_counter() - t0
         return {"epoch_seconds": seconds, "train_tokens_per_s": (pos.tokens - tokens0) / max(seconds, 1e-9)}
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step over ``batch`` (split into ``grad_accum``
-        micro-batches); returns the step's mean loss over its real targets."""
+        """One optimizer step over ``batch`` (this rank's share of the global
+        batch, split into ``grad_accum`` micro-batches); returns the step's mean
+        loss over the real targets of the whole global batch."""
         cfg, model = self.config, self.model
+        forward = self.ddp if self.ddp is not None else model
         step = self.global_step + 1  # 1-based number of the step being taken
-        n_targets = max(count_targets(batch), 1)
-        micro = cfg.batch_size // cfg.grad_accum
+        # the loss is a mean over the global batch's targets: count them over all ranks
+        n_targets = torch.tensor(float(count_targets(batch)), dtype=torch.float64, device=self.device)
+        all_reduce_sum(self.dist, [n_targets], what="all-reduce of the target count")
+        n_targets = max(float(n_targets), 1.0)
+        micro = len(batch["input_ids"]) // cfg.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for start in range(0, cfg.batch_size, micro):
-            mb = {k: v[start:start + micro] for k, v in batch.items()}
-            n_mb = count_targets(mb)
-            if n_mb == 0:  # all padding: nothing to learn from (its mean loss would be NaN)
-                continue
-            with _autocast(self.device):
-                loss = model(mb["input_ids"], mb["attention_mask"], mb["labels"]).loss
-            if step == cfg.debug_nan_step:
-                loss = loss * float("nan")  # test hook: simulate a diverging step
-            # weight by the micro-batch's share of the step's targets: the sum is the step's mean
-            (loss * (n_mb / n_targets)).backward()
-            loss_sum += loss.detach() * n_mb
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(cfg.grad_accum):
+            mb = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            sync = self.ddp is None or i == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with _autocast(self.device):
+                    logits = forward(mb["input_ids"], mb["attention_mask"]).logits
+                # summed over the micro-batch's real targets (an all-padding one adds 0)
+                loss = lm_loss(logits, mb["labels"], mb["attention_mask"], reduction="sum")
+                if step == cfg.debug_nan_step:
+                    loss = loss * float("nan")  # test hook: simulate a diverging step
+                # / global targets: the step's mean; x world size: DDP averages over ranks
+                (loss * (self.dist.world_size / n_targets)).backward()
+            loss_sum += loss.detach().double()
+        all_reduce_sum(self.dist, [loss_sum], what="all-reduce of the training loss")
         value = float(loss_sum) / n_targets
         if not math.isfinite(value):
             self._diverged(f"loss is {value}", step)
@@ -457,8 +540,36 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        model.update_keys()  # SPEC §4: self-organize the key stores after every optimizer step
+        # SPEC §4: self-organize the key stores after every optimizer step, from
+        # the statistics of all tokens of the step (all micro-batches, all ranks)
+        all_reduce_keystore_stats(self.dist, model.some_layers())
+        model.update_keys()
+        if cfg.debug_state_digest:
+            self._write_digest(step)
         return value
+
+    def _write_digest(self, step: int) -> None:
+        """Test hook: digests of the key stores and trainable parameters after a step, per rank."""
+        def digest(tensors) -> str:
+            h = hashlib.sha256()
+            for t in tensors:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            return h.hexdigest()[:16]
+
+        layers = self.model.some_layers()
+        record = {"step": step,
+                  "keys": digest(t for layer in layers for t in (layer.keys, layer.key_velocity, layer.key_usage)),
+                  "params": digest(self.trainable)}
+        with open(self.out / f"digest.rank{self.dist.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _debug_hooks_after_step(self) -> None:
+        cfg, step = self.config, self.global_step
+        if cfg.debug_die_at_step and step == cfg.debug_die_at_step and self.dist.rank == cfg.debug_die_rank:
+            os._exit(3)  # test hook: a rank that dies without a word
+        if cfg.debug_stop_after_step and step == cfg.debug_stop_after_step:
+            raise RunStopped(f"stopped after step {step} (debug_stop_after_step); "
+                             f"continue with --resume from {self.out / CHECKPOINT}")
 
     def _diverged(self, what: str, step: int) -> None:
         # Nothing is saved: the checkpoint on disk is the last good state.
@@ -471,7 +582,8 @@ class Trainer:
 
     def _end_epoch(self, timing: dict[str, float]) -> None:
         cfg, pos = self.config, self.pos
-        val = evaluate(self.model, self.data.val, cfg.batch_size // cfg.grad_accum, self.device, self.middle)
+        val = evaluate(self.model, self.data.val, cfg.batch_size // cfg.grad_accum, self.device, self.middle,
+                       dist_ctx=self.dist)
         record: dict[str, Any] = {
             "epoch": pos.epoch + 1,
             "step": self.global_step,
@@ -486,7 +598,8 @@ class Trainer:
         self.log(f"Epoch {record['epoch']}: Train Loss = {record['train_loss']:.4f}, "
                  f"Val Loss = {val.loss:.4f}, Val Perplexity = {val.perplexity:.2f}")
         if self.data.ood is not None:
-            ood = evaluate(self.model, self.data.ood, cfg.batch_size // cfg.grad_accum, self.device)
+            ood = evaluate(self.model, self.data.ood, cfg.batch_size // cfg.grad_accum, self.device,
+                           dist_ctx=self.dist)
             record.update(ood_loss=ood.loss, ood_perplexity=ood.perplexity)
             self.log(f"OOD ({cfg.ood_source}): Val Loss = {ood.loss:.4f}, Val Perplexity = {ood.perplexity:.2f}")
         self.log(f"Middle Layer Expert Metrics: Gini = {record['gini']:.3f}, Entropy = {record['entropy']:.3f}")
@@ -499,6 +612,8 @@ class Trainer:
         self._write_metrics()
 
     def _write_metrics(self) -> None:
+        if not self.is_main:
+            return
         tmp = self.out / "metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.pos.history))
         os.replace(tmp, self.out / "metrics.jsonl")
@@ -528,6 +643,8 @@ class Trainer:
         self.log(f"Experts used: {analysis['experts_used_text']}")
         self.log(f"Final Gini: {analysis['gini']:.3f}")
         self.log(f"Final Entropy: {analysis['entropy']:.3f} (Max: {analysis['max_entropy']:.3f})")
+        if not self.is_main:  # rank 0 writes the analysis, pictures and report
+            return analysis
         (self.out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
         if make_plots:
             from .plots import keystore_umap, usage_histogram
@@ -580,7 +697,10 @@ def train(config: Optional[SoMEConfig], out_dir: Union[str, Path], *, resume: bo
     Returns the per-epoch history and the final middle-layer analysis.
     """
     trainer = Trainer(config, out_dir, resume=resume, device=device, progress=progress, echo=echo)
-    return trainer.run(make_plots=make_plots)
+    try:
+        return trainer.run(make_plots=make_plots)
+    finally:
+        shutdown(trainer.dist)
 
 
 if __name__ == "__main__":
