@@ -763,6 +763,9 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
     lines = [f"# Ablation study `{study.name}`{' (smoke)' if study.smoke else ''}", ""]
     if study.description:
         lines += [study.description, ""]
+    if study.smoke:
+        lines += ["*Smoke version* (the file's `smoke` section: a tiny model, a few steps): it checks that the "
+                  "study runs end to end and every column is measured; its numbers are not results.", ""]
     lines += [(f"Study file `{study.path}`; preset `{study.preset}`; {_count(len(study.variants), 'variant')} × "
                f"{_count(len(study.datasets), 'dataset')} × {_count(len(study.seeds), 'seed')} "
                f"({', '.join(map(str, study.seeds))}); {len(rows)} of {len(study.runs)} runs finished; "
@@ -863,8 +866,9 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
         pics.append(("usage.png", "Expert usage per variant"))
     mi = {row["variant"]: row["spec_mi_class_bits"] for row in table}
     if any(math.isfinite(x) for x in mi.values()):
-        comparison_bars(mi, out / "specialization.png", best="max", ylabel="bits", fmt="{:.3f}",
-                        title=f"{study.name}: MI(expert; token class), middle layer")
+        comparison_bars(mi, out / "specialization.png", ylabel="bits", fmt="{:.3f}",
+                        title=f"{study.name}: MI(expert; token class), middle layer, mean over runs "
+                              f"(higher = more specialized)")
         pics.append(("specialization.png", "Expert specialization"))
     return pics
 
@@ -987,9 +991,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child_run(argv[1])
     if argv[:1] == ["_dense"] and len(argv) == 2:
         return _child_dense(argv[1])
-    from .cli import main as cli_main
+    parser = argparse.ArgumentParser(prog="python -m some.ablate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from .data import CorpusUnavailableError
 
-    return cli_main(["ablate", *argv])
+    try:
+        return run_from_args(args)
+    except (ConfigError, CorpusUnavailableError, FileNotFoundError) as e:  # the user's to fix: one line
+        print(f"some: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":
