@@ -37,6 +37,7 @@
 #include <string>
 
 #include "../checks.h"
+#include "../op_checks.h"
 #include "common.cuh"
 
 namespace some {
@@ -771,45 +772,6 @@ __global__ void gate_grad_kernel(const acc_t* __restrict__ dotpart, int64_t col_
 // Host side
 // =====================================================================
 
-void check_expert_inputs(const char* op, const at::Tensor& x, const at::Tensor& indices,
-                         const at::Tensor& gates, const at::Tensor& w1, const at::Tensor& b1,
-                         const at::Tensor& w2, const at::Tensor& b2) {
-  // The CPU's checks (csrc/cpu/experts.cpp), message for message.
-  check_defined(op, "x", x);
-  check_dim(op, "x", x, 2);
-  check_floating(op, "x", x);
-  check_dim(op, "indices", indices, 2);
-  check_dtype(op, "indices", indices, at::kLong);
-  check_dim(op, "gates", gates, 2);
-  check_dim(op, "w1", w1, 3);
-  check_dim(op, "b1", b1, 2);
-  check_dim(op, "w2", w2, 3);
-  check_dim(op, "b2", b2, 2);
-  const int64_t T = x.size(0), d = x.size(1), N = w1.size(0), h = w1.size(1);
-  check_size(op, "indices", indices, 0, T, "the number of tokens T (rows of x)");
-  TORCH_CHECK_VALUE(gates.sizes() == indices.sizes(), op, ": 'gates' has shape ",
-                    shape_str(gates), " but 'indices' has shape ", shape_str(indices),
-                    "; both must be [T, k]");
-  check_size(op, "w1", w1, 2, d, "the model width d (columns of x)");
-  check_size(op, "b1", b1, 0, N, "the number of experts N (w1.shape[0])");
-  check_size(op, "b1", b1, 1, h, "the expert width h (w1.shape[1])");
-  check_size(op, "w2", w2, 0, N, "the number of experts N (w1.shape[0])");
-  check_size(op, "w2", w2, 1, d, "the model width d");
-  check_size(op, "w2", w2, 2, h, "the expert width h (w1.shape[1])");
-  check_size(op, "b2", b2, 0, N, "the number of experts N (w1.shape[0])");
-  check_size(op, "b2", b2, 1, d, "the model width d");
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"gates", &gates},
-                         {"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}}) {
-    check_same_dtype(op, name, *t, "x", x);
-    check_same_device(op, name, *t, "x", x);
-  }
-  check_same_device(op, "indices", indices, "x", x);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"b1", &b1},
-                         {"w2", &w2}, {"b2", &b2}})
-    check_contiguous(op, name, *t);
-  TORCH_CHECK_VALUE(d < INT_MAX && h < INT_MAX, op, ": d and h must be below 2^31");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
     const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
@@ -879,34 +841,9 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
     const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden,
     const at::Tensor& order, const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
   const char* op = "some.experts_backward";
-  // The CPU's checks, plus the device and contiguity the kernels rely on.
-  check_dim(op, "grad_y", grad_y_in, 2);
-  check_dim(op, "indices", indices_in, 2);
-  check_dim(op, "w1", w1, 3);
+  check_experts_backward_inputs(op, grad_y_in, indices_in, gates_in, w1, w2, b2, hidden, order, offsets);
   const int64_t T = indices_in.size(0), d = w1.size(2), k = indices_in.size(1), N = w1.size(0),
                 h = w1.size(1), P = T * k;
-  TORCH_CHECK_VALUE(grad_y_in.size(0) == T && grad_y_in.size(1) == d, op,
-                    ": 'grad_y' must have shape [T, d] = [", T, ", ", d, "], got ",
-                    shape_str(grad_y_in));
-  check_same_dtype(op, "grad_y", grad_y_in, "w1", w1);
-  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == P && hidden.size(1) == h, op,
-                    ": 'hidden' must have shape [T*k, h] = [", P, ", ", h, "], got ",
-                    shape_str(hidden));
-  TORCH_CHECK_VALUE(order.numel() == P && offsets.numel() == N + 1, op,
-                    ": 'order'/'offsets' do not match this call (expected ", P, " and ", N + 1,
-                    " entries); pass the tensors returned by some.experts");
-  check_dtype(op, "indices", indices_in, at::kLong);
-  check_dtype(op, "order", order, at::kLong);
-  check_dtype(op, "offsets", offsets, at::kLong);
-  check_same_dtype(op, "gates", gates_in, "w1", w1);
-  check_same_dtype(op, "hidden", hidden, "w1", w1);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"indices", &indices_in},
-                         {"gates", &gates_in}, {"w1", &w1}, {"w2", &w2}, {"b2", &b2},
-                         {"hidden", &hidden}, {"order", &order}, {"offsets", &offsets}})
-    check_same_device(op, name, *t, "grad_y", grad_y_in);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"w2", &w2},
-                         {"b2", &b2}})
-    check_contiguous(op, name, *t);
   c10::cuda::CUDAGuard guard(grad_y_in.device());
   const auto grad_y = grad_y_in.contiguous();
   const auto gates = gates_in.contiguous();

@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../op_checks.h"
 #include "common.cuh"
 
 namespace some {
@@ -105,21 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
     const at::Tensor& query, const at::Tensor& indices, const at::Tensor& gates,
     int64_t num_experts) {
   const char* op = "some.keystore_stats";
-  // The CPU's checks, message for message, except the non-finite check (see
-  // the top of this file).
-  check_defined(op, "query", query);
-  check_dim(op, "query", query, 2);
-  check_floating(op, "query", query);
-  check_dim(op, "indices", indices, 2);
-  check_dtype(op, "indices", indices, at::kLong);
-  check_size(op, "indices", indices, 0, query.size(0), "the number of tokens T (rows of query)");
-  TORCH_CHECK_VALUE(gates.sizes() == indices.sizes(), op, ": 'gates' has shape ",
-                    shape_str(gates), " but 'indices' has shape ", shape_str(indices),
-                    "; both must be [T, k]");
-  check_floating(op, "gates", gates);
-  check_same_device(op, "indices", indices, "query", query);
-  check_same_device(op, "gates", gates, "query", query);
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  // The non-finite check of the CPU is left out (see the top of this file).
+  check_keystore_stats_inputs(op, query, indices, gates, num_experts);
   c10::cuda::CUDAGuard guard(query.device());
 
   const int64_t T = query.size(0), d = query.size(1), k = indices.size(1), N = num_experts,
@@ -300,47 +288,9 @@ at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tens
                                 double beta, double delta, double theta_percentile,
                                 double ema_decay, bool normalize) {
   const char* op = "some.keystore_update";
-  // The CPU's checks (csrc/cpu/keystore.cpp), message for message.
-  check_defined(op, "keys", keys);
-  check_dim(op, "keys", keys, 2);
+  check_keystore_update_inputs(op, keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta,
+                               delta, theta_percentile, ema_decay);
   const int64_t N = keys.size(0), d = keys.size(1);
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble, op,
-                   ": 'keys' must be float32 or float64 (the key store is kept in full "
-                   "precision), got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(velocity.sizes() == keys.sizes(), op, ": 'velocity' has shape ",
-                    shape_str(velocity), " but 'keys' has shape ", shape_str(keys));
-  TORCH_CHECK_VALUE(sum_q.sizes() == keys.sizes(), op, ": 'sum_q' has shape ",
-                    shape_str(sum_q), " but 'keys' has shape ", shape_str(keys));
-  check_dim(op, "usage", usage, 1);
-  check_size(op, "usage", usage, 0, N, "the number of experts N");
-  check_dim(op, "mass", mass, 1);
-  check_size(op, "mass", mass, 0, N, "the number of experts N");
-  check_dim(op, "counts", counts, 1);
-  check_size(op, "counts", counts, 0, N, "the number of experts N");
-  check_dim(op, "coselect", coselect, 2);
-  TORCH_CHECK_VALUE(coselect.size(0) == N && coselect.size(1) == N, op,
-                    ": 'coselect' must have shape [N, N] = [", N, ", ", N, "], got ",
-                    shape_str(coselect));
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
-                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass}}) {
-    check_same_dtype(op, name, *t, "keys", keys);
-  }
-  check_dtype(op, "counts", counts, at::kLong);
-  check_dtype(op, "coselect", coselect, at::kLong);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
-                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass},
-                         {"counts", &counts}, {"coselect", &coselect}})
-    check_same_device(op, name, *t, "keys", keys);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"keys", &keys},
-                         {"velocity", &velocity}, {"usage", &usage}})
-    check_contiguous(op, name, *t);
-  for (auto [name, v] : {std::pair<const char*, double>{"alpha", alpha}, {"beta", beta},
-                         {"delta", delta}})
-    TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
-  TORCH_CHECK_VALUE(theta_percentile >= 0 && theta_percentile <= 1, op,
-                    ": theta_percentile must be in [0, 1], got ", theta_percentile);
-  TORCH_CHECK_VALUE(ema_decay >= 0 && ema_decay <= 1, op, ": ema_decay must be in [0, 1], got ",
-                    ema_decay);
   c10::cuda::CUDAGuard guard(keys.device());
 
   // Non-finite statistics (or a store already corrupted) leave everything

@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../op_checks.h"
 #include "common.cuh"
 
 namespace some {
@@ -30,49 +31,6 @@ namespace {
 
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 constexpr int kRouteWarpsPerBlock = 8;
-
-// The CPU's checks (csrc/cpu/route.cpp), message for message.
-void check_route_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
-                        int64_t k, double temperature, Gating gating, double top_p,
-                        const c10::optional<at::Tensor>& thresholds,
-                        const c10::optional<at::Tensor>& active) {
-  check_defined(op, "query", query);
-  check_defined(op, "keys", keys);
-  check_dim(op, "query", query, 2);
-  check_dim(op, "keys", keys, 2);
-  check_floating(op, "query", query);
-  check_floating(op, "keys", keys);
-  check_same_device(op, "keys", keys, "query", query);
-  const int64_t N = keys.size(0);
-  TORCH_CHECK_VALUE(N >= 1, op, ": 'keys' must hold at least one expert, got shape ",
-                    shape_str(keys));
-  check_size(op, "keys", keys, 1, query.size(1), "the query width d");
-  TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be in 1..N = 1..", N, ", got k = ", k);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": temperature must be a positive finite number, got ", temperature);
-  if (gating == Gating::TopP) {
-    TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
-  }
-  if (gating == Gating::TopAny) {
-    TORCH_CHECK_VALUE(thresholds.has_value() && thresholds->defined(), op,
-                      ": gating 'top_any' needs the per-expert 'thresholds' tensor of shape [N]");
-  }
-  if (thresholds.has_value() && thresholds->defined()) {
-    const auto& th = *thresholds;
-    check_dim(op, "thresholds", th, 1);
-    check_size(op, "thresholds", th, 0, N, "the number of experts N");
-    check_floating(op, "thresholds", th);
-    check_same_device(op, "thresholds", th, "query", query);
-  }
-  if (active.has_value() && active->defined()) {
-    const auto& a = *active;
-    check_dim(op, "active", a, 1);
-    check_size(op, "active", a, 0, N, "the number of experts N");
-    check_dtype(op, "active", a, at::kBool);
-    check_same_device(op, "active", a, "query", query);
-  }
-  TORCH_CHECK_VALUE(N < std::numeric_limits<int>::max(), op, ": too many experts (", N, ")");
-}
 
 // Rows scaled to unit L2 norm (max(norm, eps) in the denominator), in acc dtype.
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc) {
