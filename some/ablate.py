@@ -58,6 +58,7 @@ from .config import PRESETS, ConfigError, SoMEConfig, _check_key, parse_value
 
 __all__ = [
     "RESULT",
+    "read_results",
     "Dataset",
     "Measure",
     "Run",
@@ -663,6 +664,27 @@ _COLUMNS = [
     ("spec_mi_class_bits", "MI(expert; token class) (bits)", "{:.3f}", 1),
     ("spec_mi_token_excess_bits", "MI(expert; token) excess (bits)", "{:.3f}", 1),
 ]
+
+
+def read_results(out: str | Path) -> list[dict[str, Any]]:
+    """The ``result.json`` of every finished run under a study's output
+    directory (no study file needed), each with its ``history`` (the run's
+    ``metrics.jsonl``) and ``run_dir`` added; sorted by variant order of
+    ``results.csv`` when there is one, then dataset and seed."""
+    out = Path(out)
+    rows = []
+    for path in sorted(out.glob(f"runs/*/*/seed*/{RESULT}")):
+        row = json.loads(path.read_text())
+        metrics = path.parent / "metrics.jsonl"
+        row["history"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.is_file() else []
+        row["run_dir"] = str(path.parent)
+        rows.append(row)
+    order: dict[str, int] = {}
+    if (out / "results.csv").is_file():
+        with open(out / "results.csv", newline="") as f:
+            order = {r["variant"]: i for i, r in enumerate(csv.DictReader(f))}
+    return sorted(rows, key=lambda r: (order.get(r["variant"], len(order)), r["dataset"], r["seed"]))
 
 
 def _load_results(study: Study, out: Path) -> tuple[list[dict[str, Any]], list[Run]]:
