@@ -199,7 +199,7 @@ def load_study(path: str | Path, smoke: bool = False, *, check_corpora: bool = T
                              **_mapping(section.get(key), f"{path}: smoke: {key}")}
 
     where = str(path)
-    name = str(raw.get("study") or path.stem)
+    name = _check_name(str(raw.get("study") or path.stem), f"{where}: study")
     preset = settings["preset"]
     if not isinstance(preset, str) or preset not in PRESETS:
         close = difflib.get_close_matches(str(preset), PRESETS, n=2, cutoff=0.4)
@@ -230,7 +230,8 @@ def load_study(path: str | Path, smoke: bool = False, *, check_corpora: bool = T
                            **variant.overrides, "seed": seed}
                 try:
                     config = SoMEConfig(**fields_).validate()
-                except ConfigError as e:
+                    config.data_config().validate()  # e.g. an OOD corpus that is the ID one
+                except (ConfigError, ValueError) as e:
                     raise StudyError(f"{where}: variant '{variant.name}' on dataset '{ds.name}' "
                                      f"(seed {seed}): {e}") from None
                 runs.append(Run(variant.name, ds.name, seed, config))
@@ -734,7 +735,8 @@ def summarize(study: Study, out: str | Path) -> Path:
     table: list[dict[str, Any]] = []
     for v in variants:
         rs = by_variant[v]
-        row: dict[str, Any] = {"variant": v, "runs": len(rs)}
+        row: dict[str, Any] = {"variant": v, "runs": len(rs),
+                               "num_experts": rs[0]["num_experts"] if rs else math.nan}
         for ds in study.datasets:
             for metric in ("id_perplexity", "ood_perplexity"):
                 vals = [r[metric] for r in rs if r["dataset"] == ds.name]
@@ -807,7 +809,10 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
             for metric in ("id_perplexity", "ood_perplexity"):
                 cells.append(_cell(row[f"{metric}[{ds.name}]"], "{:.2f}", std=row[f"{metric}_std[{ds.name}]"]))
         for key, _, fmt, scale in _COLUMNS:
-            cells.append(_cell(row[key], fmt, scale))
+            cell = _cell(row[key], fmt, scale)
+            if key in ("experts_used", "active_experts") and cell != "n/a":
+                cell += f" / {row['num_experts']}"  # of N (scale studies vary N)
+            cells.append(cell)
         for metric in ("id_perplexity", "ood_perplexity"):
             cells.append(_cell(row[f"rank_{metric}"], "{:.2f}"))
         lines.append("| " + " | ".join(cells) + " |")
