@@ -71,14 +71,21 @@ def _usage_line(c: np.ndarray) -> str:
 
 
 def _readable_log_axis(axis, lo: float, hi: float) -> None:
-    """Within one decade matplotlib labels a log axis with minor ticks like "7×10^0"; plain
-    numbers read better there. Wider ranges keep the 10^k labels."""
-    if hi / lo < 20:
-        from matplotlib.ticker import FuncFormatter
+    """Over a few decades matplotlib labels a log axis's minor ticks ("2×10^2 3×10^2 ...")
+    until they overlap; plain numbers at 1-2-5 steps read better there. Within one decade
+    every labelled tick is plain; wider ranges keep only the 10^k labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-        plain = FuncFormatter(lambda v, _: f"{v:,.4g}")
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:.3g}")
+    if hi / lo < 20:
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(plain)
+    elif hi / lo < 1e4:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_minor_formatter(NullFormatter())
 
 
 # --------------------------------------------------------------------------- usage histogram
