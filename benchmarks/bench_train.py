@@ -9,6 +9,10 @@ splits the step time into the SoME ops (every ``some::*`` op, forward and
 backward), the attention kernel (scaled_dot_product_attention, forward and
 backward) and the rest (router MLP, projections, norms, embedding, LM head,
 loss, optimizer, Python).
+
+On a machine shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE``:
+OpenMP threads that spin while a peer thread is descheduled made steps of
+`tiny` 10-16x slower here (2 cores, another process busy).
 """
 from __future__ import annotations
 
