@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .config import PRESETS, ConfigError, SoMEConfig, apply_overrides, get_preset
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def config_from_args(args: argparse.Namespace) -> Optional[SoMEConfig]:
+def config_from_args(args: argparse.Namespace) -> SoMEConfig | None:
     """The configuration the arguments ask for; None when resuming without one."""
     overrides = [item for group in args.overrides for item in group]
     if args.preset is not None:
@@ -135,7 +135,7 @@ def _describe(e: BaseException) -> str:
     return str(e)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate}
     try:

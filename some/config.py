@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Union
 
-__all__ = ["ConfigError", "SoMEConfig", "PRESETS", "get_preset", "apply_overrides", "parse_value"]
+__all__ = ["PRESETS", "ConfigError", "SoMEConfig", "apply_overrides", "get_preset", "parse_value"]
 
 
 EXPERT_INITS = ("default", "cluster")
@@ -74,7 +76,7 @@ class SoMEConfig:
     adaptive: bool = False
     adaptive_window: int = 100  # key-store updates per window
     adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
-    initial_experts: Optional[int] = None  # experts active at the start (None: all N)
+    initial_experts: int | None = None  # experts active at the start (None: all N)
     # ---- training (SPEC §6)
     epochs: int = 4
     batch_size: int = 32  # sequences per optimizer step (all micro-batches together)
@@ -90,11 +92,11 @@ class SoMEConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at epoch ends
     # ---- data (some.data.DataConfig)
     data_source: str = "tinystories"  # fortunes | bible | tinystories | synthetic | files:PATH
-    ood_source: Optional[str] = None  # held-out corpus of another domain (OOD perplexity)
+    ood_source: str | None = None  # held-out corpus of another domain (OOD perplexity)
     train_subset_size: int = 10000  # training documents
     val_subset_size: int = 2000  # validation documents
     packed: bool = False  # concatenate documents instead of one padded document per sample
-    cache_dir: Optional[str] = None  # tokenizer/data cache; None = the data module's default
+    cache_dir: str | None = None  # tokenizer/data cache; None = the data module's default
     # ---- data parallel (torchrun): seconds a collective may wait for the
     # other ranks before the run stops with an error (a dead rank never hangs it)
     dist_timeout: float = 600.0
@@ -106,7 +108,7 @@ class SoMEConfig:
     debug_die_rank: int = 0
 
     # ------------------------------------------------------------ validation
-    def validate(self) -> "SoMEConfig":
+    def validate(self) -> SoMEConfig:
         """Check every field's value; raise :class:`ConfigError` naming the field."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -193,7 +195,7 @@ class SoMEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "SoMEConfig":
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> SoMEConfig:
         """Build from a mapping of field names; unknown names are an error."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
@@ -205,18 +207,18 @@ class SoMEConfig:
              for k, v in d.items()}
         return cls(**d).validate()
 
-    def diff(self, other: "SoMEConfig") -> dict[str, tuple[Any, Any]]:
+    def diff(self, other: SoMEConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: ``{name: (self's, other's)}``."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
-    def save_yaml(self, path: Union[str, Path]) -> None:
+    def save_yaml(self, path: str | Path) -> None:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: Union[str, Path]) -> "SoMEConfig":
+    def load_yaml(cls, path: str | Path) -> SoMEConfig:
         import yaml
 
         path = Path(path)
@@ -291,7 +293,7 @@ def apply_overrides(config: SoMEConfig, overrides: Iterable[str]) -> SoMEConfig:
 def parse_value(text: str, tp: Any) -> Any:
     """Convert the string ``text`` to the type ``tp`` (as a dataclass field type)."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is Union and type(None) in args:  # Optional[X]
+    if _is_union(tp) and type(None) in args:  # Optional[X] / X | None
         if text.lower() in ("none", "null", "~", ""):
             return None
         (tp,) = [a for a in args if a is not type(None)]
@@ -335,8 +337,12 @@ def _check_key(key: str, source: str) -> None:
         raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)  # Optional[X] and X | None
+
+
 def _has_type(value: Any, tp: Any) -> bool:
-    if typing.get_origin(tp) is Union:
+    if _is_union(tp):
         return any(_has_type(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
@@ -348,6 +354,6 @@ def _has_type(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Union:
+    if _is_union(tp):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return "None" if tp is type(None) else tp.__name__

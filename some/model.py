@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,12 @@ from torch import Tensor, nn
 from .config import SoMEConfig
 from .layer import SoMELayer
 
-__all__ = ["SoMEForCausalLM", "CausalLMOutput", "RotaryEmbedding", "lm_loss", "format_parameter_counts"]
+__all__ = ["CausalLMOutput", "RotaryEmbedding", "SoMEForCausalLM", "format_parameter_counts", "lm_loss"]
 
 
 class CausalLMOutput(NamedTuple):
     logits: Tensor  # (B, S, V)
-    loss: Optional[Tensor]  # () mean next-token loss over real tokens, None without labels
+    loss: Tensor | None  # () mean next-token loss over real tokens, None without labels
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,7 +85,7 @@ class Block(nn.Module):
         self.some = SoMELayer(config.layer_config(), seed=layer_seed, device=device, dtype=dtype,
                               expert_dtype=expert_dtype)
 
-    def forward(self, x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_attn(x))  # (B, S, d)
         # The SoME layer runs outside autocast: cosine scores decide a top-k
         # (bf16 would turn near-ties into coin flips) and feed key-store sums
@@ -144,11 +145,11 @@ class SoMEForCausalLM(nn.Module):
             nn.init.zeros_(block.attn.out.bias)
 
     # ------------------------------------------------------------- forward
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> CausalLMOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> CausalLMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
+        S = input_ids.shape[1]
         if S > self.config.seq_len:
             raise ValueError(f"sequence length {S} exceeds config.seq_len = {self.config.seq_len}")
         token_mask = None if attention_mask is None else attention_mask.bool()
@@ -190,7 +191,7 @@ def _seeded(seed: int, device) -> Iterator[None]:
         yield
 
 
-def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
+def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
             reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy of ``logits`` (B, S, V) against ``labels`` (B, S).
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from .config import SoMEConfig
 
-__all__ = ["build_report", "write_report", "read_run"]
+__all__ = ["build_report", "read_run", "write_report"]
 
 
-def read_run(run_dir: Union[str, Path]) -> dict[str, Any]:
+def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The parsed files of a run directory: config, run info, history, analysis."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -33,7 +33,7 @@ def read_run(run_dir: Union[str, Path]) -> dict[str, Any]:
     }
 
 
-def build_report(run_dir: Union[str, Path]) -> str:
+def build_report(run_dir: str | Path) -> str:
     """The Markdown text of the run's report."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
@@ -44,9 +44,10 @@ def build_report(run_dir: Union[str, Path]) -> str:
         last = history[-1]
         ood = f" (OOD {cfg.ood_source}: {last['ood_perplexity']:.2f})" if "ood_perplexity" in last else ""
         used = f"; experts used {analysis['experts_used_text']}" if analysis else ""
-        lines += [f"**After epoch {last['epoch']}/{cfg.epochs}:** val loss {last['val_loss']:.4f}, "
-                  f"val perplexity {last['val_perplexity']:.2f}{ood}; middle layer Gini {last['gini']:.3f}, "
-                  f"entropy {last['entropy']:.3f} bits{used}.", ""]
+        headline = (f"**After epoch {last['epoch']}/{cfg.epochs}:** val loss {last['val_loss']:.4f}, "
+                    f"val perplexity {last['val_perplexity']:.2f}{ood}; middle layer Gini {last['gini']:.3f}, "
+                    f"entropy {last['entropy']:.3f} bits{used}.")
+        lines += [headline, ""]
 
     # ---- architecture
     lines += ["## Architecture", ""]
@@ -55,23 +56,25 @@ def build_report(run_dir: Union[str, Path]) -> str:
             f"(h = {cfg.d_ffn}), top-{cfg.top_k} {cfg.gating} gating (τ = {cfg.temperature}).")
     lines += [arch, ""]
     params = info.get("parameters")
-    if params and "total_steps" in info:  # the seed's one-line summary
+    if params:
         total, trainable = params["total"], params["trainable"]
-        lines += [f"**{total / 1e6:.2f}M total / {trainable / 1e6:.2f}M trainable parameters, "
-                  f"{info['total_steps']} steps, expert init {cfg.expert_init}, router {cfg.router}**", ""]
+    if params and "total_steps" in info:  # the seed's one-line summary
+        summary = (f"**{total / 1e6:.2f}M total / {trainable / 1e6:.2f}M trainable parameters, "
+                   f"{info['total_steps']} steps, expert init {cfg.expert_init}, router {cfg.router}**")
+        lines += [summary, ""]
     if params:
         lines.append(f"- Total parameters: {total / 1e6:.2f}M; Trainable parameters: {trainable / 1e6:.2f}M "
                      f"({100 * trainable / total:.2f}%)")
     if "total_steps" in info:
         lines.append(f"- Steps: {info['total_steps']} ({cfg.epochs} epochs x {info['steps_per_epoch']} steps of "
                      f"batch {cfg.batch_size})")
+    keystore = (f"- Key store: α = {cfg.alpha}, β = {cfg.beta}, δ = {cfg.delta}, "
+                f"θ percentile = {cfg.theta_percentile}, γ = {cfg.ema_decay}")
+    data = (f"- Data: {cfg.data_source} ({info.get('train_samples', cfg.train_subset_size)} train / "
+            f"{info.get('val_samples', cfg.val_subset_size)} val samples)"
+            + (f", OOD: {cfg.ood_source}" if cfg.ood_source else ""))
     lines += [f"- Expert init: {cfg.expert_init}; router: {cfg.router} ({cfg.routing_level}-level)",
-              f"- Key store: α = {cfg.alpha}, β = {cfg.beta}, δ = {cfg.delta}, "
-              f"θ percentile = {cfg.theta_percentile}, γ = {cfg.ema_decay}",
-              f"- Data: {cfg.data_source} ({info.get('train_samples', cfg.train_subset_size)} train / "
-              f"{info.get('val_samples', cfg.val_subset_size)} val samples)"
-              + (f", OOD: {cfg.ood_source}" if cfg.ood_source else ""),
-              ""]
+              keystore, data, ""]
     if info.get("device"):
         lines += [f"Trained on `{info['device']}` with torch {info.get('torch', '?')}, some {info.get('some', '?')}.",
                   ""]
@@ -92,9 +95,9 @@ def build_report(run_dir: Union[str, Path]) -> str:
             rate = (r.get("timing") or {}).get("train_tokens_per_s")
             row += [f"{r['gini']:.3f}", f"{r['entropy']:.3f}", f"{rate:,.0f}" if rate else ""]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "Losses are mean next-token cross-entropies over real (non-padding) tokens; PPL = exp(loss). "
-                      "Gini and entropy: middle-layer expert usage on the validation set. Train tok/s counts all "
-                      "batch positions (batch x seq_len, padding included)."]
+        lines += ["", ("Losses are mean next-token cross-entropies over real (non-padding) tokens; "
+                       "PPL = exp(loss). Gini and entropy: middle-layer expert usage on the validation set. "
+                       "Train tok/s counts all batch positions (batch x seq_len, padding included).")]
     else:
         lines.append("No epoch has finished yet.")
     lines.append("")
@@ -102,12 +105,14 @@ def build_report(run_dir: Union[str, Path]) -> str:
     # ---- analysis and pictures
     lines += ["## Expert utilization (aggregate, middle layer)", ""]
     if analysis:
-        lines += [f"Middle layer {analysis['middle_layer']} of {cfg.n_layers}, usage counts over the validation "
-                  f"tokens after the last epoch.", "",
+        where = (f"Middle layer {analysis['middle_layer']} of {cfg.n_layers}, usage counts over the "
+                 f"validation tokens after the last epoch.")
+        entropy = (f"- Final entropy: {analysis['entropy']:.3f} bits (Max: log2 {analysis['num_experts']} = "
+                   f"{analysis['max_entropy']:.3f})")
+        lines += [where, "",
                   f"- Experts used: {analysis['experts_used_text']}",
                   f"- Final Gini: {analysis['gini']:.3f}",
-                  f"- Final entropy: {analysis['entropy']:.3f} bits (Max: log2 {analysis['num_experts']} = "
-                  f"{analysis['max_entropy']:.3f})", ""]
+                  entropy, ""]
     else:
         done = len(history)
         lines += [f"The run has not finished ({done} of {cfg.epochs} epochs); no final analysis yet.", ""]
@@ -121,12 +126,12 @@ def build_report(run_dir: Union[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Union[str, Path]) -> Path:
+def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.md`` and return its path."""
     path = Path(run_dir) / "report.md"
     path.write_text(build_report(run_dir))
     return path
 
 
-def _read_json(path: Path) -> Optional[dict[str, Any]]:
+def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None

@@ -36,17 +36,17 @@ position is counted in global steps).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
-
-import hashlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,13 +56,32 @@ from tqdm import tqdm
 
 from .config import ConfigError, SoMEConfig
 from .data import build_data
-from .distributed import (DistContext, PeerLostError, all_reduce_keystore_stats, all_reduce_sum, barrier,
-                          init_distributed, shard_range, shutdown)
+from .distributed import (
+    DistContext,
+    PeerLostError,
+    all_reduce_keystore_stats,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shard_range,
+    shutdown,
+)
 from .metrics import entropy_bits, experts_used, gini, max_entropy_bits
-from .model import SoMEForCausalLM, lm_loss, format_parameter_counts
+from .model import SoMEForCausalLM, format_parameter_counts, lm_loss
 
-__all__ = ["train", "Trainer", "RunResult", "TrainingDiverged", "CheckpointError", "RunDirError", "RunStopped",
-           "lr_at", "evaluate", "EvalResult", "load_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "EvalResult",
+    "RunDirError",
+    "RunResult",
+    "RunStopped",
+    "Trainer",
+    "TrainingDiverged",
+    "evaluate",
+    "load_checkpoint",
+    "lr_at",
+    "train",
+]
 
 CHECKPOINT_FORMAT = "some-checkpoint-v1"
 CHECKPOINT = "checkpoint.pt"
@@ -153,12 +172,12 @@ class EvalResult:
     loss: float  # mean next-token loss over real tokens
     perplexity: float  # exp(loss)
     tokens: int  # real targets counted
-    usage_counts: Optional[torch.Tensor] = None  # (N,) int64, selections in the tracked layer
+    usage_counts: torch.Tensor | None = None  # (N,) int64, selections in the tracked layer
 
 
 @torch.no_grad()
 def evaluate(model: SoMEForCausalLM, dataset, batch_size: int, device: torch.device,
-             track_layer: Optional[int] = None, dist_ctx: DistContext = DistContext()) -> EvalResult:
+             track_layer: int | None = None, dist_ctx: DistContext = DistContext()) -> EvalResult:
     """Token-weighted validation loss over the whole ``dataset``, and the usage
     counts of SoME layer ``track_layer`` over its real tokens. With several
     ranks each evaluates its share and the sums are all-reduced."""
@@ -240,7 +259,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain
     containers only: ``weights_only=True``); a clear error names the file."""
     path = Path(path)
@@ -262,7 +281,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
 class RunLog:
     """Print to stdout (above the progress bar) and append to ``train.log``."""
 
-    def __init__(self, path: Optional[Path], echo: bool = True):
+    def __init__(self, path: Path | None, echo: bool = True):
         self.path, self.echo = path, echo
 
     def __call__(self, message: str = "") -> None:
@@ -281,7 +300,7 @@ class RunLog:
 class RunResult:
     out_dir: Path
     history: list[dict[str, Any]]  # one record per epoch (metrics.jsonl)
-    analysis: Optional[dict[str, Any]]  # middle-layer utilization at the end
+    analysis: dict[str, Any] | None  # middle-layer utilization at the end
 
 
 @dataclass
@@ -290,18 +309,18 @@ class _Position:
 
     epoch: int = 0
     step: int = 0  # within the epoch
-    order: Optional[torch.Tensor] = None  # the epoch's sample order (None before it starts)
+    order: torch.Tensor | None = None  # the epoch's sample order (None before it starts)
     loss_sum: float = 0.0  # sum of this epoch's step losses so far
     tokens: int = 0  # input positions processed this epoch so far
     history: list[dict[str, Any]] = field(default_factory=list)
-    last_usage: Optional[torch.Tensor] = None  # middle-layer val counts of the last epoch
+    last_usage: torch.Tensor | None = None  # middle-layer val counts of the last epoch
 
 
 class Trainer:
     """One training run in ``out_dir``. Use :func:`train` unless you need the parts."""
 
-    def __init__(self, config: SoMEConfig, out_dir: Union[str, Path], *, resume: bool = False,
-                 device: Union[str, torch.device] = "auto", progress: Optional[bool] = None, echo: bool = True):
+    def __init__(self, config: SoMEConfig, out_dir: str | Path, *, resume: bool = False,
+                 device: str | torch.device = "auto", progress: bool | None = None, echo: bool = True):
         self.out = Path(out_dir)
         self.device = pick_device(device)
         self.progress = progress
@@ -621,7 +640,7 @@ class Trainer:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.pos.history))
         os.replace(tmp, self.out / "metrics.jsonl")
 
-    def _bar_disabled(self) -> Optional[bool]:
+    def _bar_disabled(self) -> bool | None:
         return None if self.progress is None else not self.progress  # None: only on a terminal
 
     # ---------------------------------------------------------------- finish
@@ -666,7 +685,7 @@ class Trainer:
 # ------------------------------------------------------------------- helpers
 
 
-def pick_device(name: Union[str, torch.device]) -> torch.device:
+def pick_device(name: str | torch.device) -> torch.device:
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -691,9 +710,9 @@ def _some_version() -> str:
         return "unknown"
 
 
-def train(config: Optional[SoMEConfig], out_dir: Union[str, Path], *, resume: bool = False,
-          device: Union[str, torch.device] = "auto", make_plots: bool = True,
-          progress: Optional[bool] = None, echo: bool = True) -> RunResult:
+def train(config: SoMEConfig | None, out_dir: str | Path, *, resume: bool = False,
+          device: str | torch.device = "auto", make_plots: bool = True,
+          progress: bool | None = None, echo: bool = True) -> RunResult:
     """Train ``config`` into ``out_dir`` (or continue the run there with
     ``resume=True``; ``config`` may then be None to take the saved one).
 

@@ -3,7 +3,14 @@ import dataclasses
 
 import pytest
 
-from some.config import PRESETS, ConfigError, SoMEConfig, apply_overrides, get_preset, parse_value
+from some.config import (
+    PRESETS,
+    ConfigError,
+    SoMEConfig,
+    apply_overrides,
+    get_preset,
+    parse_value,
+)
 
 SEED_VALUES = dict(d_model=512, n_layers=10, n_heads=8, seq_len=768, batch_size=32, vocab_size=8192, d_ffn=1024,
                    top_k=4, alpha=0.01, beta=0.005, delta=0.001, theta_percentile=0.05, ema_decay=0.99,
@@ -91,9 +98,12 @@ def test_bad_overrides_give_clear_errors(override, message):
 
 
 def test_parse_value_optional_and_bool():
-    from typing import Optional
-    assert parse_value("null", Optional[str]) is None
-    assert parse_value("x", Optional[str]) == "x"
+    from typing import Optional  # both spellings of an optional field must work
+
+    for optional_str in (Optional[str], str | None):  # noqa: UP045
+        assert parse_value("null", optional_str) is None
+        assert parse_value("x", optional_str) == "x"
+    assert parse_value("7", int | None) == 7
     assert parse_value("off", bool) is False
 
 

@@ -3,7 +3,7 @@ padding, determinism of the initialization, gradients and key updates."""
 import pytest
 import torch
 
-from some.config import get_preset, apply_overrides
+from some.config import apply_overrides, get_preset
 from some.model import SoMEForCausalLM, format_parameter_counts, lm_loss
 
 EXPERT_PARAMS = 1_050_112  # 2 * 1024 * 512 + 1024 + 512

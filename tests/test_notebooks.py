@@ -38,6 +38,8 @@ def test_quickstart_notebook_executes_and_shows_metrics_and_pictures(tmp_path, m
     # editable install's on-import rebuild (`import some`) streams cmake's output to sys.stderr
     # and needs one. The kernel is not under test itself: hide the variable from it.
     monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    # idle OpenMP threads sleep instead of spinning: many times faster when other jobs share the CPU
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
 
     nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
