@@ -14,6 +14,7 @@ import torch
 
 from some.config import ConfigError, apply_overrides, get_preset
 from some.model import SoMEForCausalLM, format_parameter_counts
+from some.report import build_report
 from some.train import (
     CheckpointError,
     RunDirError,
@@ -159,6 +160,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(refer
     assert state["scheduler"]["global_step"] == 6
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (out / "checkpoint.pt.tmp").exists()
+    report = build_report(out)  # an unfinished run has a report too
+    assert "No epoch has finished yet." in report and "has not finished (0 of 3 epochs)" in report
     # The kept checkpoint is good: resuming it without the fault ends exactly like the reference run.
     train(config, out, resume=True, make_plots=False, progress=False, echo=False)
     assert _records(out) == _records(reference[0])
