@@ -35,6 +35,7 @@ dataset × seed blocks) and the comparison pictures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,10 +449,31 @@ def run_study(study: Study, out: str | Path | None = None, *, device: str = "aut
     out = Path(out) if out is not None else study.default_out()
     status = {run.key: run_status(run, out) for run in study.runs}  # every stale directory shows before any training
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_study(study, out, status, device, log, stream)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One ``some ablate`` per output directory: two would train the same runs
+    into the same directories."""
+    import fcntl
+
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(f"another 'some ablate' is running into {out}; wait for it or choose another "
+                             f"--out") from None
+        yield
+
+
+def _run_study(study: Study, out: Path, status: dict, device: str, log: Callable[[str], None],
+               stream: bool) -> Path:
     shutil.copyfile(study.path, out / "study.yaml")
     todo = [run for run in study.runs if status[run.key] != "done"]
-    log(f"Study '{study.name}'{' (smoke)' if study.smoke else ''}: {len(study.variants)} variants x "
-        f"{len(study.datasets)} datasets x {len(study.seeds)} seeds = {len(study.runs)} runs; "
+    log(f"Study '{study.name}'{' (smoke)' if study.smoke else ''}: {_count(len(study.variants), 'variant')} x "
+        f"{_count(len(study.datasets), 'dataset')} x {_count(len(study.seeds), 'seed')} = {len(study.runs)} runs; "
         f"{len(study.runs) - len(todo)} finished, {len(todo)} to run; output {out}")
 
     t_study = time.perf_counter()
@@ -759,6 +781,33 @@ def summarize(study: Study, out: str | Path) -> Path:
     return out / "results.md"
 
 
+def _construction_section(study: Study, rows) -> list[str]:
+    """Where the experts came from, for variants with expert_init = cluster:
+    the dense model's own perplexity and the clustering's cost and balance."""
+    built = [r for r in rows if r.get("dense")]
+    if not built:
+        return []
+    lines = ["## Expert construction", "",
+             "| Variant | Dense source | Dense model val PPL | Clustering (s, all layers) | Cluster sizes before "
+             "rebalancing | Neurons moved per layer |", "|---|---|---|---|---|---|"]
+    for v in study.variants:
+        rs = [r["dense"] for r in built if r["variant"] == v.name]
+        if not rs:
+            continue
+        dense_ppl = [d["dense"]["val_perplexity"] for d in rs if "dense" in d]
+        seconds = [sum(layer["seconds"] for layer in d["layers"]) for d in rs]
+        lo = min(layer["raw_size_min"] for d in rs for layer in d["layers"])
+        hi = max(layer["raw_size_max"] for d in rs for layer in d["layers"])
+        moved = [layer["n_moved"] for d in rs for layer in d["layers"]]
+        source = rs[0]["dense_source"] + (f" (transfer: {rs[0]['dense_transfer']})"
+                                          if rs[0]["dense_source"] == "pretrained" else "")
+        lines.append(f"| `{v.name}` | {source} | "
+                     f"{_cell(*_mean_std(dense_ppl), fmt='{:.2f}') if dense_ppl else 'n/a (not pre-trained)'} | "
+                     f"{np.mean(seconds):.2f} | {lo}..{hi} | {np.mean(moved):.0f} |")
+    return lines + ["", "Clustering time is part of each run's process (and of its peak memory); the dense "
+                        "model is pre-trained once per dataset × seed in a process of its own and cached.", ""]
+
+
 def _baseline_note(rows) -> str:
     base = [r["baseline_rss_mb"] for r in rows if r.get("baseline_rss_mb") is not None
             and math.isfinite(r["baseline_rss_mb"]) and r["memory_kind"].startswith("peak RSS")]
@@ -772,7 +821,7 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def _cell(value: float, fmt: str, scale: float = 1.0, std: float | None = None) -> str:
+def _cell(value: float, std: float | None = None, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     text = fmt.format(value * scale)
@@ -807,14 +856,14 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
         cells = [f"`{row['variant']}`"]
         for ds in study.datasets:
             for metric in ("id_perplexity", "ood_perplexity"):
-                cells.append(_cell(row[f"{metric}[{ds.name}]"], "{:.2f}", std=row[f"{metric}_std[{ds.name}]"]))
+                cells.append(_cell(row[f"{metric}[{ds.name}]"], row[f"{metric}_std[{ds.name}]"], "{:.2f}"))
         for key, _, fmt, scale in _COLUMNS:
-            cell = _cell(row[key], fmt, scale)
+            cell = _cell(row[key], fmt=fmt, scale=scale)
             if key in ("experts_used", "active_experts") and cell != "n/a":
                 cell += f" / {row['num_experts']}"  # of N (scale studies vary N)
             cells.append(cell)
         for metric in ("id_perplexity", "ood_perplexity"):
-            cells.append(_cell(row[f"rank_{metric}"], "{:.2f}"))
+            cells.append(_cell(row[f"rank_{metric}"], fmt="{:.2f}"))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for metric, what in (("id_perplexity", "ID"), ("ood_perplexity", "OOD")):
@@ -831,6 +880,7 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
         lines += [f"**Unfinished runs ({len(missing)})**, not in the table: "
                   + ", ".join(f"{r.variant}/{r.dataset}/seed{r.seed}" for r in missing), ""]
 
+    lines += _construction_section(study, rows)
     lines += ["## How each column is measured", "",
               "- **ID / OOD PPL**: exp of the mean next-token loss over the real tokens of the validation set / "
               "of the OOD corpus after the last epoch; mean ± standard deviation over seeds."

@@ -153,6 +153,16 @@ def test_a_changed_study_file_is_refused_not_mixed_in(finished_study, tmp_path):
         ablate.run_study(load_study(path2), out, log=lambda s: None)
 
 
+def test_one_study_process_per_output_directory(finished_study):
+    import fcntl
+
+    path, out = finished_study
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running 'some ablate' holds it
+        with pytest.raises(StudyError, match="another 'some ablate' is running into"):
+            ablate.run_study(load_study(path), out, log=lambda s: None)
+
+
 # ------------------------------------------------------------ bad study files
 
 
