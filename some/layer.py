@@ -320,6 +320,13 @@ class SoMELayer(nn.Module):
         self._pending_unmatched = None
         return applied
 
+    def router_rng_state(self) -> Tensor:
+        """State of the generator that re-draws a ``random`` router (for exact resume)."""
+        return self._router_gen.get_state()
+
+    def set_router_rng_state(self, state: Tensor) -> None:
+        self._router_gen.set_state(state)
+
     def reset_usage(self) -> None:
         self.usage_counts.zero_()
         self.usage_tokens.zero_()

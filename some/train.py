@@ -223,7 +223,7 @@ def _rng_states(model: SoMEForCausalLM) -> dict[str, Any]:
         "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         # the 'random' router re-draws its weights from a per-layer generator
-        "routers": [layer._router_gen.get_state() for layer in model.some_layers()],
+        "routers": [layer.router_rng_state() for layer in model.some_layers()],
     }
 
 
@@ -236,7 +236,7 @@ def _set_rng_states(model: SoMEForCausalLM, states: dict[str, Any]) -> None:
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     for layer, state in zip(model.some_layers(), states["routers"]):
-        layer._router_gen.set_state(state)
+        layer.set_router_rng_state(state)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
