@@ -59,6 +59,7 @@ from .config import PRESETS, ConfigError, SoMEConfig, _check_key, parse_value
 
 __all__ = [
     "RESULT",
+    "RunsFailed",
     "read_results",
     "Dataset",
     "Measure",
@@ -88,6 +89,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # variant / dataset names 
 class StudyError(ConfigError):
     """A study file that cannot be run as written (or a run directory that
     belongs to another version of it); the message names the place."""
+
+
+class RunsFailed(RuntimeError):
+    """Some runs of a study failed (the others finished and are summarized);
+    the message names each failed run and its log."""
 
 
 # ------------------------------------------------------------------- the study
@@ -143,6 +149,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Study:
+    """A validated study file: its settings and every run's configuration."""
+
     name: str
     description: str
     path: Path
@@ -444,7 +452,7 @@ def run_study(study: Study, out: str | Path | None = None, *, device: str = "aut
     process), then :func:`summarize`. Returns the path of ``results.md``.
 
     Runs that fail are reported and the others go on; the summary is written
-    either way, and :class:`RuntimeError` names the failed runs at the end.
+    either way, and :class:`RunsFailed` names the failed runs at the end.
     """
     out = Path(out) if out is not None else study.default_out()
     status = {run.key: run_status(run, out) for run in study.runs}  # every stale directory shows before any training
@@ -498,7 +506,7 @@ def _run_study(study: Study, out: Path, status: dict, device: str, log: Callable
     report = summarize(study, out)
     log(f"Results: {report}")
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(study.runs)} runs failed: " + "; ".join(failed))
+        raise RunsFailed(f"{len(failed)} of {len(study.runs)} runs failed: " + "; ".join(failed))
     return report
 
 
@@ -1054,9 +1062,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("\nsome: interrupted; run the same command again to continue (finished runs are kept)",
               file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        if "runs failed" not in str(e):
-            raise
+    except RunsFailed as e:
         print(f"some: error: {e}", file=sys.stderr)
         return 1
     return 0

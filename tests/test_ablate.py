@@ -137,7 +137,7 @@ def test_only_the_unfinished_run_runs_again(finished_study, monkeypatch):
     assert run_status(target, out) == "new"  # the checkpoint was deleted after measuring
     started = []
     monkeypatch.setattr(ablate, "_run_in_subprocess", lambda run, *a, **k: started.append(run) or 1)
-    with pytest.raises(RuntimeError, match="1 of 6 runs failed"):
+    with pytest.raises(ablate.RunsFailed, match="1 of 6 runs failed"):
         ablate.run_study(study, out, log=lambda s: None, stream=False)
     assert started == [target]
     (target.dir(out) / "result.json.bak").rename(target.dir(out) / "result.json")
