@@ -235,3 +235,13 @@ def test_experts_per_token_counts_real_tokens():
     layer(torch.randn(1, 3, 12, dtype=torch.float64), token_mask=mask)
     assert int(layer.usage_tokens) == 2
     assert 1 <= layer.experts_per_token <= 4
+
+
+def test_sequence_routing_of_a_single_sequence():
+    """One sequence: the expanded routing tensors are views with stride 0."""
+    layer = make_layer(routing_level="sequence")
+    x = torch.randn(1, 5, 12, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y[0], layer(x.expand(2, 5, 12))[1])
+    assert torch.isfinite(x.grad).all()

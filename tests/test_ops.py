@@ -517,3 +517,23 @@ def test_meta_device_shapes():
     w1, b1, w2, b2 = (torch.empty(*s, device=dev) for s in ((N, h, d), (N, h), (N, d, h), (N, d)))
     y = ops.experts(torch.empty(T, d, device=dev), r.indices, r.gates, w1, b1, w2, b2)
     assert y.shape == (T, d) and y.device.type == "meta"
+
+
+def test_non_contiguous_inputs_are_handled():
+    """Expanded (stride-0) and transposed inputs, as sequence-level routing of a
+    single sequence produces them: same result as contiguous copies, no crash."""
+    T, d, N, h, k = 9, 6, 5, 7, 2
+    w = make_experts(N, d, h, torch.float64)
+    x = torch.randn(d, T, dtype=torch.float64).T  # non-contiguous rows
+    idx = torch.tensor([[3, 1]]).expand(T, k)  # stride (0, 1)
+    gates = torch.tensor([[0.7, 0.3]], dtype=torch.float64).expand(T, k)
+    assert not x.is_contiguous() and not idx.is_contiguous()
+    y = ops.experts(x, idx, gates, *w)
+    torch.testing.assert_close(y, ops.experts(x.contiguous(), idx.contiguous(), gates.contiguous(), *w))
+    q = torch.randn(d, T, dtype=torch.float64).T
+    r = ops.route(q, torch.randn(N, d, dtype=torch.float64), k, 0.8)
+    st = ops.keystore_stats(q, idx, gates, N)
+    st2 = ops.keystore_stats(q.contiguous(), idx.contiguous(), gates.contiguous(), N)
+    for a, b in zip(st, st2):
+        torch.testing.assert_close(a, b)
+    assert r.indices.shape == (T, k)

@@ -133,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
   check_expert_inputs(op, x_in, indices, gates_in, w1, b1, w2, b2);
   const auto x = x_in.contiguous();
   const auto gates = gates_in.contiguous();
+  const auto idx = indices.contiguous();  // kept alive: the combine pass reads it
   const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), N = w1.size(0),
                 h = w1.size(1), P = T * k;
   auto [order, offsets] = group_by_expert(op, indices, N);
@@ -181,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
     // y_t = Σ_j g_tj (out[pos(t, j)] + b2_e), accumulated in opmath.
     using opmath = at::opmath_type<scalar_t>;
     const auto pos = inverse_order(order, valid, P);
-    const int64_t* I = indices.contiguous().data_ptr<int64_t>();
+    const int64_t* I = idx.data_ptr<int64_t>();
     const scalar_t* G = gates.data_ptr<scalar_t>();
     const scalar_t* O = out.data_ptr<scalar_t>();
     const scalar_t* B2 = b2.data_ptr<scalar_t>();
