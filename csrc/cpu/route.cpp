@@ -14,11 +14,11 @@
 
 #include "../checks.h"
 #include "../op_checks.h"
+#include "../route_common.h"
 
 namespace some {
 namespace {
 
-constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 
 struct RouteArgs {
   Gating gating;
@@ -28,13 +28,6 @@ struct RouteArgs {
   double top_p;
   bool fallback_top1;
 };
-
-// Rows scaled to unit L2 norm (max(norm, eps) in the denominator), in acc dtype.
-at::Tensor unit_rows(const at::Tensor& t, at::ScalarType acc) {
-  auto x = t.to(acc).contiguous();
-  auto norms = x.norm(2, /*dim=*/1, /*keepdim=*/true).clamp_min(kNormEps);
-  return x / norms;
-}
 
 template <typename acc_t>
 inline acc_t sigmoid(acc_t x) {
@@ -167,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
 
   const int64_t T = query.size(0), N = keys.size(0);
   const auto acc = stats_dtype(query.scalar_type());
-  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
-  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto q = scoring_rows(query, acc, cosine);
+  const auto kk = scoring_rows(keys, acc, cosine);
   const auto S = at::mm(q, kk.t()).contiguous();  // (T, N)
 
   auto opts = query.options().dtype(acc);
@@ -268,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
                       shape_str(*pr));
   }
   const auto acc = stats_dtype(query.scalar_type());
-  const auto q = cosine ? unit_rows(query, acc) : query.to(acc).contiguous();
-  const auto kk = cosine ? unit_rows(keys, acc) : keys.to(acc).contiguous();
+  const auto q = scoring_rows(query, acc, cosine);
+  const auto kk = scoring_rows(keys, acc, cosine);
   const auto gg = grad_gates.to(acc).contiguous(), gs = grad_scores.to(acc).contiguous();
   const auto g = gates.to(acc).contiguous(), sc = scores.to(acc).contiguous();
   const auto idx = indices.contiguous();
@@ -324,27 +317,8 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
     }
   });
 
-  if (gating == Gating::TopP) {
-    // The softmax denominator couples every active expert:
-    // grad_q̂_t += coef_t Σ_e P_te k̂_e, with P recomputed from the scores.
-    auto S = at::mm(q, kk.t()) / temperature;
-    if (active.has_value() && active->defined())
-      S = S.masked_fill(active->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
-    auto P = at::softmax(S, 1);
-    grad_qhat.add_(at::mm(P * coef_all.unsqueeze(1), kk));
-  }
-
-  at::Tensor grad_q;
-  if (cosine) {
-    // q̂ = q / max(||q||, eps): project out the radial part, divide by the norm.
-    auto x = query.to(acc);
-    auto norm = x.norm(2, 1, true);
-    auto radial = (q * grad_qhat).sum(1, true);
-    grad_q = at::where(norm > kNormEps, (grad_qhat - q * radial) / norm.clamp_min(kNormEps),
-                       grad_qhat / kNormEps);
-  } else {
-    grad_q = grad_qhat;
-  }
+  if (gating == Gating::TopP) add_top_p_coupling(grad_qhat, q, kk, temperature, active, coef_all);
+  const auto grad_q = query_grad(query, q, grad_qhat, acc, cosine);
   return {grad_q.to(query.scalar_type()),
           has_thr ? grad_thr.to(thresholds->scalar_type()) : grad_thr};
 }
