@@ -295,7 +295,6 @@ def test_experts_bfloat16_error_no_worse_than_pytorch(d, h):
     idx, gates = random_routing(T, N, k, torch.float64, empty_frac=0)
     w = make_experts(N, d, h)
     wy = torch.randn(T, d, dtype=torch.float64, device=DEV)
-    bf = lambda t: t.bfloat16()
 
     def run(fn, dt):
         xx = x.to(dt).requires_grad_()
