@@ -962,10 +962,10 @@ def perplexity_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path, tit
     """ID and OOD perplexity per variant side by side: one dot per run (seed)
     and the mean with ± std whiskers; the axes zoom to the data, since
     variants often differ by a few percent."""
-    from .plots import _BEST, _USED, _figure, _save
+    from .plots import COLOR_BEST, COLOR_USED, new_figure, save_figure
 
     names = list(runs)
-    fig = _figure(max(7.0, 1.4 * len(names) + 3), 4.2)
+    fig = new_figure(max(7.0, 1.4 * len(names) + 3), 4.2)
     for ax, metric, what in zip(fig.subplots(1, 2), ("id_perplexity", "ood_perplexity"), ("ID", "OOD"), strict=True):
         means = []
         for i, v in enumerate(names):
@@ -974,13 +974,13 @@ def perplexity_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path, tit
                 means.append(math.nan)
                 continue
             jitter = np.linspace(-0.12, 0.12, vals.size) if vals.size > 1 else np.zeros(1)
-            ax.scatter(i + jitter, vals, s=14, color=_USED, alpha=0.6, zorder=2)
+            ax.scatter(i + jitter, vals, s=14, color=COLOR_USED, alpha=0.6, zorder=2)
             std = vals.std(ddof=1) if vals.size > 1 else 0.0
             ax.errorbar(i, vals.mean(), yerr=std, fmt="_", color="black", markersize=18, capsize=5, zorder=3)
             means.append(float(vals.mean()))
         if np.isfinite(means).any():
             best = int(np.nanargmin(means))
-            ax.axhline(means[best], color=_BEST, linestyle="--", linewidth=1, label=f"best mean: {names[best]}")
+            ax.axhline(means[best], color=COLOR_BEST, linestyle="--", linewidth=1, label=f"best mean: {names[best]}")
             ax.legend(fontsize=7, loc="best")
         rotate = len(names) > 4 or max(map(len, names)) > 10
         ax.set_xticks(range(len(names)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center",
@@ -990,7 +990,7 @@ def perplexity_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path, tit
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"{what}: dots = seeds, black = mean ± std", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
@@ -998,12 +998,12 @@ def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "")
     counts sorted from most to least used (log scale), unused experts as red
     ticks on the axis, with Gini, entropy and experts used in the panel title."""
     from .metrics import entropy_bits, experts_used, gini
-    from .plots import _BEST, _UNUSED, _USED, _figure, _save  # the package's own figure helpers and colors
+    from .plots import COLOR_BEST, COLOR_UNUSED, COLOR_USED, new_figure, save_figure
 
     n = len(counts)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = _figure(4.2 * cols, 3.2 * rows + 0.6)
+    fig = new_figure(4.2 * cols, 3.2 * rows + 0.6)
     axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True, squeeze=False)).ravel()
     positive = [c[c > 0] for c in counts.values() if np.any(c > 0)]
     top = max(float(c.max()) for c in positive) if positive else 1.0
@@ -1012,12 +1012,12 @@ def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "")
         order = np.sort(c)[::-1]
         x = np.arange(1, c.size + 1)
         used = order > 0
-        ax.bar(x[used], order[used], width=1.0, color=_USED, edgecolor="none")
+        ax.bar(x[used], order[used], width=1.0, color=COLOR_USED, edgecolor="none")
         if (~used).any():
-            ax.plot(x[~used], np.full((~used).sum(), bottom / 1.6), "|", color=_UNUSED, markersize=8,
+            ax.plot(x[~used], np.full((~used).sum(), bottom / 1.6), "|", color=COLOR_UNUSED, markersize=8,
                     label=f"unused: {(~used).sum()}")
             ax.legend(loc="upper right", fontsize=7)
-        ax.axhline(c.sum() / c.size, color=_BEST, linestyle="--", linewidth=1)  # balanced routing
+        ax.axhline(c.sum() / c.size, color=COLOR_BEST, linestyle="--", linewidth=1)  # balanced routing
         ax.set_yscale("log")
         ax.set_ylim(bottom / 2.5, top * 1.6)
         ax.set_title(f"{name}\nGini {gini(c):.3f}, H {entropy_bits(c):.2f} bits, used {experts_used(c)}", fontsize=9)
@@ -1028,7 +1028,7 @@ def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "")
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"{title}\n(dashed: balanced routing, Σc / N)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------- CLI

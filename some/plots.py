@@ -26,16 +26,17 @@ from .metrics import _as_counts, entropy_bits, experts_used, gini, max_entropy_b
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["usage_histogram", "keystore_umap", "comparison_bars", "MIN_UMAP_POINTS"]
+__all__ = ["usage_histogram", "keystore_umap", "comparison_bars", "new_figure", "save_figure", "MIN_UMAP_POINTS",
+           "COLOR_USED", "COLOR_UNUSED", "COLOR_BEST"]
 
 PathLike = Union[str, os.PathLike]
 MIN_UMAP_POINTS = 8  # below this a 2-D UMAP of a k-NN graph says nothing; PCA is shown instead
-_USED = "#3b6fb6"
-_UNUSED = "#d62728"
-_BEST = "#2ca02c"
+COLOR_USED = "#3b6fb6"
+COLOR_UNUSED = "#d62728"
+COLOR_BEST = "#2ca02c"
 
 
-def _figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> "Figure":
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -44,7 +45,7 @@ def _figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", path: PathLike) -> Path:
+def save_figure(fig: "Figure", path: PathLike) -> Path:
     """Write the PNG through a temporary file + os.replace: a report never links a half-written picture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
     n, total = c.size, c.sum()
     positive = c[c > 0]
     n_zero = n - positive.size
-    fig = _figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_hist, ax_rank = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
     fig.suptitle(f"{title}\n{_usage_line(c)}", fontsize=11)
     uniform = total / n
@@ -116,7 +117,7 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
         else:
             n_bins = int(np.clip(np.sqrt(positive.size) * 2, 8, 40))
         bins = np.geomspace(lo, hi * 1.0001, num=n_bins + 1)
-        heights, _, _ = ax_hist.hist(positive, bins=bins, color=_USED, edgecolor="white", linewidth=0.5,
+        heights, _, _ = ax_hist.hist(positive, bins=bins, color=COLOR_USED, edgecolor="white", linewidth=0.5,
                                      label=f"used experts ({positive.size})")
         ax_hist.set_xscale("log")
         _readable_log_axis(ax_hist.xaxis, lo, hi)
@@ -129,8 +130,8 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
         ax_hist.set_yticks([])
     if n_zero:
         ax_hist.text(0.98, 0.95, f"{n_zero} of {n} experts unused\n(0 {unit}, not on the log axis)",
-                     transform=ax_hist.transAxes, ha="right", va="top", fontsize=9, color=_UNUSED,
-                     bbox=dict(boxstyle="round", facecolor="white", edgecolor=_UNUSED, alpha=0.9))
+                     transform=ax_hist.transAxes, ha="right", va="top", fontsize=9, color=COLOR_UNUSED,
+                     bbox=dict(boxstyle="round", facecolor="white", edgecolor=COLOR_UNUSED, alpha=0.9))
     ax_hist.set_xlabel(f"{unit} routed to an expert (log scale)")
     ax_hist.set_ylabel("number of experts")
     ax_hist.set_title("distribution of per-expert counts", fontsize=10)
@@ -138,7 +139,7 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
     order = np.sort(c)[::-1]
     ranks = np.arange(1, n + 1)
     if positive.size:
-        ax_rank.bar(ranks[: positive.size], order[: positive.size], width=1.0, color=_USED, linewidth=0)
+        ax_rank.bar(ranks[: positive.size], order[: positive.size], width=1.0, color=COLOR_USED, linewidth=0)
         ax_rank.set_yscale("log")
         ax_rank.axhline(uniform, color="black", linestyle="--", linewidth=1, label="balanced share")
         ax_rank.set_ylim(bottom=positive.min() / 2, top=positive.max() * 4)
@@ -146,10 +147,10 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
     else:
         ax_rank.set_yticks([])
         ax_rank.text(0.5, 0.5, f"no {unit} routed:\nall {n} experts unused", transform=ax_rank.transAxes,
-                     ha="center", va="center", fontsize=11, color=_UNUSED)
+                     ha="center", va="center", fontsize=11, color=COLOR_UNUSED)
     if n_zero and positive.size:
         # dead experts: ticks along the bottom edge, in axes coordinates (0 has no place on a log axis)
-        ax_rank.plot(ranks[positive.size:], np.zeros(n_zero), "|", color=_UNUSED, markersize=12,
+        ax_rank.plot(ranks[positive.size:], np.zeros(n_zero), "|", color=COLOR_UNUSED, markersize=12,
                      transform=ax_rank.get_xaxis_transform(), clip_on=False, label=f"unused ({n_zero})")
     if positive.size:
         ax_rank.legend(fontsize=8, loc="upper right", frameon=False)
@@ -158,7 +159,7 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
     ax_rank.set_xlabel("expert rank (most used first)")
     ax_rank.set_ylabel(f"{unit} (log scale)")
     ax_rank.set_title("per-expert counts by rank", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- key store picture
@@ -221,7 +222,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
         how = how or (f"PCA of normalized keys (N={n} < {MIN_UMAP_POINTS}, too few for UMAP)"
                       if method == "auto" else "PCA of normalized keys")
 
-    fig = _figure(7, 6)
+    fig = new_figure(7, 6)
     ax = fig.add_subplot()
     subtitle = f"N={n}, d={d}; {how}"
     if u is not None:
@@ -229,7 +230,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
     ax.set_title(f"{title}\n{subtitle}", fontsize=10)
     size = float(np.clip(3000 / n, 12, 90))
     if u is None:
-        ax.scatter(emb[:, 0], emb[:, 1], s=size, color=_USED, edgecolors="white", linewidths=0.4)
+        ax.scatter(emb[:, 0], emb[:, 1], s=size, color=COLOR_USED, edgecolors="white", linewidths=0.4)
     else:
         from matplotlib.colors import LogNorm
 
@@ -242,7 +243,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
             cbar = fig.colorbar(sc, ax=ax, label="tokens routed to the expert (log scale)")
             _readable_log_axis(cbar.ax.yaxis, norm.vmin, norm.vmax)
         if (~used).any():
-            ax.scatter(emb[~used, 0], emb[~used, 1], marker="x", color=_UNUSED, s=size * 0.8, linewidths=1.2,
+            ax.scatter(emb[~used, 0], emb[~used, 1], marker="x", color=COLOR_UNUSED, s=size * 0.8, linewidths=1.2,
                        label=f"unused expert ({int((~used).sum())})")
             ax.legend(fontsize=8, loc="best")
     ax.set_xlabel(f"{axis} 1")
@@ -250,7 +251,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
     if axis == "UMAP":  # UMAP coordinates have no units: the ticks would only distract
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int) -> np.ndarray:
@@ -295,14 +296,14 @@ def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Opti
     if log_scale and np.any(vals[finite] <= 0):
         raise ValueError("log_scale needs positive values")
 
-    fig = _figure(max(4.5, 0.8 * len(names) + 2), 4.2)
+    fig = new_figure(max(4.5, 0.8 * len(names) + 2), 4.2)
     ax = fig.add_subplot()
     x = np.arange(len(names))
-    colors = [_USED] * len(names)
+    colors = [COLOR_USED] * len(names)
     if best is not None and finite.any():
         i_best = int(np.nanargmin(np.where(finite, vals, np.nan)) if best == "min"
                      else np.nanargmax(np.where(finite, vals, np.nan)))
-        colors[i_best] = _BEST
+        colors[i_best] = COLOR_BEST
     heights = np.where(finite, vals, 0.0)
     yerr = None if errs is None else np.where(np.isfinite(errs), errs, np.nan)  # NaN: no error bar drawn
     bars = ax.bar(x, heights, yerr=yerr, capsize=4 if errs is not None else 0, color=colors,
@@ -328,4 +329,4 @@ def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Opti
     ax.set_title(full_title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    return _save(fig, path)
+    return save_figure(fig, path)
