@@ -15,6 +15,7 @@
 #include "../checks.h"
 #include "../op_checks.h"
 #include "../route_common.h"
+#include "../route_math.h"
 
 namespace some {
 namespace {
@@ -195,49 +196,8 @@ void route_backward_rows(const acc_t* gg, const acc_t* gs, const int64_t* idx, c
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * k;
-      int64_t count = 0;
-      while (count < k && idx[o + count] >= 0) ++count;
-      acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
-      for (int64_t j = 0; j < count; ++j) dot += gg[o + j] * g[o + j];
-      for (int64_t j = 0; j < k; ++j) {
-        grad_s[o + j] = 0;
-        if (grad_m) grad_m[o + j] = 0;
-      }
-      if (coef_all) coef_all[t] = 0;
-      for (int64_t j = 0; j < count; ++j) {
-        const acc_t s = sc[o + j], gj = g[o + j], ggj = gg[o + j];
-        acc_t ds = gs[o + j];
-        switch (a.gating) {
-          case Gating::Softmax:
-            ds += gj * (ggj - dot) / tau;
-            break;
-          case Gating::Sigmoid:
-            ds += ggj * gj * (acc_t(1) - gj) / tau;
-            break;
-          case Gating::Relu:
-            ds += s > 0 ? ggj : acc_t(0);
-            break;
-          case Gating::AvgK:
-            break;
-          case Gating::TopP:
-            ds += ggj * gj / tau;
-            break;
-          case Gating::TopAny: {
-            // Straight-through mask m_j of fired experts, gates m_j / Σ m.
-            // A fallback top-1 slot (nothing fired, evaluation) has no gradient.
-            const int64_t e = idx[o + j];
-            if (s / tau > thr[e]) {
-              const acc_t dm = (ggj - dot) / acc_t(count);
-              const acc_t sg = sigmoid(s / tau);
-              ds += dm * sg * (acc_t(1) - sg) / tau;
-              grad_m[o + j] = dm;
-            }
-            break;
-          }
-        }
-        grad_s[o + j] = ds;
-      }
-      if (a.gating == Gating::TopP && coef_all) coef_all[t] = -dot / tau;
+      route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, a.gating, tau, grad_s + o,
+                           coef_all ? coef_all + t : nullptr, grad_m ? grad_m + o : nullptr);
     }
   });
 }

@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "../op_checks.h"
 #include "../route_common.h"
+#include "../route_math.h"
 #include "common.cuh"
 
 namespace some {
@@ -261,49 +262,8 @@ __global__ void route_backward_rows_kernel(const acc_t* __restrict__ gg, const a
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const int64_t o = t * k;
-  int64_t count = 0;
-  while (count < k && idx[o + count] >= 0) ++count;
-  acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
-  for (int64_t j = 0; j < count; ++j) dot += gg[o + j] * g[o + j];
-  for (int64_t j = 0; j < k; ++j) {
-    grad_s[o + j] = 0;
-    if (grad_m) grad_m[o + j] = 0;
-  }
-  if (coef_all) coef_all[t] = 0;
-  for (int64_t j = 0; j < count; ++j) {
-    const acc_t s = sc[o + j], gj = g[o + j], ggj = gg[o + j];
-    acc_t ds = gs[o + j];
-    switch (gating) {
-      case Gating::Softmax:
-        ds += gj * (ggj - dot) / tau;
-        break;
-      case Gating::Sigmoid:
-        ds += ggj * gj * (acc_t(1) - gj) / tau;
-        break;
-      case Gating::Relu:
-        ds += s > 0 ? ggj : acc_t(0);
-        break;
-      case Gating::AvgK:
-        break;
-      case Gating::TopP:
-        ds += ggj * gj / tau;
-        break;
-      case Gating::TopAny: {
-        // Straight-through mask m_j of fired experts, gates m_j / Σ m. A
-        // fallback top-1 slot (nothing fired, evaluation) has no gradient.
-        const int64_t e = idx[o + j];
-        if (s / tau > thr[e]) {
-          const acc_t dm = (ggj - dot) / acc_t(count);
-          const acc_t sg = sigmoid(s / tau);
-          ds += dm * sg * (acc_t(1) - sg) / tau;
-          grad_m[o + j] = dm;
-        }
-        break;
-      }
-    }
-    grad_s[o + j] = ds;
-  }
-  if (gating == Gating::TopP && coef_all) coef_all[t] = -dot / tau;
+  route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, gating, tau, grad_s + o,
+                       coef_all ? coef_all + t : nullptr, grad_m ? grad_m + o : nullptr);
 }
 
 // grad_q̂[t, c] = Σ_j grad_s[t, j] k̂[I_tj, c], slots in order (deterministic).

@@ -1,0 +1,78 @@
+// Per-token maths of some::route_backward, shared by the CPU kernel (called
+// in a parallel loop over tokens) and the CUDA kernel (one thread per token).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "checks.h"  // Gating
+
+#if defined(__CUDACC__)
+#define SOME_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SOME_HOST_DEVICE inline
+#endif
+
+namespace some {
+// The CPU and CUDA translation units each keep their own copy (the
+// SOME_HOST_DEVICE qualifiers differ between them).
+namespace {
+
+// d(loss)/d(score) of every selected slot of one token (k slots, empty ones
+// last with index -1), from the gate and score gradients. For top_p also
+// *coef = -(Σ_j gg_j g_j)/τ, the weight with which the softmax denominator's
+// gradient reaches every active expert; for top_any grad_m[j] = dL/dm_j of
+// the straight-through mask (0 for a fallback slot).
+template <typename acc_t>
+SOME_HOST_DEVICE void route_backward_token(const acc_t* gg, const acc_t* gs, const int64_t* idx,
+                                           const acc_t* g, const acc_t* sc, const acc_t* thr,
+                                           int64_t k, Gating gating, acc_t tau, acc_t* grad_s,
+                                           acc_t* coef, acc_t* grad_m) {
+  using std::exp;
+  int64_t count = 0;
+  while (count < k && idx[count] >= 0) ++count;
+  acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
+  for (int64_t j = 0; j < count; ++j) dot += gg[j] * g[j];
+  for (int64_t j = 0; j < k; ++j) {
+    grad_s[j] = 0;
+    if (grad_m) grad_m[j] = 0;
+  }
+  if (coef) *coef = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t s = sc[j], gj = g[j], ggj = gg[j];
+    acc_t ds = gs[j];
+    switch (gating) {
+      case Gating::Softmax:
+        ds += gj * (ggj - dot) / tau;
+        break;
+      case Gating::Sigmoid:
+        ds += ggj * gj * (acc_t(1) - gj) / tau;
+        break;
+      case Gating::Relu:
+        ds += s > 0 ? ggj : acc_t(0);
+        break;
+      case Gating::AvgK:
+        break;
+      case Gating::TopP:
+        ds += ggj * gj / tau;
+        break;
+      case Gating::TopAny: {
+        // Straight-through mask m_j of fired experts, gates m_j / Σ m.
+        // A fallback top-1 slot (nothing fired, evaluation) has no gradient.
+        const int64_t e = idx[j];
+        if (s / tau > thr[e]) {
+          const acc_t dm = (ggj - dot) / acc_t(count);
+          const acc_t sg = acc_t(1) / (acc_t(1) + exp(-s / tau));
+          ds += dm * sg * (acc_t(1) - sg) / tau;
+          grad_m[j] = dm;
+        }
+        break;
+      }
+    }
+    grad_s[j] = ds;
+  }
+  if (gating == Gating::TopP && coef) *coef = -dot / tau;
+}
+
+}  // namespace
+}  // namespace some
