@@ -2,7 +2,6 @@
 values, gradients, gradcheck, opcheck, awkward sizes, determinism, bad input."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -11,24 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from some import ops
 
+from inputs import make_experts, make_route_inputs, random_routing
 from reference import experts_loop_ref, experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
 
 GATINGS = ops.GATINGS
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=2e-5)}
-
-
-def make_route_inputs(T, d, N, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    K = torch.randn(N, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    thr = (0.3 * torch.randn(N, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
-    return q, K, thr
-
-
-def make_experts(N, d, h, dtype=torch.float64, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])).to(device=device, dtype=dtype)
-    return mk(N, h, d), mk(N, h), mk(N, d, h), mk(N, d)
 
 
 # ----------------------------------------------------------------- route
@@ -155,15 +141,6 @@ def test_route_bfloat16_close_to_float32():
 
 
 # ----------------------------------------------------------------- experts
-
-
-def random_routing(T, N, k, dtype, device, seed=0, empty_frac=0.15):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)])
-    idx[torch.rand(T, k, generator=g) < empty_frac] = -1
-    gates = torch.rand(T, k, generator=g, dtype=torch.float64)
-    gates[idx < 0] = 0
-    return idx.to(device), gates.to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -13,7 +13,7 @@ csrc/cuda/*.cu:
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import some
 from some import ops
 
+import inputs
 from reference import experts_loop_ref, experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
 
 CUDA_OK = torch.cuda.is_available() and bool(some.build_info()["cuda"])
@@ -36,27 +37,10 @@ GATINGS = ops.GATINGS
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
-def make_route_inputs(T, d, N, dtype=torch.float64, device=DEV, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    K = torch.randn(N, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    thr = (0.3 * torch.randn(N, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
-    return q, K, thr
-
-
-def make_experts(N, d, h, dtype=torch.float64, device=DEV, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])).to(device=device, dtype=dtype)
-    return mk(N, h, d), mk(N, h), mk(N, d, h), mk(N, d)
-
-
-def random_routing(T, N, k, dtype, device=DEV, seed=0, empty_frac=0.15):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
-    idx[torch.rand(T, k, generator=g) < empty_frac] = -1
-    gates = torch.rand(T, k, generator=g, dtype=torch.float64)
-    gates[idx < 0] = 0
-    return idx.to(device), gates.to(device=device, dtype=dtype)
+# the shared builders, on the GPU unless told otherwise
+make_route_inputs = functools.partial(inputs.make_route_inputs, device=DEV)
+make_experts = functools.partial(inputs.make_experts, device=DEV)
+random_routing = functools.partial(inputs.random_routing, device=DEV)
 
 
 def cpu(ts):
@@ -377,7 +361,7 @@ def keystore_case(N=8, d=6, T=50, k=3, dtype=torch.float64, device=DEV, seed=0):
     V = 0.01 * torch.randn(N, d, generator=g, dtype=torch.float64)
     u = torch.rand(N, generator=g, dtype=torch.float64)
     q = torch.randn(T, d, generator=g, dtype=torch.float64)
-    idx, gates = random_routing(T, N, k, torch.float64, "cpu", seed=seed)
+    idx, gates = random_routing(T, N, k, torch.float64, device="cpu", seed=seed)
     to = lambda t: t.to(device=device, dtype=dtype)
     return to(K), to(V), to(u), q.to(device), idx.to(device), gates.to(device)
 
