@@ -6,6 +6,8 @@
 
 #include <limits>
 
+#include "op_checks.h"
+
 namespace some {
 
 constexpr double kUnitNormEps = 1e-12;  // as torch.nn.functional.normalize
@@ -15,6 +17,38 @@ constexpr double kUnitNormEps = 1e-12;  // as torch.nn.functional.normalize
 inline at::Tensor scoring_rows(const at::Tensor& t, at::ScalarType acc, bool cosine) {
   auto x = t.to(acc).contiguous();
   return cosine ? x / x.norm(2, /*dim=*/1, /*keepdim=*/true).clamp_min(kUnitNormEps) : x;
+}
+
+// What the forward of some::route prepares before its selection kernel, on
+// any device: parsed options (checked), the score matrix S = q̂ K̂ᵀ in the
+// accumulation dtype, and the output buffers.
+struct RoutePlan {
+  Gating gating;
+  bool cosine;
+  int64_t T, N;
+  at::Tensor S;                           // (T, N), accumulation dtype
+  at::Tensor indices, gates, scores;      // (T, k) outputs (gates/scores in acc dtype)
+  at::Tensor active, thresholds;          // contiguous, or undefined when absent / unused
+};
+
+inline RoutePlan plan_route(const char* op, const at::Tensor& query, const at::Tensor& keys, int64_t k,
+                            double temperature, c10::string_view gating_name, c10::string_view score_mode,
+                            double top_p, const c10::optional<at::Tensor>& thresholds,
+                            const c10::optional<at::Tensor>& active) {
+  RoutePlan p;
+  p.gating = parse_gating(op, gating_name);
+  p.cosine = parse_score_mode(op, score_mode);
+  check_route_inputs(op, query, keys, k, temperature, p.gating, top_p, thresholds, active);
+  p.T = query.size(0);
+  p.N = keys.size(0);
+  const auto acc = stats_dtype(query.scalar_type());
+  p.S = at::mm(scoring_rows(query, acc, p.cosine), scoring_rows(keys, acc, p.cosine).t()).contiguous();
+  p.indices = at::empty({p.T, k}, query.options().dtype(at::kLong));
+  p.gates = at::empty({p.T, k}, query.options().dtype(acc));
+  p.scores = at::empty({p.T, k}, query.options().dtype(acc));
+  if (active.has_value() && active->defined()) p.active = active->contiguous();
+  if (p.gating == Gating::TopAny) p.thresholds = thresholds->to(acc).contiguous();
+  return p;
 }
 
 // top_p: the softmax denominator couples every active expert, so

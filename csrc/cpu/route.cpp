@@ -155,23 +155,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& active,
     bool fallback_top1) {
   const char* op = "some.route";
-  const Gating gating = parse_gating(op, gating_name);
-  const bool cosine = parse_score_mode(op, score_mode);
-  check_route_inputs(op, query, keys, k, temperature, gating, top_p, thresholds, active);
-
-  const int64_t T = query.size(0), N = keys.size(0);
-  const auto acc = stats_dtype(query.scalar_type());
-  const auto q = scoring_rows(query, acc, cosine);
-  const auto kk = scoring_rows(keys, acc, cosine);
-  const auto S = at::mm(q, kk.t()).contiguous();  // (T, N)
-
-  auto opts = query.options().dtype(acc);
-  auto indices = at::empty({T, k}, query.options().dtype(at::kLong));
-  auto gates = at::empty({T, k}, opts);
-  auto scores = at::empty({T, k}, opts);
-  at::Tensor act, thr;
-  if (active.has_value() && active->defined()) act = active->contiguous();
-  if (gating == Gating::TopAny) thr = thresholds->to(acc).contiguous();
+  auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active);
+  const Gating gating = plan.gating;
+  const bool cosine = plan.cosine;
+  const int64_t T = plan.T, N = plan.N;
+  const auto& S = plan.S;  // (T, N)
+  auto &indices = plan.indices, &gates = plan.gates, &scores = plan.scores;
+  const auto &act = plan.active, &thr = plan.thresholds;
   RouteArgs args{gating, cosine, k, temperature, top_p, fallback_top1};
 
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "some_route_cpu", [&] {
