@@ -1,4 +1,4 @@
-"""The ``some`` command.
+"""The ``some`` command (also ``python -m some``, and ``torchrun ... -m some train``).
 
     some train --preset tiny --out runs/tiny                 # train, then analysis, pictures, report.md
     some train --preset A4 --set num_experts=96 --out runs/a4-96
@@ -13,10 +13,14 @@ print one line ``some: error: ...`` and exit non-zero, without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .config import PRESETS, ConfigError, SoMEConfig, apply_overrides, get_preset
+from .errors import ConfigError, SomeError
+from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset
+from .runs.rundir import LOGGER, ConsoleHandler
 
 __all__ = ["build_parser", "main"]
 
@@ -28,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a SoME language model into a run directory",
                        description="Train a SoME language model; writes config, logs, metrics, checkpoint, "
                                    "analysis, pictures and report.md to --out.")
-    add_train_arguments(t)
+    _add_train_arguments(t)
 
     r = sub.add_parser("report", help="rebuild report.md of a run directory")
     r.add_argument("run_dir", help="a run directory written by 'some train'")
@@ -36,15 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="run an ablation study (experiments/*.yaml) and compare its variants",
                        description="Run every variant x dataset x seed of a study file (each run in its own "
                                    "process, finished runs are kept), then write results.md/csv and pictures.")
-    from .ablate import add_arguments as add_ablate_arguments
-
-    add_ablate_arguments(a)
+    _add_ablate_arguments(a)
 
     sub.add_parser("info", help="print how the extension was built and the presets")
     return parser
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"a named configuration: {', '.join(PRESETS)}")
     src.add_argument("--config", metavar="FILE", help="a YAML configuration (e.g. a run's config.yaml)")
@@ -58,6 +60,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_ablate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a study file, e.g. experiments/gating.yaml")
+    p.add_argument("--smoke", action="store_true", help="run the file's 'smoke' section (CPU, minutes)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/ablations/STUDY[-smoke])")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rebuild results.md/csv and the pictures from the finished runs")
+    p.add_argument("--quiet", action="store_true", help="one line per run instead of every run's log")
 
 
 def config_from_args(args: argparse.Namespace) -> SoMEConfig | None:
@@ -77,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> SoMEConfig | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .runs import train
 
     config = config_from_args(args)
     try:
@@ -90,43 +103,46 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .runs import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .ablate import run_from_args
+    from .studies import load_study, run_status, run_study, summarize
 
-    return run_from_args(args)
+    study = load_study(args.study, smoke=args.smoke, check_corpora=not args.summarize)
+    out = Path(args.out) if args.out else study.default_out()
+    if args.dry_run:
+        for run in study.runs:
+            print(f"{run_status(run, out):8s} {run.dir(out)}")
+        print(f"{len(study.runs)} runs; the study file is valid")
+        return 0
+    if args.summarize:
+        print(summarize(study, out))
+        return 0
+    try:
+        run_study(study, out, device=args.device, stream=not args.quiet)
+    except KeyboardInterrupt:
+        print("\nsome: interrupted; run the same command again to continue (finished runs are kept)",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    import some
+    from .ops import build_info
 
-    info = some.build_info()
+    info = build_info()
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     print(f"{'cuda_available':<{width}}  {torch.cuda.is_available()}")
     print(f"{'presets':<{width}}  {', '.join(PRESETS)}")
     return 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix: reported in one line."""
-    from .distributed import PeerLostError
-    from .train import CheckpointError, RunDirError, RunStopped, TrainingDiverged
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, RunDirError, TrainingDiverged,
-                                         RunStopped, PeerLostError, FileNotFoundError]
-    from .data import CorpusUnavailableError
-
-    errors.append(CorpusUnavailableError)
-    return tuple(errors)
 
 
 def _describe(e: BaseException) -> str:
@@ -137,12 +153,21 @@ def _describe(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the command's own messages (training, studies) go to stdout, above any progress bar
+    logger = logging.getLogger(LOGGER)
+    console = ConsoleHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate}
     try:
         return handlers[args.command](args)
-    except _user_errors() as e:
+    except (SomeError, FileNotFoundError) as e:
         print(f"some: error: {_describe(e)}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return e.exit_code if isinstance(e, SomeError) else 1
+    finally:
+        logger.removeHandler(console)
 
 
 if __name__ == "__main__":

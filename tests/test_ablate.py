@@ -14,13 +14,15 @@ import pytest
 import torch
 import yaml
 
-from some import ablate
-from some.ablate import StudyError, load_study, run_status
+from some import studies as ablate
+from some.errors import RunsFailed, StudyError
+from some.studies import load_study, run_status
 from some.analysis import (analytic_flops_per_token, count_flops, mutual_information_bits, specialization,
                            token_batch)
 from some.cli import main as cli_main
-from some.config import ConfigError, apply_overrides, get_preset
-from some.model import SoMEForCausalLM
+from some.errors import ConfigError
+from some.nn import SoMEForCausalLM
+from some.runs import apply_overrides, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "experiments").glob("*.yaml"))
@@ -137,8 +139,8 @@ def test_only_the_unfinished_run_runs_again(finished_study, monkeypatch):
     assert run_status(target, out) == "new"  # the checkpoint was deleted after measuring
     started = []
     monkeypatch.setattr(ablate, "_run_in_subprocess", lambda run, *a, **k: started.append(run) or 1)
-    with pytest.raises(ablate.RunsFailed, match="1 of 6 runs failed"):
-        ablate.run_study(study, out, log=lambda s: None, stream=False)
+    with pytest.raises(RunsFailed, match="1 of 6 runs failed"):
+        ablate.run_study(study, out, stream=False)
     assert started == [target]
     (target.dir(out) / "result.json.bak").rename(target.dir(out) / "result.json")
 
@@ -150,7 +152,7 @@ def test_a_changed_study_file_is_refused_not_mixed_in(finished_study, tmp_path):
     path2 = tmp_path / "changed.yaml"
     path2.write_text(yaml.safe_dump(changed))
     with pytest.raises(StudyError, match=r"run with another configuration \(learning_rate: ran with 0.003"):
-        ablate.run_study(load_study(path2), out, log=lambda s: None)
+        ablate.run_study(load_study(path2), out)
 
 
 def test_one_study_process_per_output_directory(finished_study):
@@ -160,7 +162,7 @@ def test_one_study_process_per_output_directory(finished_study):
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running 'some ablate' holds it
         with pytest.raises(StudyError, match="another 'some ablate' is running into"):
-            ablate.run_study(load_study(path), out, log=lambda s: None)
+            ablate.run_study(load_study(path), out)
 
 
 # ------------------------------------------------------------ bad study files
@@ -334,14 +336,14 @@ def test_specialization_by_token_class():
 def test_cluster_init_from_a_random_dense_ffn_reproduces_it(tmp_path):
     """Every expert with gate 1 sums to the dense FFN it was cut from (the
     construction's identity), and the keys are unit cluster means."""
-    from some.dense import _random_ffn, init_experts_from_dense
+    from some.construction import init_experts_from_dense, random_dense_ffn
 
     config = apply_overrides(get_preset("tiny-test"), ["expert_init=cluster", "cluster_method=kmeans",
                                                        f"cache_dir={tmp_path}"])
     model = SoMEForCausalLM(config)
-    record = init_experts_from_dense(model, config, log=lambda s: None)
+    record = init_experts_from_dense(model, config)
     assert [layer["layer"] for layer in record["layers"]] == [0, 1]
-    layer, ffn = model.some_layers()[1], _random_ffn(config, 1, "cpu")
+    layer, ffn = model.some_layers()[1], random_dense_ffn(config, 1, "cpu")
     x = torch.randn(5, config.d_model)
     dense = ffn(x)
     experts = sum(torch.nn.functional.gelu(x @ layer.w1[e].T + layer.b1[e]) @ layer.w2[e].T + layer.b2[e]
@@ -351,8 +353,8 @@ def test_cluster_init_from_a_random_dense_ffn_reproduces_it(tmp_path):
 
 
 def test_pretrained_source_trains_caches_and_transfers(tmp_path):
-    from some.dense import dense_cache_path
-    from some.train import Trainer
+    from some.construction import dense_cache_path
+    from some.runs import Trainer
 
     config = apply_overrides(get_preset("tiny-test"), [
         "expert_init=cluster", "dense_source=pretrained", "dense_pretrain_epochs=1", "epochs=1",

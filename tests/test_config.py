@@ -3,14 +3,9 @@ import dataclasses
 
 import pytest
 
-from some.config import (
-    PRESETS,
-    ConfigError,
-    SoMEConfig,
-    apply_overrides,
-    get_preset,
-    parse_value,
-)
+from some.errors import ConfigError
+from some.fields import parse_value
+from some.runs import PRESETS, SoMEConfig, apply_overrides, get_preset
 
 SEED_VALUES = dict(d_model=512, n_layers=10, n_heads=8, seq_len=768, batch_size=32, vocab_size=8192, d_ffn=1024,
                    top_k=4, alpha=0.01, beta=0.005, delta=0.001, theta_percentile=0.05, ema_decay=0.99,
@@ -115,7 +110,7 @@ def test_validate_checks_types_of_direct_construction():
 def test_every_layer_and_data_field_is_a_config_field():
     """New SoMELayerConfig/DataConfig fields must reach the experiment config."""
     from some.data import DataConfig
-    from some.layer import SoMELayerConfig
+    from some.nn import SoMELayerConfig
 
     fields = {f.name for f in dataclasses.fields(SoMEConfig)}
     missing = {f.name for f in dataclasses.fields(SoMELayerConfig)} - fields

@@ -16,7 +16,7 @@ from some.construction import (
     normalized_keys,
     rebalance,
 )
-from some.layer import SoMELayer, SoMELayerConfig
+from some.nn import SoMELayer, SoMELayerConfig
 
 D, N, HW = 16, 6, 16  # d, experts, expert width: H = 96 neurons
 H = N * HW

@@ -31,13 +31,15 @@ def _env():
     return env
 
 
-def run_train(out: Path, *extra: str, nproc: int = 1, timeout: int = 300, check: bool = True, base=BASE):
+def run_train(out: Path, *extra: str, nproc: int = 1, timeout: int = 300, check: bool = True, base=BASE,
+              faults: dict[str, str] | None = None):
     if nproc == 1:
-        cmd = [sys.executable, "-m", "some.train"]
+        cmd = [sys.executable, "-m", "some", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "some.train"]
-    proc = subprocess.run(cmd + list(base) + list(extra) + ["--out", str(out)], env=_env(), capture_output=True,
+               "-m", "some", "train"]
+    env = {**_env(), **{f"SOME_FAULT_{k.upper()}": v for k, v in (faults or {}).items()}}
+    proc = subprocess.run(cmd + list(base) + list(extra) + ["--out", str(out)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -62,7 +64,7 @@ def single_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "two"
-    run_train(out, "--set", "debug_state_digest=true", nproc=2)
+    run_train(out, nproc=2, faults={"state_digest": "1"})
     return out
 
 
@@ -94,7 +96,7 @@ def test_only_rank_zero_writes(two_rank_run):
 
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, single_run):
     out = tmp_path / "resumed"
-    first = run_train(out, "--set", "debug_stop_after_step=10", "checkpoint_every=5", nproc=2, check=False)
+    first = run_train(out, "--set", "checkpoint_every=5", nproc=2, check=False, faults={"stop_after_step": "10"})
     assert first.returncode != 0 and "stopped after step 10" in first.stdout + first.stderr
     assert len(metrics(out)) == 1  # epoch 1 (8 steps) done, stopped inside epoch 2
     run_train(out, "--resume", "--no-plots", "--no-progress", base=())  # the run's own config
@@ -119,9 +121,8 @@ def test_dead_rank_stops_the_other_with_a_clear_error(tmp_path):
     t0 = time.monotonic()
     for rank in range(2):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "some.train", *BASE, "--set", "debug_die_at_step=3", "debug_die_rank=1",
-               "dist_timeout=30", "--out", str(out)]
+                   MASTER_PORT=str(port), SOME_FAULT_DIE_AT_STEP="3", SOME_FAULT_DIE_RANK="1")
+        cmd = [sys.executable, "-m", "some", "train", *BASE, "--set", "dist_timeout=30", "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
     elapsed = time.monotonic() - t0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from some import SoMELayer, ops
-from some.layer import SoMELayerConfig
+from some.nn import SoMELayerConfig
 
 from reference import experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
 

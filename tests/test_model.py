@@ -3,8 +3,8 @@ padding, determinism of the initialization, gradients and key updates."""
 import pytest
 import torch
 
-from some.config import apply_overrides, get_preset
-from some.model import SoMEForCausalLM, format_parameter_counts, lm_loss
+from some.nn import SoMEForCausalLM, format_parameter_counts, lm_loss
+from some.runs import apply_overrides, get_preset
 
 EXPERT_PARAMS = 1_050_112  # 2 * 1024 * 512 + 1024 + 512
 TRAINABLE_REFERENCE = 29_417_472
@@ -110,10 +110,10 @@ def test_initialization_is_a_function_of_the_seed():
     c = SoMEForCausalLM(apply_overrides(config, ["seed=7"]))
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name
-    assert not torch.equal(a.blocks[0].some.keys, c.blocks[0].some.keys)
+    assert not torch.equal(a.blocks[0].ffn.keys, c.blocks[0].ffn.keys)
     assert not torch.equal(a.embed.weight, c.embed.weight)
     # layers get different seeds: different experts and keys
-    assert not torch.equal(a.blocks[0].some.w1, a.blocks[1].some.w1)
+    assert not torch.equal(a.blocks[0].ffn.w1, a.blocks[1].ffn.w1)
     # building a model does not consume the caller's random numbers
     torch.manual_seed(1)
     expected = torch.rand(3)
@@ -128,7 +128,7 @@ def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
     ids = torch.randint(0, config.vocab_size, (4, 16))
     loss = model(ids, labels=ids.roll(-1, dims=1)).loss
     loss.backward()
-    layer = model.blocks[0].some
+    layer = model.blocks[0].ffn
     assert layer.w1.grad is None and layer.w2.grad is None
     assert layer.router[0].weight.grad is not None and layer.router[0].weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
@@ -157,5 +157,5 @@ def test_forward_backward_under_bf16_autocast(tiny):
         out = model(ids, labels=ids.roll(-1, dims=1))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.blocks[0].some.router[0].weight.grad.abs().sum() > 0
+    assert model.blocks[0].ffn.router[0].weight.grad.abs().sum() > 0
     assert model.update_keys() == [True] * config.n_layers

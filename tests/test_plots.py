@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from some import plots as P
+from some.analysis import plots as P
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -137,8 +137,8 @@ def test_keystore_real_umap_n64_is_deterministic(tmp_path):
     keys = unit_keys(64, d=128).numpy()
     usage = np.r_[np.zeros(4), np.arange(1, 61) ** 2]
     read_png(P.keystore_umap(keys, usage, tmp_path / "umap.png", title="A4, layer 5"))
-    a = P._umap_2d(keys, 15, 0.1, 0)  # fixed random_state -> the same picture every time
-    b = P._umap_2d(keys, 15, 0.1, 0)
+    a = P.umap_2d(keys, 15, 0.1, 0)  # fixed random_state -> the same picture every time
+    b = P.umap_2d(keys, 15, 0.1, 0)
     assert a.shape == (64, 2) and np.array_equal(a, b)
 
 
@@ -166,7 +166,7 @@ def test_comparison_bars_rejects_bad_input(tmp_path, kw, match):
 
 def test_import_is_lazy():
     # `import some.plots` must not pay for matplotlib or umap (numba): ~5 s at import time
-    code = "import sys, some.plots; print('matplotlib' in sys.modules, 'umap' in sys.modules)"
+    code = "import sys, some.analysis.plots; print('matplotlib' in sys.modules, 'umap' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", "False"]

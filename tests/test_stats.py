@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from some.stats import friedman
+from some.analysis.stats import friedman
 
 # Three blocks, four variants, ties in blocks b1 and b2 (lower is better).
 TIED = {

@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from some.config import ConfigError, apply_overrides, get_preset
-from some.model import SoMEForCausalLM, format_parameter_counts
-from some.report import build_report
-from some.train import (
-    CheckpointError,
-    RunDirError,
-    Trainer,
-    TrainingDiverged,
-    evaluate,
-    load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    train,
-)
+from some.engine import evaluate, load_checkpoint, lr_at, save_checkpoint
+from some.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from some.nn import SoMEForCausalLM, format_parameter_counts
+from some.runs import Trainer, apply_overrides, build_report, get_preset, train
+from some.runs.faults import Faults
 
 REPO = Path(__file__).resolve().parents[1]
 # idle OpenMP threads sleep instead of spinning: many times faster when other jobs share the CPU
@@ -114,10 +105,10 @@ def test_key_stores_moved_during_training(reference, config):
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     fresh = SoMEForCausalLM(config).state_dict()
     for i in range(config.n_layers):
-        name = f"blocks.{i}.some.keys"
+        name = f"blocks.{i}.ffn.keys"
         assert not torch.equal(trained[name], fresh[name]), name
         torch.testing.assert_close(trained[name].norm(dim=1), torch.ones(config.num_experts))  # cosine mode
-        name = f"blocks.{i}.some.w1"  # frozen experts did not move
+        name = f"blocks.{i}.ffn.w1"  # frozen experts did not move
         assert torch.equal(trained[name], fresh[name])
 
 
@@ -127,7 +118,7 @@ def test_key_stores_moved_during_training(reference, config):
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(reference, config, cache_dir, tmp_path):
     ref_out, _, _ = reference
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "some.train", "--preset", "tiny-test", "--set", *OVERRIDES,
+    cmd = [sys.executable, "-m", "some", "train", "--preset", "tiny-test", "--set", *OVERRIDES,
            f"cache_dir={cache_dir}", "--out", str(out), "--no-plots", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
@@ -141,7 +132,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(reference, conf
     assert 12 <= state["scheduler"]["global_step"] < 24  # really killed mid-run
     assert not (out / "analysis.json").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "some.train", "--out", str(out), "--resume", "--no-plots",
+    resumed = subprocess.run([sys.executable, "-m", "some", "train", "--out", str(out), "--resume", "--no-plots",
                               "--no-progress"], check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout
@@ -152,9 +143,9 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(reference, conf
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(reference, config, tmp_path):
     out = tmp_path / "nan"
-    bad = apply_overrides(config, ["debug_nan_step=8"])  # last step of epoch 1; checkpoint at step 6
+    bad = Trainer(config, out, progress=False, echo=False, faults=Faults(nan_step=8))  # checkpoint at step 6
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 8 \(epoch 1, batch 8\)") as e:
-        train(bad, out, make_plots=False, progress=False, echo=False)
+        bad.run(make_plots=False)
     assert str(out / "checkpoint.pt") in str(e.value)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["scheduler"]["global_step"] == 6
@@ -168,10 +159,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(refer
     _assert_same_final_state(out, reference[0])
 
 
-def test_nan_before_any_checkpoint_says_so(config, tmp_path):
-    bad = apply_overrides(config, ["debug_nan_step=1"])
+def test_nan_before_any_checkpoint_says_so(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOME_FAULT_NAN_STEP", "1")  # the test hooks come from the environment
     with pytest.raises(TrainingDiverged, match="at step 1 .*no checkpoint had been written yet"):
-        train(bad, tmp_path / "r", make_plots=False, progress=False, echo=False)
+        train(config, tmp_path / "r", make_plots=False, progress=False, echo=False)
 
 
 # --------------------------------------------------------------- bad input

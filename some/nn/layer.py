@@ -6,77 +6,25 @@ Module -> op -> kernel: this file holds the module; the maths is in the ops of
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .ops import KeystoreStats
+from .. import ops
+from ..ops import KeystoreStats
+from .config import SoMELayerConfig
 
-ROUTERS = ("mlp", "linear", "frozen", "random")
-ROUTING_LEVELS = ("token", "sequence")
-EXPERT_INITS = ("default",)
+__all__ = ["SoMELayer", "autocast_off"]
 
 
-@dataclass
-class SoMELayerConfig:
-    """Hyper-parameters of one SoME layer (names follow the seed's)."""
-
-    d_model: int = 512
-    num_experts: int = 64  # N
-    d_ffn: int = 1024  # h, width of each expert
-    top_k: int = 4  # k (k_max for top_p / top_any)
-    temperature: float = 0.8  # τ, TRAINING_TEMP
-    gating: str = "softmax"
-    score_mode: str = "cosine"
-    top_p: float = 0.4
-    router: str = "mlp"
-    routing_level: str = "token"
-    alpha: float = 0.01  # attraction
-    beta: float = 0.005  # peer-pull
-    delta: float = 0.001  # repulsion
-    theta_percentile: float = 0.05
-    ema_decay: float = 0.99  # γ, inertia
-    expert_init: str = "default"
-    # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
-    # updates, experts unused in the window are masked out of routing and, if
-    # tokens matched no expert well (best score < adaptive_threshold; for
-    # top_any: no expert fired), one expert is added with its key at the
-    # normalized sum of those queries. Capacity is the N preallocated experts;
-    # `initial_experts` of them start active (None: all).
-    adaptive: bool = False
-    adaptive_window: int = 100
-    adaptive_threshold: float = 0.0
-    initial_experts: Optional[int] = None
-
-    def validate(self) -> None:
-        for name in ("d_model", "num_experts", "d_ffn", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SoMELayerConfig.{name} must be a positive int, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"SoMELayerConfig.top_k = {self.top_k} must be in 1..num_experts = 1..{self.num_experts}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"SoMELayerConfig.temperature must be positive, got {self.temperature}")
-        choices = {"gating": ops.GATINGS, "score_mode": ops.SCORE_MODES, "router": ROUTERS,
-                   "routing_level": ROUTING_LEVELS, "expert_init": EXPERT_INITS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SoMELayerConfig.{name} = {getattr(self, name)!r}; expected one of {allowed}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SoMELayerConfig.top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.theta_percentile <= 1:
-            raise ValueError(f"SoMELayerConfig.theta_percentile must be in [0, 1], got {self.theta_percentile}")
-        if not 0 <= self.ema_decay <= 1:
-            raise ValueError(f"SoMELayerConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
-        if isinstance(self.adaptive_window, bool) or not isinstance(self.adaptive_window, int) or self.adaptive_window < 1:
-            raise ValueError(f"SoMELayerConfig.adaptive_window must be a positive int, got {self.adaptive_window!r}")
-        if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
-            raise ValueError(f"SoMELayerConfig.initial_experts must be in top_k..num_experts = "
-                             f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")
+def autocast_off(device: torch.device):
+    """A context that disables autocast on ``device`` where it is on."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # also for meta tensors, where autocast does not exist
 
 
 def _uniform_(t: Tensor, bound: float, gen: Optional[torch.Generator]) -> Tensor:
@@ -173,6 +121,13 @@ class SoMELayer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        # The SoME layer runs outside autocast: cosine scores decide a top-k
+        # (bf16 would turn near-ties into coin flips) and feed key-store sums
+        # of small increments. Its experts compute in expert_dtype either way.
+        with autocast_off(x.device):
+            return self._forward(x, token_mask)
+
+    def _forward(self, x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
         cfg = self.config
         shape = x.shape
         if x.dim() == 2:

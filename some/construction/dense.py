@@ -33,96 +33,46 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
+import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import SoMEConfig
-from .model import CausalLMOutput, CausalSelfAttention, _seeded, lm_loss
+from ..data import collate, epoch_order, resolve_cache_dir
+from ..engine import (
+    CHECKPOINT_FORMAT,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_step,
+)
+from ..errors import CheckpointError
+from ..nn import DenseFFN, DenseLM, seeded
+from .clustering import experts_from_dense, load_into_layer
 
 __all__ = [
     "TRANSFERRED",
-    "DenseFFN",
-    "DenseLM",
     "dense_cache_path",
     "init_experts_from_dense",
     "load_or_pretrain_dense",
     "pretrain_dense",
+    "random_dense_ffn",
 ]
 
-DENSE_FORMAT = "some-dense-v1"
+log = logging.getLogger(__name__)
+
+# v2: the blocks' feed-forward parts are named ffn / ln_ffn (v1 files are retrained).
+DENSE_FORMAT = "some-dense-v2"
 # Parameter-name prefixes the SoME model takes from the dense one with
 # dense_transfer = "all" (DenseLM names them as SoMEForCausalLM does).
-TRANSFERRED = ("embed.", "ln_f.", "lm_head.", "blocks.{i}.ln_attn.", "blocks.{i}.attn.", "blocks.{i}.ln_some.")
-
-
-class DenseFFN(nn.Module):
-    """``W2 GELU(W1 x + b1) + b2`` with ``W1: (H, d)``, ``W2: (d, H)``, exact GELU
-    (as the experts). Initialized as ``nn.Linear`` initializes."""
-
-    def __init__(self, d: int, hidden: int, device=None, dtype=None):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, d, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-
-class _DenseBlock(nn.Module):
-    def __init__(self, config: SoMEConfig, device=None, dtype=None):
-        super().__init__()
-        d = config.d_model
-        self.ln_attn = nn.LayerNorm(d, device=device, dtype=dtype)
-        self.attn = CausalSelfAttention(config, device=device, dtype=dtype)
-        self.ln_some = nn.LayerNorm(d, device=device, dtype=dtype)  # named as in the SoME block
-        self.ffn = DenseFFN(d, config.num_experts * config.d_ffn, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_attn(x))  # (B, S, d)
-        return x + self.ffn(self.ln_some(x))
-
-
-class DenseLM(nn.Module):
-    """The SoME model of SPEC §2 with a dense FFN of width ``N·h`` in place of
-    each SoME layer; same names, same initialization of the shared parts."""
-
-    def __init__(self, config: SoMEConfig, *, device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        d, V = config.d_model, config.vocab_size
-        with _seeded(config.seed, device):
-            self.embed = nn.Embedding(V, d, device=device, dtype=dtype)
-            self.blocks = nn.ModuleList(_DenseBlock(config, device, dtype) for _ in range(config.n_layers))
-            self.ln_f = nn.LayerNorm(d, device=device, dtype=dtype)
-            self.lm_head = nn.Linear(d, V, bias=False, device=device, dtype=dtype)
-            std = 0.02  # as SoMEForCausalLM._init_weights
-            nn.init.normal_(self.embed.weight, std=std)
-            nn.init.normal_(self.lm_head.weight, std=std)
-            for block in self.blocks:
-                nn.init.normal_(block.attn.qkv.weight, std=std)
-                nn.init.zeros_(block.attn.qkv.bias)
-                nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * config.n_layers))
-                nn.init.zeros_(block.attn.out.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> CausalLMOutput:
-        x = self.embed(input_ids)  # (B, S, d)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, S, V)
-        loss = None if labels is None else lm_loss(logits, labels, attention_mask)
-        return CausalLMOutput(logits, loss)
-
-
-# --------------------------------------------------------------- pre-training
+TRANSFERRED = ("embed.", "ln_f.", "lm_head.", "blocks.{i}.ln_attn.", "blocks.{i}.attn.", "blocks.{i}.ln_ffn.")
 
 # Everything the pre-trained dense model depends on (the cache key).
 _DENSE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "rope_base", "num_experts", "d_ffn",
@@ -131,94 +81,67 @@ _DENSE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "rop
                  "data_source", "train_subset_size", "val_subset_size", "packed")
 
 
-def dense_cache_path(config: SoMEConfig) -> Path:
-    """Where the pre-trained dense model of ``config`` is cached."""
-    from .data import resolve_cache_dir
-
+def dense_cache_path(config) -> Path:
+    """Where the pre-trained dense model of ``config`` (an experiment configuration) is cached."""
     fields = {name: getattr(config, name) for name in _DENSE_FIELDS}
     fields["num_experts*d_ffn"] = config.num_experts * config.d_ffn
     key = hashlib.sha256(json.dumps([DENSE_FORMAT, fields], sort_keys=True).encode()).hexdigest()[:16]
     return resolve_cache_dir(config.cache_dir) / "dense" / f"dense-{key}.pt"
 
 
-def pretrain_dense(config: SoMEConfig, data, device: str | torch.device,
-                   log: Callable[[str], None] = print) -> tuple[DenseLM, dict[str, Any]]:
-    """Train a :class:`DenseLM` on ``data.train`` for ``dense_pretrain_epochs``:
-    the SoME run's optimizer (AdamW, same groups), warmup + cosine schedule
-    over the dense run's steps, clipping, and sample order; ``dense_grad_accum``
-    micro-batches per step (the dense FFN's activations are ``N`` times wider
-    than a SoME layer's). Returns the model and its validation results."""
-    from .train import _autocast, collate, count_targets, epoch_order, evaluate, lr_at, make_optimizer
-
+def pretrain_dense(config, data, device: str | torch.device) -> tuple[DenseLM, dict[str, Any]]:
+    """Train a :class:`~some.nn.DenseLM` on ``data.train`` for
+    ``dense_pretrain_epochs`` with the SoME run's training step (AdamW, same
+    groups, warmup + cosine schedule over the dense run's steps, clipping) and
+    sample order; ``dense_grad_accum`` micro-batches per step (the dense FFN's
+    activations are ``N`` times wider than a SoME layer's). Returns the model
+    and its validation results."""
     device = torch.device(device)
     model = DenseLM(config, device=device)
     model.train()
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(data.train) // config.batch_size
     total = steps_per_epoch * config.dense_pretrain_epochs
-    micro = config.batch_size // config.dense_grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
-    log(f"Dense pre-training: FFN width {config.num_experts * config.d_ffn} (N·h), "
-        f"{config.dense_pretrain_epochs} epochs x {steps_per_epoch} steps, "
-        f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, device {device}")
+    log.info(f"Dense pre-training: FFN width {config.num_experts * config.d_ffn} (N·h), "
+             f"{config.dense_pretrain_epochs} epochs x {steps_per_epoch} steps, "
+             f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, device {device}")
     t0, step, loss_sum = time.perf_counter(), 0, 0.0
     for epoch in range(config.dense_pretrain_epochs):
         order = epoch_order(len(data.train), config.seed, epoch)
         for s in range(steps_per_epoch):
             batch = collate(data.train, order[s * config.batch_size:(s + 1) * config.batch_size], device)
-            n_targets = max(count_targets(batch), 1)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for start in range(0, config.batch_size, micro):
-                mb = {k: v[start:start + micro] for k, v in batch.items()}
-                n_mb = count_targets(mb)
-                if n_mb == 0:
-                    continue
-                with _autocast(device):
-                    loss = model(mb["input_ids"], mb["attention_mask"], mb["labels"]).loss
-                (loss * (n_mb / n_targets)).backward()
-                step_loss += float(loss.detach()) * n_mb / n_targets
-            if not math.isfinite(step_loss):
-                raise RuntimeError(f"dense pre-training diverged: loss {step_loss} at step {step + 1}")
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config, total)
-            optimizer.step()
             step += 1
-            loss_sum += step_loss
-        log(f"Dense epoch {epoch + 1}: train loss {loss_sum / step:.4f}")
+            result = train_step(model, batch, optimizer, config, step=step, total_steps=total,
+                                grad_accum=config.dense_grad_accum, trainable=params)
+            loss_sum += result.loss
+        log.info(f"Dense epoch {epoch + 1}: train loss {loss_sum / step:.4f}")
     seconds = time.perf_counter() - t0
-    val = evaluate(model, data.val, micro, device)
+    val = evaluate(model, data.val, config.batch_size // config.dense_grad_accum, device)
     info = {"steps": step, "epochs": config.dense_pretrain_epochs, "train_loss_mean": loss_sum / max(step, 1),
             "val_loss": val.loss, "val_perplexity": val.perplexity, "seconds": seconds,
             "tokens_per_s": step * config.batch_size * config.seq_len / max(seconds, 1e-9),
             "parameters": sum(p.numel() for p in params), "ffn_width": config.num_experts * config.d_ffn}
-    log(f"Dense model: Val Loss = {val.loss:.4f}, Val Perplexity = {val.perplexity:.2f} ({seconds:.0f} s)")
+    log.info(f"Dense model: Val Loss = {val.loss:.4f}, Val Perplexity = {val.perplexity:.2f} ({seconds:.0f} s)")
     return model, info
 
 
-def load_or_pretrain_dense(config: SoMEConfig, data, device: str | torch.device,
-                           log: Callable[[str], None] = print) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_or_pretrain_dense(config, data, device: str | torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The pre-trained dense model's state dict (on the CPU) and info, from the
     cache or trained now and cached (atomic write: concurrent runs that need
     the same model may both train it, but never read a torn file)."""
-    from .train import CheckpointError, load_checkpoint, save_checkpoint
-
     path = dense_cache_path(config)
     if path.is_file():
         try:
             state = load_checkpoint(path)
         except CheckpointError as e:  # a damaged cache is trained again, not fatal
-            log(f"Ignoring unreadable dense cache {path}: {e}")
+            log.warning(f"Ignoring unreadable dense cache {path}: {e}")
             state = None
         if state is not None and state.get("dense_format") == DENSE_FORMAT:
-            log(f"Dense model from cache {path}")
+            log.info(f"Dense model from cache {path}")
             return state["model"], {**state["info"], "cache": str(path), "cached": True}
     with _rng_preserved():  # pre-training must not shift the SoME run's random streams
-        model, info = pretrain_dense(config, data, device, log)
-    from .train import CHECKPOINT_FORMAT
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+        model, info = pretrain_dense(config, data, device)
     state = {"format": CHECKPOINT_FORMAT, "dense_format": DENSE_FORMAT,
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "info": info}
     save_checkpoint(path, state)
@@ -237,26 +160,24 @@ def _rng_preserved() -> Iterator[None]:
 # ------------------------------------------------------------- construction
 
 
-def _random_ffn(config: SoMEConfig, layer: int, device) -> DenseFFN:
-    with _seeded(config.seed + layer, device):
+def random_dense_ffn(config, layer: int, device) -> DenseFFN:
+    """The freshly initialized dense FFN of layer ``layer`` (``dense_source = "random"``), seed ``seed + layer``."""
+    with seeded(config.seed + layer, device):
         return DenseFFN(config.d_model, config.num_experts * config.d_ffn, device=device)
 
 
-def _cluster_kwargs(config: SoMEConfig) -> dict[str, Any]:
+def _cluster_kwargs(config) -> dict[str, Any]:
     # only the k-means methods take these (they bound Lloyd's iterations, the cost at H = N·h)
     if config.cluster_method in ("kmeans", "balanced_kmeans"):
         return {"n_init": config.cluster_n_init, "max_iter": config.cluster_max_iter}
     return {}
 
 
-def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | torch.device = "cpu",
-                            log: Callable[[str], None] = print) -> dict[str, Any]:
+def init_experts_from_dense(model, config, data=None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Give every SoME layer of ``model`` experts and keys cut from a dense FFN
     (see the module doc); ``data`` is needed for ``dense_source = "pretrained"``.
     Returns a record of what was done (dense model results, per-layer cluster
     sizes and timings) for the run directory."""
-    from .construction import experts_from_dense, load_into_layer
-
     if config.expert_init != "cluster":
         raise ValueError(f"init_experts_from_dense needs expert_init = 'cluster', got {config.expert_init!r}")
     record: dict[str, Any] = {"dense_source": config.dense_source, "cluster_method": config.cluster_method,
@@ -264,7 +185,7 @@ def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | 
     if config.dense_source == "pretrained":
         if data is None:
             raise ValueError("dense_source = 'pretrained' needs the training data")
-        state, record["dense"] = load_or_pretrain_dense(config, data, device, log)
+        state, record["dense"] = load_or_pretrain_dense(config, data, device)
         ffn = [DenseFFN(config.d_model, config.num_experts * config.d_ffn) for _ in range(config.n_layers)]
         for i, f in enumerate(ffn):
             f.load_state_dict({k[len(f"blocks.{i}.ffn."):]: v for k, v in state.items()
@@ -278,10 +199,10 @@ def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | 
                         own[name].copy_(value.to(own[name].dtype))
                         taken[name] = value.numel()
             record["transferred_parameters"] = sum(taken.values())
-            log(f"Took {len(taken)} tensors ({sum(taken.values()) / 1e6:.2f}M parameters: embedding, attention, "
+            log.info(f"Took {len(taken)} tensors ({sum(taken.values()) / 1e6:.2f}M parameters: embedding, attention, "
                 f"LayerNorms, LM head) from the dense model")
     else:
-        ffn = [_random_ffn(config, i, "cpu") for i in range(config.n_layers)]
+        ffn = [random_dense_ffn(config, i, "cpu") for i in range(config.n_layers)]
 
     record["layers"] = []
     for i, (layer, f) in enumerate(zip(model.some_layers(), ffn, strict=True)):
@@ -293,7 +214,7 @@ def init_experts_from_dense(model, config: SoMEConfig, data=None, device: str | 
         seconds = time.perf_counter() - t0
         record["layers"].append({"layer": i, "seconds": seconds, "n_moved": built.n_moved,
                                  "raw_size_min": min(built.raw_sizes), "raw_size_max": max(built.raw_sizes)})
-        log(f"Layer {i}: {config.num_experts} experts cut from the {config.dense_source} dense FFN by "
+        log.info(f"Layer {i}: {config.num_experts} experts cut from the {config.dense_source} dense FFN by "
             f"{config.cluster_method} in {seconds:.1f} s (cluster sizes before rebalancing "
             f"{min(built.raw_sizes)}..{max(built.raw_sizes)}, {built.n_moved} neurons moved)")
     return record

@@ -5,12 +5,57 @@ so ``some report RUN_DIR`` can rebuild it at any time, also for an unfinished ru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from ..analysis import entropy_bits, experts_used, gini, max_entropy_bits
+from ..analysis.plots import keystore_umap, usage_histogram
+from ..files import atomic_write
 from .config import SoMEConfig
+from .rundir import RunDirectory
 
-__all__ = ["build_report", "read_run", "write_report"]
+__all__ = ["build_report", "finish_run", "read_run", "utilization_analysis", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def utilization_analysis(counts, layer: int) -> dict[str, Any]:
+    """The aggregate utilization analysis of SPEC §6 from a layer's validation usage counts."""
+    used = experts_used(counts)
+    n = len(counts)
+    return {
+        "middle_layer": layer,
+        "num_experts": n,
+        "experts_used": used.used,
+        "experts_used_text": str(used),  # '64/64 (100.00%)'
+        "gini": float(gini(counts)),
+        "entropy": float(entropy_bits(counts)),
+        "max_entropy": float(max_entropy_bits(n)),
+        "usage_counts": counts.tolist(),
+    }
+
+
+def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True) -> dict[str, Any]:
+    """The end of a run: log and write the middle layer's analysis, its pictures and ``report.md``."""
+    n_layers = len(model.blocks)
+    analysis = utilization_analysis(counts, middle)
+    log.info(f"Aggregate utilization analysis (middle layer {middle} of {n_layers}, validation set):")
+    log.info(f"Experts used: {analysis['experts_used_text']}")
+    log.info(f"Final Gini: {analysis['gini']:.3f}")
+    log.info(f"Final Entropy: {analysis['entropy']:.3f} (Max: {analysis['max_entropy']:.3f})")
+    if not run_dir.is_main:  # rank 0 writes the analysis, pictures and report
+        return analysis
+    out = run_dir.path
+    run_dir.write_json("analysis.json", analysis)
+    if make_plots:
+        n = analysis["num_experts"]
+        usage_histogram(counts, out / "usage_histogram.png",
+                        title=f"Expert usage, layer {middle} (N = {n}, validation set)", unit="selections")
+        keystore_umap(model.some_layers()[middle].keys.detach().float().cpu(), counts, out / "keystore_umap.png",
+                      title=f"Key store (UMAP), layer {middle}, colored by usage")
+    log.info(f"Report: {write_report(out)}")
+    return analysis
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -128,9 +173,7 @@ def build_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.md`` and return its path."""
-    path = Path(run_dir) / "report.md"
-    path.write_text(build_report(run_dir))
-    return path
+    return atomic_write(Path(run_dir) / "report.md", build_report(run_dir))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

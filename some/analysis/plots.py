@@ -12,24 +12,24 @@ matplotlib and (for :func:`keystore_umap`) umap-learn are imported lazily: ``imp
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
-from .metrics import _as_counts, entropy_bits, experts_used, gini, max_entropy_bits
+from ..files import PathLike, atomic_write
+from .metrics import as_counts, entropy_bits, experts_used, gini, max_entropy_bits
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["usage_histogram", "keystore_umap", "comparison_bars", "new_figure", "save_figure", "MIN_UMAP_POINTS",
-           "COLOR_USED", "COLOR_UNUSED", "COLOR_BEST"]
+__all__ = ["COLOR_BEST", "COLOR_UNUSED", "COLOR_USED", "MIN_UMAP_POINTS", "comparison_bars", "keystore_umap",
+           "new_figure", "perplexity_plot", "save_figure", "umap_2d", "usage_grid", "usage_histogram"]
 
-PathLike = Union[str, os.PathLike]
 MIN_UMAP_POINTS = 8  # below this a 2-D UMAP of a k-NN graph says nothing; PCA is shown instead
 COLOR_USED = "#3b6fb6"
 COLOR_UNUSED = "#d62728"
@@ -46,18 +46,8 @@ def new_figure(width: float, height: float) -> "Figure":
 
 
 def save_figure(fig: "Figure", path: PathLike) -> Path:
-    """Write the PNG through a temporary file + os.replace: a report never links a half-written picture."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the PNG atomically: a report never links a half-written picture."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -99,7 +89,7 @@ def usage_histogram(counts, path: PathLike, title: str = "Expert usage", *, unit
     perfectly balanced routing (``Σ c / N``). Right: the counts sorted by rank (log y), where
     imbalance and dead experts (red ticks) show at a glance. The title carries N, Gini and entropy.
     """
-    c = _as_counts(counts)
+    c = as_counts(counts)
     n, total = c.size, c.sum()
     positive = c[c > 0]
     n_zero = n - positive.size
@@ -195,7 +185,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 2:
         raise ValueError(f"n_neighbors must be an int >= 2, got {n_neighbors!r}")
     n, d = k.shape
-    u = None if usage is None else _as_counts(usage)
+    u = None if usage is None else as_counts(usage)
     if u is not None and u.size != n:
         raise ValueError(f"usage has {u.size} entries but keys has {n} rows (one per expert)")
     # The cosine geometry of the keys is that of the unit vectors (the router scores by cosine).
@@ -206,7 +196,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
     if method == "umap" or (method == "auto" and n >= MIN_UMAP_POINTS):
         nn = min(n_neighbors, n - 1)
         try:
-            emb = _umap_2d(k, nn, min_dist, random_state)
+            emb = umap_2d(k, nn, min_dist, random_state)
             how = f"UMAP (cosine, n_neighbors={nn}, min_dist={min_dist}, seed={random_state})"
             axis = "UMAP"
         except ImportError:
@@ -254,7 +244,7 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
     return save_figure(fig, path)
 
 
-def _umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int) -> np.ndarray:
+def umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int) -> np.ndarray:
     import umap  # lazy: ~5 s to import (numba), and the first fit of a process JIT-compiles for ~20 s
 
     with warnings.catch_warnings():
@@ -329,4 +319,75 @@ def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Opti
     ax.set_title(full_title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------- study comparisons
+
+
+def perplexity_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """ID and OOD perplexity per variant side by side: one dot per run (seed)
+    and the mean with ± std whiskers; the axes zoom to the data, since
+    variants often differ by a few percent."""
+    names = list(runs)
+    fig = new_figure(max(7.0, 1.4 * len(names) + 3), 4.2)
+    for ax, metric, what in zip(fig.subplots(1, 2), ("id_perplexity", "ood_perplexity"), ("ID", "OOD"), strict=True):
+        means = []
+        for i, v in enumerate(names):
+            vals = np.array([r[metric] for r in runs[v]], dtype=np.float64)
+            if vals.size == 0:
+                means.append(math.nan)
+                continue
+            jitter = np.linspace(-0.12, 0.12, vals.size) if vals.size > 1 else np.zeros(1)
+            ax.scatter(i + jitter, vals, s=14, color=COLOR_USED, alpha=0.6, zorder=2)
+            std = vals.std(ddof=1) if vals.size > 1 else 0.0
+            ax.errorbar(i, vals.mean(), yerr=std, fmt="_", color="black", markersize=18, capsize=5, zorder=3)
+            means.append(float(vals.mean()))
+        if np.isfinite(means).any():
+            best = int(np.nanargmin(means))
+            ax.axhline(means[best], color=COLOR_BEST, linestyle="--", linewidth=1, label=f"best mean: {names[best]}")
+            ax.legend(fontsize=7, loc="best")
+        rotate = len(names) > 4 or max(map(len, names)) > 10
+        ax.set_xticks(range(len(names)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+                      fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(f"{what} perplexity (lower is better)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{what}: dots = seeds, black = mean ± std", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Expert usage of several variants side by side: per variant the usage
+    counts sorted from most to least used (log scale), unused experts as red
+    ticks on the axis, with Gini, entropy and experts used in the panel title."""
+    n = len(counts)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = new_figure(4.2 * cols, 3.2 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True, squeeze=False)).ravel()
+    positive = [c[c > 0] for c in counts.values() if np.any(c > 0)]
+    top = max(float(c.max()) for c in positive) if positive else 1.0
+    bottom = min(float(c.min()) for c in positive) if positive else 1.0
+    for ax, (name, c) in zip(axes, counts.items(), strict=False):  # spare axes are hidden below
+        order = np.sort(c)[::-1]
+        x = np.arange(1, c.size + 1)
+        used = order > 0
+        ax.bar(x[used], order[used], width=1.0, color=COLOR_USED, edgecolor="none")
+        if (~used).any():
+            ax.plot(x[~used], np.full((~used).sum(), bottom / 1.6), "|", color=COLOR_UNUSED, markersize=8,
+                    label=f"unused: {(~used).sum()}")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.axhline(c.sum() / c.size, color=COLOR_BEST, linestyle="--", linewidth=1)  # balanced routing
+        ax.set_yscale("log")
+        ax.set_ylim(bottom / 2.5, top * 1.6)
+        ax.set_title(f"{name}\nGini {gini(c):.3f}, H {entropy_bits(c):.2f} bits, used {experts_used(c)}", fontsize=9)
+        ax.set_xlabel("expert (by usage rank)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[:: cols]:
+        ax.set_ylabel("selections (log)", fontsize=8)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}\n(dashed: balanced routing, Σc / N)", fontsize=10)
     return save_figure(fig, path)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 
-__all__ = ["usage_counts", "gini", "entropy_bits", "max_entropy_bits", "experts_used", "format_experts_used",
+__all__ = ["as_counts", "usage_counts", "gini", "entropy_bits", "max_entropy_bits", "experts_used", "format_experts_used",
            "ExpertsUsed", "usage_summary"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, "list[float]", "tuple[float, ...]"]
@@ -54,7 +54,7 @@ def _check_range(lo: int, hi: int, n: int) -> None:
                          f"expected -1 (no expert) or 0..{n - 1}")
 
 
-def _as_counts(counts: ArrayLike) -> np.ndarray:
+def as_counts(counts: ArrayLike) -> np.ndarray:
     """Counts as a float64 numpy vector, validated (finite, non-negative, non-empty, 1-D)."""
     if isinstance(counts, torch.Tensor):
         counts = counts.detach().cpu().double().numpy()
@@ -74,7 +74,7 @@ def gini(counts: ArrayLike) -> float:
     ``G = Σ_i (2i − n − 1) c_(i) / (n Σ c)``, ``c`` sorted ascending, ``i = 1..n``; 0 when all
     counts are 0 (nothing routed is not an imbalance).
     """
-    c = np.sort(_as_counts(counts))
+    c = np.sort(as_counts(counts))
     n, total = c.size, c.sum()
     if total == 0:
         return 0.0
@@ -85,7 +85,7 @@ def gini(counts: ArrayLike) -> float:
 def entropy_bits(counts: ArrayLike) -> float:
     """Shannon entropy in bits of the usage distribution ``p = c / Σ c`` (``0 · log 0 = 0``);
     0 when all counts are 0. At most :func:`max_entropy_bits` ``(n)``, reached by uniform usage."""
-    c = _as_counts(counts)
+    c = as_counts(counts)
     total = c.sum()
     if total == 0:
         return 0.0
@@ -112,7 +112,7 @@ class ExpertsUsed(NamedTuple):
 
 def experts_used(counts: ArrayLike) -> ExpertsUsed:
     """How many experts were used at least once: ``(used, total, fraction)``."""
-    c = _as_counts(counts)
+    c = as_counts(counts)
     used = int(np.count_nonzero(c))
     return ExpertsUsed(used, c.size, used / c.size)
 
@@ -124,7 +124,7 @@ def format_experts_used(counts: ArrayLike) -> str:
 
 def usage_summary(counts: ArrayLike) -> dict[str, float]:
     """All of the above in one dict (for ``metrics.jsonl`` and report tables)."""
-    c = _as_counts(counts)
+    c = as_counts(counts)
     used = experts_used(c)
     return {"num_experts": c.size, "experts_used": used.used, "experts_used_fraction": used.fraction,
             "gini": gini(c), "entropy_bits": entropy_bits(c), "max_entropy_bits": max_entropy_bits(c.size),

@@ -27,40 +27,29 @@ deterministic (sorted files, fixed order) and is split into train/val by ``DataC
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-if TYPE_CHECKING:  # the tokenizers import stays lazy: `import some` must not need it
-    from tokenizers import Tokenizer
+from ..errors import CorpusUnavailableError
+from ..files import atomic_write
+from .cache import resolve_cache_dir
 
 __all__ = [
-    "CorpusUnavailableError", "DataConfig", "LMData", "DocumentDataset", "build_data",
-    "load_documents", "split_documents", "load_tinystories", "train_tokenizer", "resolve_cache_dir",
-    "SOURCES", "PAD_TOKEN", "EOT_TOKEN", "IGNORE_INDEX",
+    "FORTUNES_DIR", "OFFLINE_CHOICES", "SOURCES", "load_bible", "load_documents", "load_files", "load_fortunes",
+    "load_tinystories", "parse_diatheke_osis", "parse_source", "split_documents", "synthetic_documents",
 ]
 
 log = logging.getLogger(__name__)
-
-PAD_TOKEN = "<|pad|>"
-EOT_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = (PAD_TOKEN, EOT_TOKEN)  # ids 0 and 1, in this order
-IGNORE_INDEX = -100  # label of positions that do not count in the loss (F.cross_entropy's default)
 
 SOURCES = ("tinystories", "fortunes", "bible", "files:PATH[,PATH]", "synthetic")
 OFFLINE_CHOICES = ("'fortunes' (in-domain) and 'bible' (out-of-domain), installed by "
@@ -75,45 +64,7 @@ TINYSTORIES = "roneneldan/TinyStories"
 SYNTHETIC_DOCS = 12000  # enough for the reference subset sizes (10000 + 2000)
 
 
-class CorpusUnavailableError(RuntimeError):
-    """A corpus cannot be loaded here: a package, a file or the network is missing.
-
-    The message names what is missing and how to get it (or which offline sources exist).
-    """
-
-
-# --------------------------------------------------------------------------- cache dir
-def resolve_cache_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
-    """The root of the package's on-disk cache.
-
-    ``cache_dir`` if given, else ``$SOME_CACHE_DIR``, else ``$XDG_CACHE_HOME/some``, else
-    ``~/.cache/some``. Tokenizers live in ``<root>/tokenizers``, parsed corpora in
-    ``<root>/corpora``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("SOME_CACHE_DIR"):
-        return Path(os.environ["SOME_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "some"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory + os.replace, so that a concurrent
-    reader (another run sharing the cache) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------- sources
-def _parse_source(source: str) -> tuple[str, str]:
+def parse_source(source: str) -> tuple[str, str]:
     """``"kind:arg"`` -> ``(kind, arg)``; validates the kind."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"data source must be a non-empty string, one of {SOURCES}; got {source!r}")
@@ -135,7 +86,7 @@ def load_documents(source: str, *, cache_dir: Union[str, os.PathLike, None] = No
     Raises :class:`CorpusUnavailableError` when the corpus is not installed or a file is missing,
     ``ValueError`` for a malformed source or file.
     """
-    kind, arg = _parse_source(source)
+    kind, arg = parse_source(source)
     if kind == "fortunes":
         docs = load_fortunes(names=[a for a in arg.split(",") if a] or None)
     elif kind == "bible":
@@ -280,7 +231,7 @@ def _bible_verses(key: str, cache_dir: Union[str, os.PathLike, None]) -> list[tu
             f"diatheke gave no verses of the module {BIBLE_MODULE} for the range {key!r} (exit code "
             f"{proc.returncode}, stderr: {proc.stderr.strip()[:300]!r}); check the range (e.g. 'Gen-Rev', "
             f"'Ruth') or reinstall: {INSTALL_HINT}")
-    _atomic_write_text(cache, json.dumps(verses, ensure_ascii=False))
+    atomic_write(cache, json.dumps(verses, ensure_ascii=False))
     return verses
 
 
@@ -423,7 +374,6 @@ def load_tinystories(split: str, n: int, seed: int) -> list[str]:
     return [t.strip() for t in texts if t and t.strip()]
 
 
-# --------------------------------------------------------------------------- split
 def split_documents(docs: Sequence[str], n_train: int, n_val: int, seed: int,
                     name: str = "corpus") -> tuple[list[str], list[str]]:
     """Deterministic train/val subsets of ``docs``, chosen by a permutation seeded by ``seed``.
@@ -444,250 +394,3 @@ def split_documents(docs: Sequence[str], n_train: int, n_val: int, seed: int,
         n_train, n_val = total - v, v
     perm = np.random.default_rng(seed).permutation(total)
     return [docs[i] for i in perm[n_val:n_val + n_train]], [docs[i] for i in perm[:n_val]]
-
-
-# --------------------------------------------------------------------------- tokenizer
-def _tokenizer_settings(vocab_size: int, min_frequency: int) -> dict[str, Any]:
-    # Everything that changes the trained tokenizer goes into its cache key.
-    return {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
-            "special_tokens": list(SPECIAL_TOKENS), "vocab_size": vocab_size, "min_frequency": min_frequency}
-
-
-def tokenizer_cache_key(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> str:
-    """SHA-256 of the tokenizer settings and the training texts (each length-prefixed)."""
-    h = hashlib.sha256(json.dumps(_tokenizer_settings(vocab_size, min_frequency), sort_keys=True).encode())
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int, *, cache_dir: Union[str, os.PathLike, None] = None,
-                    min_frequency: int = 2, use_cache: bool = True) -> "Tokenizer":
-    """A byte-level BPE tokenizer (HuggingFace ``tokenizers``) with ``vocab_size`` tokens, trained on
-    ``texts``; ``<|pad|>`` is id 0 and ``<|endoftext|>`` id 1.
-
-    Cached in ``<cache root>/tokenizers/bpe-<V>-<hash>.json`` (see :func:`resolve_cache_dir`), keyed
-    by a hash of the texts and settings; a second call with the same inputs loads the file. A
-    corpus too small to learn ``vocab_size`` tokens gives a smaller vocabulary (with a warning):
-    every id is still ``< vocab_size``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    min_vocab = 256 + len(SPECIAL_TOKENS)  # the byte alphabet + the special tokens
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab:
-        raise ValueError(f"vocab_size must be an int >= {min_vocab} (256 bytes + special tokens), got {vocab_size!r}")
-    if not texts:
-        raise ValueError("train_tokenizer needs at least one training text")
-    path = None
-    if use_cache:
-        key = tokenizer_cache_key(texts, vocab_size, min_frequency)
-        path = resolve_cache_dir(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key[:20]}.json"
-        if path.is_file():
-            try:
-                tok = Tokenizer.from_file(str(path))
-                log.info("loaded cached tokenizer %s", path)
-                return tok
-            except Exception as e:  # noqa: BLE001 -- a damaged cache file is retrained, not fatal
-                log.warning("ignoring unreadable tokenizer cache %s (%s)", path, e)
-    tok = Tokenizer(models.BPE())
-    # add_prefix_space=False keeps decode(encode(text)) == text.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer, length=len(texts))
-    if tok.get_vocab_size() < vocab_size:
-        warnings.warn(f"the training texts are too small to learn {vocab_size} BPE tokens; the tokenizer has "
-                      f"{tok.get_vocab_size()} (ids stay < vocab_size, the model keeps V = {vocab_size})",
-                      stacklevel=2)
-    if path is not None:
-        _atomic_write_text(path, tok.to_str())
-        log.info("trained tokenizer (%d tokens) cached in %s", tok.get_vocab_size(), path)
-    return tok
-
-
-# --------------------------------------------------------------------------- dataset
-class DocumentDataset(Dataset):
-    """Token sequences for next-token prediction, tokenized once and stored as one tensor.
-
-    Each document is framed as ``<|endoftext|> doc``, so the first real token is predicted too,
-    and ``<|endoftext|>`` also ends it: ``[eot] + doc + [eot]``.
-
-    - unpacked (default): one document per sample, truncated/padded to ``seq_len + 1`` tokens;
-    - ``packed``: the documents are concatenated into one stream ``eot d1 eot d2 eot ...``, cut into chunks of
-      ``seq_len + 1`` tokens that overlap by one (each token is a target exactly once); the last
-      chunk is padded.
-
-    A sample is a dict of ``input_ids`` (S,) int64 (padding = ``pad_id``), ``labels`` (S,) int64
-    (``input_ids`` shifted by one; :data:`IGNORE_INDEX` = -100 where the target is padding) and
-    ``attention_mask`` (S,) bool (True at real input tokens; also the mask for routing statistics).
-    Samples have a fixed length, so the default ``DataLoader`` collation stacks them.
-    """
-
-    def __init__(self, token_ids: Sequence[Sequence[int]], seq_len: int, *, pad_id: int, eot_id: int,
-                 packed: bool = False):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-        if len(token_ids) == 0:
-            raise ValueError("DocumentDataset needs at least one document")
-        self.seq_len, self.pad_id, self.eot_id, self.packed = seq_len, pad_id, eot_id, packed
-        self.num_documents = len(token_ids)
-        width = seq_len + 1
-        if packed:  # eot d1 eot d2 eot ...: one <|endoftext|> between neighbours
-            eot = np.asarray([eot_id], dtype=np.int64)
-            stream = np.concatenate([eot] + [a for ids in token_ids for a in (np.asarray(ids, dtype=np.int64), eot)])
-            n = max(1, math.ceil((len(stream) - 1) / seq_len))
-            rows = [stream[i * seq_len: i * seq_len + width] for i in range(n)]
-        else:
-            rows = [np.asarray([eot_id, *ids, eot_id], dtype=np.int64)[:width] for ids in token_ids]
-        tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
-        lengths = np.empty(len(rows), dtype=np.int64)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-            lengths[i] = len(r)
-        # int32 halves the memory of the reference runs' 10000 x 769 table; ids are < 2^31.
-        self.tokens = torch.from_numpy(tokens.astype(np.int32))
-        self.lengths = torch.from_numpy(lengths)
-
-    @classmethod
-    def from_texts(cls, texts: Sequence[str], tokenizer: "Tokenizer", seq_len: int, *,
-                   packed: bool = False) -> "DocumentDataset":
-        """Tokenize ``texts`` (fast batch encode) with a tokenizer from :func:`train_tokenizer`."""
-        pad_id, eot_id = tokenizer.token_to_id(PAD_TOKEN), tokenizer.token_to_id(EOT_TOKEN)
-        if pad_id is None or eot_id is None:
-            raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}; build it with train_tokenizer")
-        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return cls([e.ids for e in encodings], seq_len, pad_id=pad_id, eot_id=eot_id, packed=packed)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.tokens[index].long()
-        n = int(self.lengths[index])
-        labels = row[1:].clone()
-        labels[max(n - 1, 0):] = IGNORE_INDEX  # target j is real iff j + 1 < n
-        return {"input_ids": row[:-1], "labels": labels,
-                "attention_mask": torch.arange(self.seq_len) < n}
-
-    @property
-    def num_tokens(self) -> int:
-        """Real target tokens (the tokens the loss averages over)."""
-        return int((self.lengths - 1).clamp(min=0).sum())
-
-    def __repr__(self) -> str:
-        mode = "packed" if self.packed else "one document per sample"
-        return (f"DocumentDataset({len(self)} samples of {self.seq_len} tokens, {mode}, "
-                f"{self.num_documents} documents, {self.num_tokens} target tokens)")
-
-
-# --------------------------------------------------------------------------- config + build
-@dataclass
-class DataConfig:
-    """What :func:`build_data` builds. Defaults are the reference runs' (SPEC §6)."""
-
-    source: str = "tinystories"  # see the module docstring
-    ood_source: Optional[str] = None  # a held-out corpus of another domain (OOD perplexity), or None
-    seq_len: int = 768  # tokens per sample (inputs and targets, each)
-    vocab_size: int = 8192  # V: BPE vocabulary size, and the model's
-    train_subset_size: int = 10000  # training documents
-    val_subset_size: int = 2000  # validation documents
-    ood_subset_size: Optional[int] = None  # OOD documents; None = val_subset_size
-    packed: bool = False  # concatenate documents into full chunks instead of padding each
-    seed: int = 0  # the train/val split and the subsets
-    cache_dir: Optional[str] = None  # cache root; None = $SOME_CACHE_DIR or ~/.cache/some
-    tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
-
-    def validate(self) -> "DataConfig":
-        for name in ("seq_len", "vocab_size", "train_subset_size", "val_subset_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
-        if self.ood_subset_size is not None and (not isinstance(self.ood_subset_size, int) or self.ood_subset_size < 1):
-            raise ValueError(f"DataConfig.ood_subset_size must be a positive int or None, got {self.ood_subset_size!r}")
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"DataConfig.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} "
-                             f"(byte-level BPE: 256 bytes + special tokens), got {self.vocab_size}")
-        _parse_source(self.source)
-        if self.ood_source is not None:
-            _parse_source(self.ood_source)
-            if self.ood_source.strip() == self.source.strip():
-                raise ValueError(f"DataConfig.ood_source must be another corpus than source ({self.source!r})")
-        return self
-
-
-@dataclass
-class LMData:
-    """The output of :func:`build_data`.
-
-    ``vocab_size`` is the model's vocabulary size (``DataConfig.vocab_size``); every token id is
-    below it, even when a small corpus gave the tokenizer fewer tokens.
-    """
-
-    train: DocumentDataset
-    val: DocumentDataset
-    ood: Optional[DocumentDataset]
-    tokenizer: "Tokenizer"
-    vocab_size: int
-    pad_id: int
-    eot_id: int
-    description: str
-    config: DataConfig
-
-    def decode(self, ids: Union[torch.Tensor, Sequence[int]]) -> str:
-        """Text of a token sequence, without padding or special tokens."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
-
-
-def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir) -> tuple[list[str], list[str]]:
-    if _parse_source(source)[0] == "tinystories":
-        # The official splits: train documents from "train", validation from "validation".
-        return load_tinystories("train", n_train, seed), load_tinystories("validation", n_val, seed)
-    return split_documents(load_documents(source, cache_dir=cache_dir), n_train, n_val, seed, name=repr(source))
-
-
-def _select_ood(source: str, n: int, seed: int, cache_dir) -> list[str]:
-    if _parse_source(source)[0] == "tinystories":
-        return load_tinystories("validation", n, seed)
-    docs = load_documents(source, cache_dir=cache_dir)
-    if len(docs) < n:
-        warnings.warn(f"OOD corpus {source!r} has only {len(docs)} documents (< {n} requested); using all of them",
-                      stacklevel=3)
-    return [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))[:n]]
-
-
-def build_data(cfg: DataConfig) -> LMData:
-    """Load the corpus, split it, train (or load) the tokenizer, and tokenize train/val/OOD.
-
-    Raises :class:`CorpusUnavailableError` when a corpus is missing here (its message names the
-    fix), ``ValueError`` for a bad configuration.
-    """
-    cfg.validate()
-    train_docs, val_docs = _select(cfg.source, cfg.train_subset_size, cfg.val_subset_size, cfg.seed, cfg.cache_dir)
-    if not val_docs:
-        raise ValueError(f"no validation documents from {cfg.source!r}")
-    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cache_dir=cfg.cache_dir,
-                                min_frequency=cfg.tokenizer_min_frequency)
-    train = DocumentDataset.from_texts(train_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
-    val = DocumentDataset.from_texts(val_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
-    ood = None
-    if cfg.ood_source is not None:
-        n_ood = cfg.ood_subset_size or cfg.val_subset_size
-        ood = DocumentDataset.from_texts(_select_ood(cfg.ood_source, n_ood, cfg.seed, cfg.cache_dir), tokenizer,
-                                         cfg.seq_len, packed=cfg.packed)
-    mode = "packed" if cfg.packed else "one document per sample"
-    parts = [f"{cfg.source}: {train.num_documents} train / {val.num_documents} val documents "
-             f"({train.num_tokens:,} / {val.num_tokens:,} tokens)"]
-    if ood is not None:
-        parts.append(f"OOD {cfg.ood_source}: {ood.num_documents} documents ({ood.num_tokens:,} tokens)")
-    parts.append(f"byte-level BPE V={cfg.vocab_size} ({tokenizer.get_vocab_size()} learned), "
-                 f"seq_len {cfg.seq_len}, {mode}, seed {cfg.seed}")
-    description = "; ".join(parts)
-    log.info("data: %s", description)
-    return LMData(train=train, val=val, ood=ood, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
-                  pad_id=train.pad_id, eot_id=train.eot_id, description=description,
-                  config=dataclasses.replace(cfg))

@@ -7,26 +7,26 @@ ranks all-reduce the statistics (they are sums); every rank then applies the
 same update to the same keys and the stores stay identical without ever being
 broadcast.
 
-Launch with ``torchrun --nproc_per_node=P -m some.train ...``; a plain
-``python -m some.train`` (no ``WORLD_SIZE`` in the environment) runs as a
+Launch with ``torchrun --nproc_per_node=P -m some train ...``; a plain
+``python -m some train`` (no ``WORLD_SIZE`` in the environment) runs as a
 single process with no process group.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "barrier", "all_reduce_keystore_stats",
-           "all_reduce_sum", "shard_range", "PeerLostError"]
+from ..errors import ConfigError, PeerLostError, SomeError
 
-
-class PeerLostError(RuntimeError):
-    """A collective failed or timed out: another rank died or stopped responding."""
+__all__ = ["DataParallel", "DistContext", "all_reduce_keystore_stats", "all_reduce_sum", "barrier", "init_distributed",
+           "shard_range", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,91 @@ def shard_range(n: int, ctx: DistContext) -> range:
     base, extra = divmod(n, ctx.world_size)
     start = ctx.rank * base + min(ctx.rank, extra)
     return range(start, start + base + (1 if ctx.rank < extra else 0))
+
+
+class DataParallel:
+    """The data-parallel context of a run: the process group (under torchrun),
+    this rank's device and share of each batch, the DDP wrapper, and
+    collective failures turned into :class:`~some.errors.PeerLostError`.
+    A single process is a world of one, where every method is a no-op."""
+
+    def __init__(self, ctx: DistContext, device: torch.device):
+        self.ctx, self.device = ctx, device
+
+    @classmethod
+    def from_env(cls, device: torch.device, timeout_s: float = 600.0) -> DataParallel:
+        ctx = init_distributed(device, timeout_s)
+        if ctx.enabled and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+        return cls(ctx, device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ctx.enabled
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    def barrier(self) -> None:
+        barrier(self.ctx)
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of ``n`` items."""
+        return shard_range(n, self.ctx)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. to fill a cache), then the others."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
+
+    def check_batch(self, batch_size: int, grad_accum: int) -> None:
+        if self.enabled and batch_size % (self.world_size * grad_accum):
+            raise ConfigError(f"batch_size = {batch_size} must be divisible by world size x grad_accum = "
+                              f"{self.world_size} x {grad_accum}")
+
+    def wrap(self, model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module | None:
+        """The DDP wrapper of ``model`` (None for one process). Gradients are
+        all-reduced in backward; rank 0's parameters and buffers are broadcast
+        once here. Buffers are not re-broadcast each step: the key stores stay
+        identical through the reduced statistics."""
+        if not self.enabled:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            # avg_k gates do not depend on the scores, and top_any thresholds
+            # can miss a step: their parameters may get no gradient
+            find_unused_parameters=find_unused_parameters)
+
+    @contextlib.contextmanager
+    def peer_errors(self) -> Iterator[None]:
+        """Inside, a failed collective (DDP's gradient all-reduce fails inside
+        backward when a peer is gone) becomes one :class:`PeerLostError`."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as e:
+            if not self.enabled or isinstance(e, SomeError):
+                raise
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PeerLostError(f"rank {self.rank}/{self.world_size}: a collective failed; another rank probably "
+                                f"died or stopped responding (timeout {self.ctx.timeout_s:g} s): {first}") from None
+
+    def close(self) -> None:
+        shutdown(self.ctx)

@@ -1,0 +1,62 @@
+"""Data for SoME language models: corpora, a cached byte-level BPE tokenizer, datasets.
+
+One call builds everything a training run needs::
+
+    from some.data import DataConfig, build_data
+    data = build_data(DataConfig(source="fortunes", ood_source="bible", seq_len=256, vocab_size=4096))
+    data.train[0]        # {"input_ids": (S,) int64, "labels": (S,) int64, "attention_mask": (S,) bool}
+    print(data.description)
+
+The sources (``fortunes``, ``bible``, ``tinystories``, ``files:PATH``,
+``synthetic``) are described in :mod:`some.data.corpora`.
+"""
+from ..errors import CorpusUnavailableError
+from .batches import collate, count_targets, epoch_order
+from .build import DataConfig, LMData, build_data
+from .cache import resolve_cache_dir
+from .corpora import (
+    FORTUNES_DIR,
+    OFFLINE_CHOICES,
+    SOURCES,
+    load_bible,
+    load_documents,
+    load_files,
+    load_fortunes,
+    load_tinystories,
+    parse_diatheke_osis,
+    parse_source,
+    split_documents,
+    synthetic_documents,
+)
+from .dataset import IGNORE_INDEX, DocumentDataset
+from .tokenizer import EOT_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, tokenizer_cache_key, train_tokenizer
+
+__all__ = [
+    "EOT_TOKEN",
+    "FORTUNES_DIR",
+    "IGNORE_INDEX",
+    "OFFLINE_CHOICES",
+    "PAD_TOKEN",
+    "SOURCES",
+    "SPECIAL_TOKENS",
+    "CorpusUnavailableError",
+    "DataConfig",
+    "DocumentDataset",
+    "LMData",
+    "build_data",
+    "collate",
+    "count_targets",
+    "epoch_order",
+    "load_bible",
+    "load_documents",
+    "load_files",
+    "load_fortunes",
+    "load_tinystories",
+    "parse_diatheke_osis",
+    "parse_source",
+    "resolve_cache_dir",
+    "split_documents",
+    "synthetic_documents",
+    "tokenizer_cache_key",
+    "train_tokenizer",
+]

@@ -1,0 +1,130 @@
+"""One call builds everything a training run needs: corpus, split, tokenizer, datasets."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .corpora import load_documents, load_tinystories, parse_source, split_documents
+from .dataset import DocumentDataset
+from .tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = ["DataConfig", "LMData", "build_data"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """What :func:`build_data` builds. Defaults are the reference runs' (SPEC §6)."""
+
+    source: str = "tinystories"  # see the module docstring
+    ood_source: Optional[str] = None  # a held-out corpus of another domain (OOD perplexity), or None
+    seq_len: int = 768  # tokens per sample (inputs and targets, each)
+    vocab_size: int = 8192  # V: BPE vocabulary size, and the model's
+    train_subset_size: int = 10000  # training documents
+    val_subset_size: int = 2000  # validation documents
+    ood_subset_size: Optional[int] = None  # OOD documents; None = val_subset_size
+    packed: bool = False  # concatenate documents into full chunks instead of padding each
+    seed: int = 0  # the train/val split and the subsets
+    cache_dir: Optional[str] = None  # cache root; None = $SOME_CACHE_DIR or ~/.cache/some
+    tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
+
+    def validate(self) -> "DataConfig":
+        for name in ("seq_len", "vocab_size", "train_subset_size", "val_subset_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
+        if self.ood_subset_size is not None and (not isinstance(self.ood_subset_size, int) or self.ood_subset_size < 1):
+            raise ValueError(f"DataConfig.ood_subset_size must be a positive int or None, got {self.ood_subset_size!r}")
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"DataConfig.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} "
+                             f"(byte-level BPE: 256 bytes + special tokens), got {self.vocab_size}")
+        parse_source(self.source)
+        if self.ood_source is not None:
+            parse_source(self.ood_source)
+            if self.ood_source.strip() == self.source.strip():
+                raise ValueError(f"DataConfig.ood_source must be another corpus than source ({self.source!r})")
+        return self
+
+
+@dataclass
+class LMData:
+    """The output of :func:`build_data`.
+
+    ``vocab_size`` is the model's vocabulary size (``DataConfig.vocab_size``); every token id is
+    below it, even when a small corpus gave the tokenizer fewer tokens.
+    """
+
+    train: DocumentDataset
+    val: DocumentDataset
+    ood: Optional[DocumentDataset]
+    tokenizer: "Tokenizer"
+    vocab_size: int
+    pad_id: int
+    eot_id: int
+    description: str
+    config: DataConfig
+
+    def decode(self, ids: Union[torch.Tensor, Sequence[int]]) -> str:
+        """Text of a token sequence, without padding or special tokens."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+
+
+def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir) -> tuple[list[str], list[str]]:
+    if parse_source(source)[0] == "tinystories":
+        # The official splits: train documents from "train", validation from "validation".
+        return load_tinystories("train", n_train, seed), load_tinystories("validation", n_val, seed)
+    return split_documents(load_documents(source, cache_dir=cache_dir), n_train, n_val, seed, name=repr(source))
+
+
+def _select_ood(source: str, n: int, seed: int, cache_dir) -> list[str]:
+    if parse_source(source)[0] == "tinystories":
+        return load_tinystories("validation", n, seed)
+    docs = load_documents(source, cache_dir=cache_dir)
+    if len(docs) < n:
+        warnings.warn(f"OOD corpus {source!r} has only {len(docs)} documents (< {n} requested); using all of them",
+                      stacklevel=3)
+    return [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))[:n]]
+
+
+def build_data(cfg: DataConfig) -> LMData:
+    """Load the corpus, split it, train (or load) the tokenizer, and tokenize train/val/OOD.
+
+    Raises :class:`CorpusUnavailableError` when a corpus is missing here (its message names the
+    fix), ``ValueError`` for a bad configuration.
+    """
+    cfg.validate()
+    train_docs, val_docs = _select(cfg.source, cfg.train_subset_size, cfg.val_subset_size, cfg.seed, cfg.cache_dir)
+    if not val_docs:
+        raise ValueError(f"no validation documents from {cfg.source!r}")
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cache_dir=cfg.cache_dir,
+                                min_frequency=cfg.tokenizer_min_frequency)
+    train = DocumentDataset.from_texts(train_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
+    val = DocumentDataset.from_texts(val_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
+    ood = None
+    if cfg.ood_source is not None:
+        n_ood = cfg.ood_subset_size or cfg.val_subset_size
+        ood = DocumentDataset.from_texts(_select_ood(cfg.ood_source, n_ood, cfg.seed, cfg.cache_dir), tokenizer,
+                                         cfg.seq_len, packed=cfg.packed)
+    mode = "packed" if cfg.packed else "one document per sample"
+    parts = [f"{cfg.source}: {train.num_documents} train / {val.num_documents} val documents "
+             f"({train.num_tokens:,} / {val.num_tokens:,} tokens)"]
+    if ood is not None:
+        parts.append(f"OOD {cfg.ood_source}: {ood.num_documents} documents ({ood.num_tokens:,} tokens)")
+    parts.append(f"byte-level BPE V={cfg.vocab_size} ({tokenizer.get_vocab_size()} learned), "
+                 f"seq_len {cfg.seq_len}, {mode}, seed {cfg.seed}")
+    description = "; ".join(parts)
+    log.info("data: %s", description)
+    return LMData(train=train, val=val, ood=ood, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
+                  pad_id=train.pad_id, eot_id=train.eot_id, description=description,
+                  config=dataclasses.replace(cfg))

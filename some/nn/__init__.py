@@ -1,0 +1,39 @@
+"""Modules: the SoME layer, the transformer around it, and their configurations.
+
+    SoMELayer(SoMELayerConfig(d_model=512, num_experts=64, d_ffn=1024))   # router + key store + experts
+    SoMEForCausalLM(ModelConfig(num_experts=64))                          # SPEC §2
+"""
+from .attention import CausalSelfAttention, RotaryEmbedding
+from .config import EXPERT_INITS, ROUTERS, ROUTING_LEVELS, ModelConfig, SoMELayerConfig
+from .layer import SoMELayer
+from .model import (
+    Block,
+    CausalLM,
+    CausalLMOutput,
+    DenseFFN,
+    DenseLM,
+    SoMEForCausalLM,
+    format_parameter_counts,
+    lm_loss,
+    seeded,
+)
+
+__all__ = [
+    "EXPERT_INITS",
+    "ROUTERS",
+    "ROUTING_LEVELS",
+    "Block",
+    "CausalLM",
+    "CausalLMOutput",
+    "CausalSelfAttention",
+    "DenseFFN",
+    "DenseLM",
+    "ModelConfig",
+    "RotaryEmbedding",
+    "SoMEForCausalLM",
+    "SoMELayer",
+    "SoMELayerConfig",
+    "format_parameter_counts",
+    "lm_loss",
+    "seeded",
+]

@@ -1,0 +1,137 @@
+"""Configurations of the modules: one SoME layer, and the whole language model.
+
+:class:`SoMELayerConfig` is the one definition of the SoME layer's fields;
+:class:`ModelConfig` adds the rest of the architecture (as a transformers
+config holds the architecture only). The experiment configuration
+(:class:`some.runs.SoMEConfig`) inherits both, so every field here is also a
+flat ``--set key=value`` key and a line of a run's ``config.yaml``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import ConfigError
+from ..fields import check_choice, check_field_types, check_range, project
+from ..ops.types import GATINGS, SCORE_MODES
+
+__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "MAX_SIZE", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
+           "SoMELayerConfig", "check_size"]
+
+ROUTERS = ("mlp", "linear", "frozen", "random")
+ROUTING_LEVELS = ("token", "sequence")
+# "default": experts initialized as nn.Linear does, from the seed; "cluster":
+# experts cut from a dense FFN after construction (some.construction), which
+# replaces the default ones.
+EXPERT_INITS = ("default", "cluster")
+EXPERT_DTYPES = ("float32", "bfloat16")
+# Any size beyond this is a typo, not an experiment (and overflows int32 indexing).
+MAX_SIZE = 2**31 - 1
+# The smallest positive normal float32: a temperature below it makes s/τ overflow.
+MIN_TEMPERATURE = 1.1754943508222875e-38
+
+
+def check_size(name: str, value: int, least: int = 1, most: int = MAX_SIZE) -> None:
+    """An integer field within ``least..most`` (``ConfigError`` naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
+    if value < least:
+        raise ConfigError(f"config field '{name}' must be >= {least}, got {value}")
+    if value > most:
+        raise ConfigError(f"config field '{name}' must be <= {most}, got {value}")
+
+
+@dataclass
+class SoMELayerConfig:
+    """Hyper-parameters of one SoME layer (SPEC §2-§4; names follow the seed's)."""
+
+    d_model: int = 512  # d
+    num_experts: int = 64  # N
+    d_ffn: int = 1024  # h, width of each frozen expert
+    top_k: int = 4  # k (k_max for top_p / top_any)
+    temperature: float = 0.8  # τ, TRAINING_TEMP
+    gating: str = "softmax"  # softmax | sigmoid | relu | avg_k | top_p | top_any
+    score_mode: str = "cosine"  # cosine | dot
+    top_p: float = 0.4  # p of the top_p gating
+    router: str = "mlp"  # mlp | linear | frozen | random
+    routing_level: str = "token"  # token | sequence
+    alpha: float = 0.01  # attraction
+    beta: float = 0.005  # peer-pull
+    delta: float = 0.001  # repulsion
+    theta_percentile: float = 0.05
+    ema_decay: float = 0.99  # γ, inertia
+    expert_init: str = "default"  # default | cluster (see EXPERT_INITS)
+    # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
+    # updates, experts unused in the window are masked out of routing and, if
+    # tokens matched no expert well (best score < adaptive_threshold; for
+    # top_any: no expert fired), one expert is added with its key at the
+    # normalized sum of those queries. Capacity is the N preallocated experts;
+    # `initial_experts` of them start active (None: all).
+    adaptive: bool = False
+    adaptive_window: int = 100  # key-store updates per window
+    adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
+    initial_experts: Optional[int] = None  # experts active at the start (None: all N)
+
+    def validate(self) -> SoMELayerConfig:
+        """Check every field; raise :class:`~some.errors.ConfigError` naming the field."""
+        check_field_types(self)
+        for name in ("d_model", "num_experts", "d_ffn", "top_k", "adaptive_window"):
+            check_size(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"config field top_k = {self.top_k} must be in 1..num_experts = 1..{self.num_experts}")
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            raise ConfigError(f"config field 'temperature' must be a finite number >= {MIN_TEMPERATURE:.4g} "
+                              f"(the smallest normal float32), got {self.temperature!r}")
+        for name, allowed in (("gating", GATINGS), ("score_mode", SCORE_MODES), ("router", ROUTERS),
+                              ("routing_level", ROUTING_LEVELS), ("expert_init", EXPERT_INITS)):
+            check_choice(name, getattr(self, name), allowed)
+        check_range("top_p", self.top_p, 0, 1, lo_open=True)
+        # Each rule moves a key by a fraction of a distance between unit vectors:
+        # beyond 1 it overshoots, and huge values overflow the store.
+        for name in ("alpha", "beta", "delta", "theta_percentile", "ema_decay"):
+            check_range(name, getattr(self, name), 0, 1)
+        check_range("adaptive_threshold", self.adaptive_threshold)
+        if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
+            raise ConfigError(f"config field 'initial_experts' must be in top_k..num_experts = "
+                              f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")
+        return self
+
+
+@dataclass
+class ModelConfig(SoMELayerConfig):
+    """The architecture of :class:`some.nn.SoMEForCausalLM` (SPEC §2): the SoME
+    layer's fields plus the transformer around it. Defaults are the seed's
+    reference values (``V = 8192, d = 512, L = 10, 8 heads, 768 tokens``)."""
+
+    vocab_size: int = 8192  # V
+    n_layers: int = 10  # L
+    n_heads: int = 8
+    seq_len: int = 768  # SEQ_LEN: the longest input the model takes
+    rope_base: float = 10000.0
+    expert_dtype: str = "float32"  # storage dtype of the frozen experts: float32 | bfloat16
+    # Initialization is a pure function of the seed (SoME layer i draws from seed + i).
+    seed: int = 42
+
+    def validate(self) -> ModelConfig:
+        SoMELayerConfig.validate(self)
+        check_size("vocab_size", self.vocab_size, 1, 2**21)
+        check_size("n_layers", self.n_layers, 1, 4096)
+        check_size("n_heads", self.n_heads)
+        check_size("seq_len", self.seq_len, 1, 2**20)
+        check_size("seed", self.seed, 0, 2**32 - 1)
+        check_range("rope_base", self.rope_base, 0, lo_open=True)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
+        check_choice("expert_dtype", self.expert_dtype, EXPERT_DTYPES)
+        return self
+
+    def layer_config(self) -> SoMELayerConfig:
+        """The :class:`SoMELayerConfig` of every SoME layer (this config's layer fields)."""
+        return project(self, SoMELayerConfig)
+
+    def model_config(self) -> ModelConfig:
+        """The architecture alone (e.g. of an experiment configuration that inherits it)."""
+        return project(self, ModelConfig)

@@ -1,0 +1,203 @@
+"""Decoder-only language models: SoME (SPEC §2) and its dense counterpart.
+
+    token embedding (V, d)
+    L x Block:  x = x + Attention(LayerNorm(x))      causal MHA, rotary positions
+                x = x + FFN(LayerNorm(x))            SoMELayer: router -> key store -> k of N frozen experts
+                                                     (DenseLM: one dense FFN of width N·h)
+    final LayerNorm -> LM head (d, V), not tied to the embedding
+
+With V=8192, d=512, L=10, h=1024 the trainable parameters are 29,417,472 for
+any N, plus N * 10 * 1,050,112 frozen expert parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import CausalSelfAttention
+from .config import ModelConfig
+from .layer import SoMELayer
+
+__all__ = ["Block", "CausalLM", "CausalLMOutput", "DenseFFN", "DenseLM", "SoMEForCausalLM",
+           "format_parameter_counts", "lm_loss", "seeded"]
+
+
+class CausalLMOutput(NamedTuple):
+    logits: Tensor  # (B, S, V)
+    loss: Tensor | None  # () mean next-token loss over real tokens, None without labels
+
+
+class DenseFFN(nn.Module):
+    """``W2 GELU(W1 x + b1) + b2`` with ``W1: (H, d)``, ``W2: (d, H)``, exact GELU
+    (as the experts). Initialized as ``nn.Linear`` initializes."""
+
+    def __init__(self, d: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, d, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm transformer block around a given attention and feed-forward part.
+
+    ``ffn`` is called as ``ffn(x, token_mask)``: a :class:`SoMELayer` (which
+    needs the mask of real tokens for its routing statistics) or a
+    :class:`DenseFFN` (which ignores it).
+    """
+
+    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, device=None, dtype=None):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model, device=device, dtype=dtype)
+        self.attn = attn
+        self.ln_ffn = nn.LayerNorm(d_model, device=device, dtype=dtype)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_attn(x))  # (B, S, d)
+        return x + self.ffn(self.ln_ffn(x), token_mask).to(x.dtype)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device=None) -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` and restore the global
+    RNG states afterwards (those of CPU and, when building there, the GPU)."""
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
+
+
+class CausalLM(nn.Module):
+    """Embedding, ``L`` blocks whose feed-forward parts come from ``make_ffn(i)``,
+    final LayerNorm and LM head; the parts every decoder here shares.
+
+    ``forward(input_ids, attention_mask=None, labels=None)``: ``input_ids``
+    ``(B, S)`` int64; ``attention_mask`` ``(B, S)`` bool, True for real tokens
+    (padding must be at the end of each row); ``labels`` ``(B, S)`` the
+    next-token targets, ``labels[:, t]`` being the token after ``input_ids[:, t]``
+    (as ``some.data`` makes them), ``-100`` where no loss is wanted. Returns
+    ``CausalLMOutput(logits, loss)``.
+
+    Initialization is a pure function of ``config.seed`` (the global RNG is
+    forked, not disturbed).
+    """
+
+    def __init__(self, config: ModelConfig, make_ffn: Callable[[int], nn.Module], *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        d, V = config.d_model, config.vocab_size
+        with seeded(config.seed, device):
+            self.embed = nn.Embedding(V, d, device=device, dtype=dtype)
+            # Attention is built before the feed-forward part of each block: the
+            # order in which the global RNG is drawn fixes the initialization.
+            self.blocks = nn.ModuleList(
+                Block(d, attn=CausalSelfAttention(d, config.n_heads, config.rope_base, device=device, dtype=dtype),
+                      ffn=make_ffn(i), device=device, dtype=dtype)
+                for i in range(config.n_layers)
+            )
+            self.ln_f = nn.LayerNorm(d, device=device, dtype=dtype)
+            self.lm_head = nn.Linear(d, V, bias=False, device=device, dtype=dtype)
+            self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02) for embedding, attention and head; the
+        # residual output projections scaled by 1/sqrt(2L) so the residual
+        # stream's variance does not grow with depth. The feed-forward parts
+        # keep their own initialization (routers as nn.Linear, experts per
+        # expert_init).
+        std = 0.02
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            nn.init.zeros_(block.attn.out.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> CausalLMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+        S = input_ids.shape[1]
+        if S > self.config.seq_len:
+            raise ValueError(f"sequence length {S} exceeds config.seq_len = {self.config.seq_len}")
+        token_mask = None if attention_mask is None else attention_mask.bool()
+        x = self.embed(input_ids)  # (B, S, d)
+        for block in self.blocks:
+            x = block(x, token_mask)
+        logits = self.lm_head(self.ln_f(x))  # (B, S, V)
+        loss = None if labels is None else lm_loss(logits, labels, attention_mask)
+        return CausalLMOutput(logits, loss)
+
+    def some_layers(self) -> list[SoMELayer]:
+        """The SoME layers of the model, in block order (none in a dense model)."""
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, SoMELayer)]
+
+    @torch.no_grad()
+    def update_keys(self) -> list[bool]:
+        """Self-organize every SoME layer's key store (SPEC §4); call after every
+        optimizer step. Returns, per layer, whether its store was updated."""
+        return [layer.update_keys() for layer in self.some_layers()]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, trainable) parameters; total includes the frozen experts."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return total, trainable
+
+
+class SoMEForCausalLM(CausalLM):
+    """The SoME language model of SPEC §2: every feed-forward part is a
+    :class:`SoMELayer`; layer ``i`` draws its experts and keys from seed
+    ``config.seed + i``."""
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        config.validate()
+        layer = config.layer_config()
+        expert_dtype = getattr(torch, config.expert_dtype)
+        super().__init__(config, lambda i: SoMELayer(layer, seed=config.seed + i, device=device, dtype=dtype,
+                                                     expert_dtype=expert_dtype), device=device, dtype=dtype)
+
+
+class DenseLM(CausalLM):
+    """The SoME model with a dense FFN of width ``N·h`` in place of each SoME
+    layer (expert construction pre-trains it, then cuts it into experts); same
+    names and the same initialization of the shared parts."""
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        hidden = config.num_experts * config.d_ffn
+        super().__init__(config, lambda i: DenseFFN(config.d_model, hidden, device=device, dtype=dtype),
+                         device=device, dtype=dtype)
+
+
+def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+            reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of ``logits`` (B, S, V) against ``labels`` (B, S).
+
+    ``labels[:, t]`` is the target of position ``t`` (the token after
+    ``input_ids[:, t]``; ``some.data`` shifts them). Targets that are ``-100``,
+    or at padding positions (``attention_mask`` False), do not count;
+    ``reduction="mean"`` averages over the rest, ``"sum"`` sums.
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(~attention_mask.bool(), -100)
+    # float32 for the softmax even under bf16 autocast
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
+
+
+def format_parameter_counts(total: int, trainable: int) -> str:
+    """The two log lines of every run, e.g. ``Total parameters: 701.49M`` and
+    ``Trainable parameters: 29.42M (4.19%)``."""
+    return (f"Total parameters: {total / 1e6:.2f}M\n"
+            f"Trainable parameters: {trainable / 1e6:.2f}M ({100 * trainable / total:.2f}%)")

@@ -1,0 +1,189 @@
+"""The SoME ops of SPEC §5: typed wrappers with argument checks.
+
+``route``, ``experts``, ``keystore_stats`` and ``keystore_update`` check their
+arguments in Python (clear exceptions before dispatch; the kernels check
+again) and call the backend that serves the tensors' device.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import native
+from .types import GATINGS, SCORE_MODES, KeystoreStats, RouteResult
+
+__all__ = ["experts", "keystore_stats", "keystore_update", "route"]
+
+
+def _require_native(op: str) -> None:
+    if not native.AVAILABLE:
+        raise ModuleNotFoundError(f"some.{op}: the compiled extension some._C is not loaded "
+                                  f"({native.IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .`")
+
+
+# --------------------------------------------------------------------------
+# argument checks shared by the wrappers (the C++ kernels check again)
+# --------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"'{name}' must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_devices(op: str, **tensors: Optional[Tensor]) -> None:
+    present = {n: t for n, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in present.items())
+        raise ValueError(f"some.{op}: all tensors must be on the same device, got {where}")
+
+
+# --------------------------------------------------------------------------
+# route (SPEC §3 steps 1-4)
+# --------------------------------------------------------------------------
+
+
+def route(
+    query: Tensor,
+    keys: Tensor,
+    k: int,
+    temperature: float,
+    gating: str = "softmax",
+    *,
+    score_mode: str = "cosine",
+    top_p: float = 0.4,
+    thresholds: Optional[Tensor] = None,
+    active: Optional[Tensor] = None,
+    fallback_top1: bool = False,
+) -> RouteResult:
+    """Score every token against the key store and pick its experts.
+
+    Args:
+        query: ``(T, d)`` router outputs ``q_t``.
+        keys: ``(N, d)`` key store ``K``.
+        k: experts per token (``k_max`` for ``top_p`` and ``top_any``), in ``1..N``.
+        temperature: ``τ > 0``.
+        gating: one of ``softmax`` (default), ``sigmoid``, ``relu``, ``avg_k``,
+            ``top_p``, ``top_any``.
+        score_mode: ``cosine`` (default, ``q̂·k̂``) or ``dot`` (``q·K``).
+        top_p: cumulative mass ``p`` for ``top_p`` gating.
+        thresholds: ``(N,)`` trainable thresholds ``G_e`` for ``top_any``.
+        active: ``(N,)`` bool mask; inactive experts are never selected.
+        fallback_top1: for ``top_any``, a token that fires no expert gets its
+            top-1 expert with gate 1 (used at evaluation).
+
+    Returns:
+        ``RouteResult(indices, gates, scores)``, each ``(T, k)``; empty slots
+        have index ``-1``, gate ``0`` and score ``0``. Differentiable w.r.t.
+        ``query`` (and ``thresholds``), never w.r.t. ``keys``.
+    """
+    _check_tensor("query", query)
+    _check_tensor("keys", keys)
+    if gating not in GATINGS:
+        raise ValueError(f"some.route: unknown gating {gating!r}; expected one of {GATINGS}")
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"some.route: unknown score_mode {score_mode!r}; expected one of {SCORE_MODES}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"some.route: k must be an int, got {type(k).__name__}")
+    _check_devices("route", query=query, keys=keys, thresholds=thresholds, active=active)
+    if gating == "top_any" and thresholds is None:
+        raise ValueError("some.route: gating 'top_any' needs the per-expert 'thresholds' tensor of shape (N,)")
+    _require_native("route")
+    gates, scores, indices = torch.ops.some.route(
+        query, keys, k, float(temperature), gating, score_mode, float(top_p), thresholds, active, fallback_top1
+    )
+    return RouteResult(indices, gates, scores)
+
+
+# --------------------------------------------------------------------------
+# experts (SPEC §3 step 5)
+# --------------------------------------------------------------------------
+
+
+def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """``y_t = Σ_j g_tj · E_{I_tj}(x_t)`` with ``E_e(x) = W2_e GELU(W1_e x + b1_e) + b2_e``.
+
+    Args:
+        x: ``(T, d)`` inputs. indices: ``(T, k)`` int64 expert ids, ``-1`` skips a slot.
+        gates: ``(T, k)``, same dtype as ``x``.
+        w1: ``(N, h, d)``, b1: ``(N, h)``, w2: ``(N, d, h)``, b2: ``(N, d)``: frozen expert weights.
+
+    Returns ``y`` of shape ``(T, d)``, differentiable w.r.t. ``x`` and ``gates``.
+    The expert weights are frozen: passing one that requires grad is an error,
+    since no gradient would reach it.
+    """
+    for name, t in (("x", x), ("indices", indices), ("gates", gates), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _check_tensor(name, t)
+    _check_devices("experts", x=x, indices=indices, gates=gates, w1=w1, b1=b1, w2=w2, b2=b2)
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.requires_grad:
+            raise ValueError(
+                f"some.experts: the experts are frozen but '{name}' requires grad; "
+                "no gradient is computed for expert weights (call .requires_grad_(False))"
+            )
+    _require_native("experts")
+    return torch.ops.some.experts(x, indices, gates, w1, b1, w2, b2)[0]
+
+
+# --------------------------------------------------------------------------
+# key store (SPEC §4)
+# --------------------------------------------------------------------------
+
+
+def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> KeystoreStats:
+    """The sums of SPEC §4 for one batch: ``(sum_q, mass, counts, coselect)``.
+
+    ``sum_q`` uses the normalized queries. The result is a sum over tokens, so
+    statistics of several micro-batches (or data-parallel ranks) add up.
+    Raises ``ValueError`` when ``query`` or ``gates`` hold NaN/Inf.
+    """
+    for name, t in (("query", query), ("indices", indices), ("gates", gates)):
+        _check_tensor(name, t)
+    _check_devices("keystore_stats", query=query, indices=indices, gates=gates)
+    _require_native("keystore_stats")
+    out = torch.ops.some.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
+    return KeystoreStats(*out)
+
+
+def keystore_update(
+    keys: Tensor,
+    velocity: Tensor,
+    usage: Tensor,
+    sum_q: Tensor,
+    mass: Tensor,
+    counts: Tensor,
+    coselect: Tensor,
+    alpha: float,
+    beta: float,
+    delta: float,
+    theta_percentile: float,
+    ema_decay: float,
+    normalize: bool = True,
+) -> bool:
+    """Apply one self-organization step (SPEC §4) to ``keys``, ``velocity`` and ``usage`` in place.
+
+    Returns ``True`` when applied. Non-finite statistics (or an already
+    non-finite store) leave all three tensors untouched, warn, and return ``False``.
+    """
+    for name, t in (("keys", keys), ("velocity", velocity), ("usage", usage), ("sum_q", sum_q),
+                    ("mass", mass), ("counts", counts), ("coselect", coselect)):
+        _check_tensor(name, t)
+    _check_devices("keystore_update", keys=keys, velocity=velocity, usage=usage, sum_q=sum_q,
+                   mass=mass, counts=counts, coselect=coselect)
+    _require_native("keystore_update")
+    with torch.no_grad():
+        applied = torch.ops.some.keystore_update(
+            keys, velocity, usage, sum_q, mass, counts, coselect, float(alpha), float(beta),
+            float(delta), float(theta_percentile), float(ema_decay), bool(normalize),
+        )
+    ok = bool(applied)
+    if not ok:
+        warnings.warn("some.keystore_update: non-finite key-store statistics; the key store was left untouched",
+                      RuntimeWarning, stacklevel=2)
+    return ok
+

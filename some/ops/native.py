@@ -1,0 +1,206 @@
+"""The native backend: the C++ (``csrc/cpu``) and CUDA (``csrc/cuda``) kernels
+registered in the PyTorch dispatcher as ``torch.ops.some.*``.
+
+Loading the compiled extension ``some._C`` registers the op schemas and the
+kernels; this module adds what PyTorch needs around them:
+
+* ``register_fake`` kernels stating the output shapes, so the ops trace under
+  ``torch.compile`` and run on the meta device;
+* ``register_autograd`` for ``route`` (grad to query and top-any thresholds)
+  and ``experts`` (grad to x and gates; the experts are frozen, so no weight
+  gradient is ever computed), whose backwards call other registered ops;
+* FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``.
+
+Without the extension (a source checkout that was never built, a broken
+build) :data:`AVAILABLE` is False and :data:`IMPORT_ERROR` says why.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = ["AVAILABLE", "IMPORT_ERROR", "build_info", "built_for"]
+
+try:
+    from .. import _C  # registers torch.ops.some.*
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _C = None
+    IMPORT_ERROR: str | None = f"{type(e).__name__}: {e}"
+else:
+    IMPORT_ERROR = None
+AVAILABLE = _C is not None
+
+
+def build_info() -> dict:
+    """How the extension was built: version, torch version, CUDA kernels,
+    OpenMP threads; ``native`` is False (and ``reason`` says why) when the
+    compiled extension is not loaded."""
+    if _C is None:
+        return {"native": False, "reason": IMPORT_ERROR, "version": None, "cuda": False, "openmp": False,
+                "omp_max_threads": 1, "torch_version": torch.__version__}
+    return {"native": True, **dict(_C.build_info())}
+
+
+def built_for(device: torch.device) -> bool:
+    """Whether native kernels exist for tensors on ``device``."""
+    if _C is None:
+        return False
+    if device.type in ("cpu", "meta"):
+        return True
+    return device.type == "cuda" and bool(_C.build_info()["cuda"])
+
+
+# --------------------------------------------------------------------------
+# fake kernels and autograd
+# --------------------------------------------------------------------------
+
+
+def _route_fake(query, keys, k, temperature, gating="softmax", score_mode="cosine", top_p=0.4,
+                thresholds=None, active=None, fallback_top1=False):
+    torch._check(query.dim() == 2, lambda: f"some.route: 'query' must be 2-D, got {tuple(query.shape)}")
+    torch._check(keys.dim() == 2, lambda: f"some.route: 'keys' must be 2-D, got {tuple(keys.shape)}")
+    torch._check(keys.shape[1] == query.shape[1], lambda: "some.route: keys and query widths differ")
+    torch._check(query.device == keys.device, lambda: "some.route: query and keys on different devices")
+    torch._check(1 <= k <= keys.shape[0], lambda: f"some.route: k must be in 1..N = 1..{keys.shape[0]}, got {k}")
+    T = query.shape[0]
+    return (query.new_empty((T, k)), query.new_empty((T, k)), query.new_empty((T, k), dtype=torch.long))
+
+
+def _route_backward_fake(grad_gates, grad_scores, query, keys, indices, gates, scores, temperature,
+                         gating, score_mode, thresholds, active):
+    grad_thr = thresholds.new_empty(thresholds.shape) if thresholds is not None else query.new_empty((0,))
+    return torch.empty_like(query), grad_thr
+
+
+def _route_setup_context(ctx, inputs, output):
+    query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, fallback_top1 = inputs
+    gates, scores, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(query, keys, indices, gates, scores, thresholds, active)
+    ctx.route_args = (temperature, gating, score_mode)
+
+
+def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
+    query, keys, indices, gates, scores, thresholds, active = ctx.saved_tensors
+    temperature, gating, score_mode = ctx.route_args
+    need_query = ctx.needs_input_grad[0]
+    need_thr = thresholds is not None and ctx.needs_input_grad[7]
+    if not (need_query or need_thr) or (grad_gates is None and grad_scores is None):
+        return (None,) * 10
+    grad_gates = torch.zeros_like(gates) if grad_gates is None else grad_gates.contiguous()
+    grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores.contiguous()
+    grad_query, grad_thr = torch.ops.some.route_backward(
+        grad_gates, grad_scores, query, keys, indices, gates, scores,
+        temperature, gating, score_mode, thresholds, active,
+    )
+    return (grad_query if need_query else None, None, None, None, None, None, None,
+            grad_thr if need_thr else None, None, None)
+
+
+def _experts_fake(x, indices, gates, w1, b1, w2, b2):
+    torch._check(x.dim() == 2 and indices.dim() == 2 and w1.dim() == 3,
+                 lambda: "some.experts: expected x (T, d), indices (T, k), w1 (N, h, d)")
+    torch._check(indices.shape[0] == x.shape[0], lambda: "some.experts: indices and x have different T")
+    torch._check(gates.shape == indices.shape, lambda: "some.experts: gates and indices shapes differ")
+    torch._check(w1.shape[2] == x.shape[1], lambda: "some.experts: w1 width differs from x")
+    torch._check(indices.dtype == torch.long, lambda: "some.experts: indices must be int64")
+    T, d = x.shape
+    k = indices.shape[1]
+    N, h = w1.shape[0], w1.shape[1]
+    return (x.new_empty((T, d)), x.new_empty((T * k, h)), indices.new_empty((T * k,)), indices.new_empty((N + 1,)))
+
+
+def _experts_backward_fake(grad_y, indices, gates, w1, w2, b2, hidden, order, offsets, need_grad_x, need_grad_gates):
+    gx = grad_y.new_empty(grad_y.shape) if need_grad_x else grad_y.new_empty((0,))
+    gg = gates.new_empty(gates.shape) if need_grad_gates else gates.new_empty((0,))
+    return gx, gg
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, indices, gates, w1, b1, w2, b2 = inputs
+    y, hidden, order, offsets = output
+    ctx.mark_non_differentiable(hidden, order, offsets)
+    # Without this, autograd would fill a (T·k, h) zero gradient for `hidden`
+    # on every backward.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(indices, gates, w1, w2, b2, hidden, order, offsets)
+
+
+def _experts_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
+    indices, gates, w1, w2, b2, hidden, order, offsets = ctx.saved_tensors
+    need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if grad_y is None or not (need_x or need_gates):
+        return (None,) * 7
+    grad_x, grad_gates = torch.ops.some.experts_backward(
+        grad_y.contiguous(), indices, gates, w1, w2, b2, hidden, order, offsets, need_x, need_gates
+    )
+    return (grad_x if need_x else None, None, grad_gates if need_gates else None, None, None, None, None)
+
+
+def _keystore_stats_fake(query, indices, gates, num_experts):
+    torch._check(num_experts >= 1, lambda: "some.keystore_stats: num_experts must be >= 1")
+    N, d = num_experts, query.shape[1]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty((N, d), dtype=acc), query.new_empty((N,), dtype=acc),
+            indices.new_empty((N,)), indices.new_empty((N, N)))
+
+
+def _keystore_update_fake(keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
+                          theta_percentile, ema_decay, normalize=True):
+    return keys.new_empty((), dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode)
+# --------------------------------------------------------------------------
+
+
+def valid_pairs(indices: torch.Tensor) -> int:
+    """Selected (token, slot) pairs; all T·k of them when the values are unknown (fake tensors)."""
+    try:
+        return int((indices >= 0).sum())
+    except Exception:  # fake / meta tensors carry no values
+        return indices.numel()
+
+
+def _route_flop(query, keys, *args, out_val=None, **kwargs) -> int:
+    # the score GEMM q̂ K̂ᵀ
+    return 2 * query.shape[0] * keys.shape[0] * query.shape[1]
+
+
+def _route_backward_flop(grad_gates, grad_scores, query, keys, indices, *args, out_val=None, **kwargs) -> int:
+    gating = args[3] if len(args) > 3 else kwargs.get("gating", "softmax")
+    flops = 2 * indices.numel() * query.shape[1]
+    if gating == "top_p":  # recomputed scores and the P-weighted key sum
+        flops += 4 * query.shape[0] * keys.shape[0] * query.shape[1]
+    return flops
+
+
+def _experts_flop(x, indices, gates, w1, *args, out_val=None, **kwargs) -> int:
+    # two GEMMs per selected pair: (1, d) x (d, h) and (1, h) x (h, d)
+    return 4 * valid_pairs(indices) * w1.shape[1] * w1.shape[2]
+
+
+def _experts_backward_flop(grad_y, indices, gates, w1, w2, b2, hidden, order, offsets, need_grad_x,
+                           need_grad_gates, out_val=None, **kwargs) -> int:
+    gemms = (1 if (need_grad_x or need_grad_gates) else 0) + (1 if need_grad_x else 0)
+    return 2 * gemms * valid_pairs(indices) * w1.shape[1] * w1.shape[2]
+
+
+def _register() -> None:
+    fakes = {"route": _route_fake, "route_backward": _route_backward_fake, "experts": _experts_fake,
+             "experts_backward": _experts_backward_fake, "keystore_stats": _keystore_stats_fake,
+             "keystore_update": _keystore_update_fake}
+    for name, fn in fakes.items():
+        torch.library.register_fake(f"some::{name}", fn)
+    torch.library.register_autograd("some::route", _route_backward, setup_context=_route_setup_context)
+    torch.library.register_autograd("some::experts", _experts_backward, setup_context=_experts_setup_context)
+    flops = {torch.ops.some.route: _route_flop, torch.ops.some.route_backward: _route_backward_flop,
+             torch.ops.some.experts: _experts_flop, torch.ops.some.experts_backward: _experts_backward_flop}
+    for op, fn in flops.items():
+        register_flop_formula(op, get_raw=True)(fn)
+
+
+if AVAILABLE:
+    _register()
