@@ -1,16 +1,18 @@
-"""Benchmark of the SoME ops, with the ratios the issue asks for, measured in one run.
+"""Benchmark of the SoME ops on both backends, with the ratios measured in one run.
 
     python benchmarks/bench_ops.py                      # T=4096 d=512 h=1024 N=64 k=4 fp32, CPU
     python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --T 24576
+    python benchmarks/bench_ops.py --backend torch      # only the plain-PyTorch backend
 
-Timed (median of --repeat runs after warm-up):
-  experts fwd+bwd   some.ops.experts, grads for x and gates (experts frozen)
-  dense matmuls     the same four GEMM shapes as one big dense expert: X W1ᵀ, A W2ᵀ
-                    (forward) and G W2, D W1 (backward) - the same FLOPs, no routing
-  naive loop        a plain-PyTorch loop over experts with autograd (weights frozen)
-  grouped_mm        torch._grouped_mm over tokens sorted by expert (CUDA, when available)
-  route fwd+bwd     some.ops.route, grads for the query
-  keystore          some.ops.keystore_stats + some.ops.keystore_update
+Timed (median of --repeat runs after warm-up, all candidates interleaved so a
+change of machine load affects every one alike):
+  experts[B] fwd+bwd  some.ops.experts on backend B (native kernels / torch backend,
+                      whose GEMMs are torch.nn.functional.grouped_mm), grads for x and gates
+  dense matmuls       the same four GEMM shapes as one big dense expert: X W1ᵀ, A W2ᵀ
+                      (forward) and G W2, D W1 (backward) - the same FLOPs, no routing
+  naive loop          a plain-PyTorch loop over experts with autograd (weights frozen)
+  route[B] fwd+bwd    some.ops.route, grads for the query
+  keystore[B]         some.ops.keystore_stats + some.ops.keystore_update
 """
 from __future__ import annotations
 
@@ -18,19 +20,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import some
 from some import ops
-
-# The naive PyTorch loop over experts is the tests' reference (what a user writes without the op).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import experts_loop_ref as naive_loop  # noqa: E402
+from some.ops.reference import experts_loop_ref as naive_loop
 
 
 def sync(device):
@@ -39,8 +35,7 @@ def sync(device):
 
 
 def timeit(fns, device, repeat, warmup=1):
-    """Median time of each function; the runs are interleaved (a, b, c, a, b, c, ...)
-    so that a change of machine load affects every candidate alike."""
+    """Median time of each function; the runs are interleaved (a, b, c, a, b, c, ...)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -55,18 +50,11 @@ def timeit(fns, device, repeat, warmup=1):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def grouped_mm_experts(x, indices, gates, w1, b1, w2, b2):
-    """torch._grouped_mm version: sort pairs by expert, two grouped GEMMs."""
-    T, k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w1.shape[0])
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    xs = x[order // k]
-    h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs) + b1.repeat_interleave(counts, 0, output_size=flat.numel())
-    out = torch._grouped_mm(F.gelu(h), w2.transpose(1, 2), offs=offs) + b2.repeat_interleave(counts, 0, output_size=flat.numel())
-    out = out * gates.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add(0, order // k, out)
+def on(backend, fn):
+    def run():
+        with ops.use_backend(backend):
+            fn()
+    return run
 
 
 def main(argv=None):
@@ -78,6 +66,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="both", choices=["both", "native", "torch"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive loop")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -85,6 +74,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    backends = ["native", "torch"] if args.backend == "both" else [args.backend]
     T, d, h, N, k = args.T, args.d, args.h, args.N, args.k
     torch.manual_seed(0)
     x = torch.randn(T, d, device=device, dtype=dtype)
@@ -94,7 +84,8 @@ def main(argv=None):
     b1 = torch.zeros(N, h, device=device, dtype=dtype)
     w2 = torch.randn(N, d, h, device=device, dtype=dtype) / h**0.5
     b2 = torch.zeros(N, d, device=device, dtype=dtype)
-    r = ops.route(q, keys, k, 0.8)
+    with ops.use_backend(backends[0]):
+        r = ops.route(q, keys, k, 0.8)
     indices, gates = r.indices, r.gates.detach()
     pairs = int((indices >= 0).sum())
     gy = torch.randn(T, d, device=device, dtype=dtype)
@@ -120,11 +111,6 @@ def main(argv=None):
         gg = gates.detach().requires_grad_()
         naive_loop(xx, indices, gg, w1, b1, w2, b2).backward(gy)
 
-    def grouped_fb():
-        xx = x.detach().requires_grad_()
-        gg = gates.detach().requires_grad_()
-        grouped_mm_experts(xx, indices, gg, w1, b1, w2, b2).backward(gy)
-
     wg = torch.randn(T, k, device=device, dtype=dtype)
 
     def route_fb():
@@ -138,43 +124,42 @@ def main(argv=None):
         ops.keystore_update(K, V, U, st.sum_q, st.mass, st.counts, st.coselect, 0.01, 0.005, 0.001, 0.05, 0.99)
 
     flops = 8 * pairs * d * h  # 4 GEMMs of 2·pairs·d·h
-    fns = {"experts": experts_fb, "dense": dense_fb}
-    if device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
-        try:
-            grouped_fb()
-            fns["grouped_mm"] = grouped_fb
-        except Exception as exc:  # not supported on this GPU/build
-            print(f"torch._grouped_mm unavailable: {exc}")
-    fns.update(route=route_fb, keystore=keystore)
+    fns = {"dense": dense_fb}
+    for b in backends:
+        fns[f"experts[{b}]"] = on(b, experts_fb)
+    for b in backends:
+        fns[f"route[{b}]"] = on(b, route_fb)
+        fns[f"keystore[{b}]"] = on(b, keystore)
     res = timeit(fns, device, args.repeat)
     if not args.skip_naive:  # slow: fewer runs, timed on its own
         res.update(timeit({"naive": naive_fb}, device, max(1, args.repeat // 2)))
-    res = {name: res[name] for name in ("experts", "dense", "naive", "grouped_mm", "route", "keystore") if name in res}
 
-    info = some.build_info()
     cpu = platform.processor() or platform.machine()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"some {info['version']}, torch {torch.__version__}, device: {where}")
+    print(f"some {ops.build_info()['version']}, torch {torch.__version__}, device: {where}")
     print(f"shape: T={T} d={d} h={h} N={N} k={k} dtype={args.dtype}  ({pairs} token-expert pairs)")
-    print(f"{'what':<26}{'time (ms)':>12}{'TFLOP/s':>10}")
-    labels = {"experts": "experts fwd+bwd", "dense": "dense matmuls, same FLOPs", "naive": "naive loop fwd+bwd",
-              "grouped_mm": "torch._grouped_mm fwd+bwd", "route": "route fwd+bwd", "keystore": "keystore stats+update"}
+    print(f"{'what':<28}{'time (ms)':>12}{'TFLOP/s':>10}")
     for name, t in res.items():
-        tf = f"{flops / t / 1e12:10.3f}" if name in ("experts", "dense", "naive", "grouped_mm") else " " * 10
-        print(f"{labels[name]:<26}{t * 1e3:12.2f}{tf}")
-    ratios = {"experts_vs_dense_throughput": res["dense"] / res["experts"],
-              "route_share_of_experts": res["route"] / res["experts"],
-              "keystore_share_of_experts": res["keystore"] / res["experts"]}
-    if "naive" in res:
-        ratios["speedup_vs_naive_loop"] = res["naive"] / res["experts"]
-    if "grouped_mm" in res:
-        ratios["speedup_vs_grouped_mm"] = res["grouped_mm"] / res["experts"]
+        tf = f"{flops / t / 1e12:10.3f}" if name.startswith(("experts", "dense", "naive")) else " " * 10
+        label = name.replace("dense", "dense matmuls, same FLOPs").replace("naive", "naive loop fwd+bwd")
+        print(f"{label:<28}{t * 1e3:12.2f}{tf}")
+    ratios = {}
+    for b in backends:
+        e = res[f"experts[{b}]"]
+        ratios[f"{b}: experts throughput / dense matmul"] = res["dense"] / e
+        if "naive" in res:
+            ratios[f"{b}: speed-up over the naive loop"] = res["naive"] / e
+        ratios[f"{b}: route time / experts time"] = res[f"route[{b}]"] / e
+        ratios[f"{b}: keystore time / experts time"] = res[f"keystore[{b}]"] / e
+    if len(backends) == 2:
+        ratios["native speed-up over the torch backend (experts)"] = res["experts[torch]"] / res["experts[native]"]
     print("ratios:")
     for name, v in ratios.items():
-        print(f"  {name:<32}{v:8.3f}")
+        print(f"  {name:<52}{v:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": where, "shape": vars(args), "seconds": res, "ratios": ratios, "build": info}, f, indent=2)
+            json.dump({"device": where, "shape": vars(args), "seconds": res, "ratios": ratios,
+                       "build": ops.build_info()}, f, indent=2)
     return ratios
 
 

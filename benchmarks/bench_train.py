@@ -17,15 +17,15 @@ OpenMP threads that spin while a peer thread is descheduled made steps of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from some.config import apply_overrides, get_preset
-from some.model import SoMEForCausalLM, format_parameter_counts
-from some.train import make_optimizer
+from some import ops
+from some.engine import make_optimizer, train_step
+from some.nn import SoMEForCausalLM, format_parameter_counts
+from some.runs import apply_overrides, get_preset
 
 
 def categorize(name: str) -> str | None:
@@ -36,18 +36,14 @@ def categorize(name: str) -> str | None:
     return None
 
 
-def make_step(model, optimizer, batch, device, grad_clip):
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+def make_step(model, optimizer, batch, config):
+    """The training run's own optimizer step (forward, loss, backward, clip, AdamW, key-store update)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    count = iter(range(1, 1 << 62))
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-        optimizer.step()
-        model.update_keys()
+        train_step(model, batch, optimizer, config, step=next(count), total_steps=1000,
+                   grad_accum=config.grad_accum, trainable=trainable)
 
     return step
 
@@ -62,11 +58,13 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"], help="ops backend (some.ops)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps for the breakdown")
     args = p.parse_args(argv)
 
+    ops.use_backend(args.backend)
     config = apply_overrides(get_preset(args.preset), args.overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -76,7 +74,7 @@ def main(argv=None):
     ids = torch.randint(0, config.vocab_size, (B, S), device=device)
     batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1),
              "attention_mask": torch.ones(B, S, dtype=torch.bool, device=device)}
-    step = make_step(model, optimizer, batch, device, config.grad_clip or float("inf"))
+    step = make_step(model, optimizer, batch, config)
 
     for _ in range(args.warmup):
         step()
@@ -113,7 +111,7 @@ def main(argv=None):
     total, trainable = model.parameter_counts()
     print(f"preset {args.preset}: d={config.d_model}, L={config.n_layers}, N={config.num_experts}, "
           f"k={config.top_k}, h={config.d_ffn}, batch {B} x {S} tokens, device {device}, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{torch.get_num_threads()} CPU threads, ops backend {ops.backend_for(device)}")
     print(format_parameter_counts(total, trainable).replace("\n", "; "))
     print(f"train throughput: {B * S / step_s:,.0f} tokens/s ({1e3 * step_s:.1f} ms per optimizer step)")
     print()

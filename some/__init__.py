@@ -17,13 +17,9 @@ pure-Python parts work without the compiled extension.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("some")
-except PackageNotFoundError:  # a source tree that is not installed
-    __version__ = "0+unknown"
+from .version import __version__  # noqa: F401  (in __all__)
 
 # public name -> the module that defines it
 _API = {

@@ -5,6 +5,7 @@
     some train --out runs/tiny --resume                      # continue a run from its checkpoint
     some report runs/tiny                                    # rebuild report.md
     some ablate experiments/gating.yaml [--smoke]            # an ablation study (SPEC §7): every variant x seed
+    some selftest [--device cuda] [--quick]                  # check the ops backends on this machine
     some info                                                # build info and presets
 
 User errors (bad config, missing corpus, corrupt checkpoint, diverged run)
@@ -18,9 +19,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError, SomeError
-from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset
+from .ops import build_info
+from .ops.selftest import run_selftest
+from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset, train, write_report
 from .runs.rundir import LOGGER, ConsoleHandler
+from .studies import load_study, run_status, run_study, summarize
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every variant x dataset x seed of a study file (each run in its own "
                                    "process, finished runs are kept), then write results.md/csv and pictures.")
     _add_ablate_arguments(a)
+
+    st = sub.add_parser("selftest", help="check both ops backends against a float64 reference on this machine",
+                        description="Every op and gating, forward and backward, at awkward sizes (and on GPUs one "
+                                    "A4-sized bfloat16 experts call), native kernels and torch backend against "
+                                    "a float64 reference. Exits 1 on any mismatch.")
+    st.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N or mps")
+    st.add_argument("--dtype", nargs="+", choices=["float64", "float32", "bfloat16"], metavar="DTYPE",
+                    help="dtypes to check (default: float64 float32 bfloat16)")
+    st.add_argument("--quick", action="store_true", help="the small shapes only (seconds)")
+    st.add_argument("--full", action="store_true", help="also the A4-sized experts call on the CPU (minutes)")
 
     sub.add_parser("info", help="print how the extension was built and the presets")
     return parser
@@ -90,8 +106,6 @@ def config_from_args(args: argparse.Namespace) -> SoMEConfig | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .runs import train
-
     config = config_from_args(args)
     try:
         train(config, args.out, resume=args.resume, device=args.device, make_plots=args.plots,
@@ -103,15 +117,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .runs import write_report
-
     print(write_report(args.run_dir))
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .studies import load_study, run_status, run_study, summarize
-
     study = load_study(args.study, smoke=args.smoke, check_corpora=not args.summarize)
     out = Path(args.out) if args.out else study.default_out()
     if args.dry_run:
@@ -131,11 +141,12 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    results = run_selftest(args.device, args.dtype, quick=args.quick, full=args.full)
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _info(args: argparse.Namespace) -> int:
-    import torch
-
-    from .ops import build_info
-
     info = build_info()
     width = max(map(len, info))
     for key, value in info.items():
@@ -160,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(console)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
-    handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate}
+    handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate, "selftest": _selftest}
     try:
         return handlers[args.command](args)
     except (SomeError, FileNotFoundError) as e:

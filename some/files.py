@@ -13,11 +13,11 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 __all__ = ["PathLike", "atomic_write", "write_json"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 Writer = Callable[[IO[bytes]], None]
 
 

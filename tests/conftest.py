@@ -19,6 +19,16 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """Run the test with each ops backend forced (some.ops.use_backend)."""
+    from some import ops
+
+    with ops.use_backend(request.param):
+        yield request.param
+
+
 def pytest_report_header(config):
     info = some.build_info()
-    return f"some {info['version']} (torch {info['torch_version']}, cuda kernels: {info['cuda']}, omp threads: {info['omp_max_threads']})"
+    return (f"some {info['version']} (torch {info['torch_version']}, cuda kernels: {info['cuda']}, "
+            f"omp threads: {info['omp_max_threads']})")

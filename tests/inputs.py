@@ -19,14 +19,16 @@ def make_route_inputs(T, d, N, dtype=torch.float64, device="cpu", seed=0):
 def make_experts(N, d, h, dtype=torch.float64, device="cpu", seed=1):
     """Frozen expert weights w1 (N, h, d), b1 (N, h), w2 (N, d, h), b2 (N, d)."""
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])).to(device=device, dtype=dtype)
+    def mk(*s):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) / math.sqrt(s[-1])).to(device=device, dtype=dtype)
     return mk(N, h, d), mk(N, h), mk(N, d, h), mk(N, d)
 
 
 def random_routing(T, N, k, dtype, device="cpu", seed=0, empty_frac=0.15):
     """k distinct experts per token, a share `empty_frac` of slots empty (-1, gate 0)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+    idx = (torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)]) if T
+           else torch.zeros(0, k, dtype=torch.long))
     idx[torch.rand(T, k, generator=g) < empty_frac] = -1
     gates = torch.rand(T, k, generator=g, dtype=torch.float64)
     gates[idx < 0] = 0

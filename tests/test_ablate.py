@@ -15,14 +15,12 @@ import torch
 import yaml
 
 from some import studies as ablate
-from some.errors import RunsFailed, StudyError
-from some.studies import load_study, run_status
-from some.analysis import (analytic_flops_per_token, count_flops, mutual_information_bits, specialization,
-                           token_batch)
+from some.analysis import analytic_flops_per_token, count_flops, mutual_information_bits, specialization, token_batch
 from some.cli import main as cli_main
-from some.errors import ConfigError
+from some.errors import ConfigError, RunsFailed, StudyError
 from some.nn import SoMEForCausalLM
 from some.runs import apply_overrides, get_preset
+from some.studies import load_study, run_status, runner
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "experiments").glob("*.yaml"))
@@ -80,6 +78,7 @@ def finished_study(tmp_path_factory):
     return path, out
 
 
+@pytest.mark.slow
 def test_study_writes_a_fully_measured_table(finished_study):
     path, out = finished_study
     text = (out / "results.md").read_text()
@@ -115,6 +114,7 @@ def test_study_writes_a_fully_measured_table(finished_study):
     assert [r["variant"] for r in by_variant] == ["softmax", "top_p", "sequence"]
 
 
+@pytest.mark.slow
 def test_second_invocation_reruns_nothing(finished_study, monkeypatch, capsys):
     path, out = finished_study
     results = sorted(out.glob("runs/*/*/seed*/result.json"))
@@ -124,13 +124,14 @@ def test_second_invocation_reruns_nothing(finished_study, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was started again")
 
-    monkeypatch.setattr(ablate, "_run_in_subprocess", no_training)
+    monkeypatch.setattr(runner, "_run_in_subprocess", no_training)
     assert cli_main(["ablate", str(path), "--out", str(out), "--quiet"]) == 0
     assert "6 finished, 0 to run" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert (out / "results.md").is_file()
 
 
+@pytest.mark.slow
 def test_only_the_unfinished_run_runs_again(finished_study, monkeypatch):
     path, out = finished_study
     study = load_study(path)
@@ -138,13 +139,14 @@ def test_only_the_unfinished_run_runs_again(finished_study, monkeypatch):
     (target.dir(out) / "result.json").rename(target.dir(out) / "result.json.bak")
     assert run_status(target, out) == "new"  # the checkpoint was deleted after measuring
     started = []
-    monkeypatch.setattr(ablate, "_run_in_subprocess", lambda run, *a, **k: started.append(run) or 1)
+    monkeypatch.setattr(runner, "_run_in_subprocess", lambda run, *a, **k: started.append(run) or 1)
     with pytest.raises(RunsFailed, match="1 of 6 runs failed"):
         ablate.run_study(study, out, stream=False)
     assert started == [target]
     (target.dir(out) / "result.json.bak").rename(target.dir(out) / "result.json")
 
 
+@pytest.mark.slow
 def test_a_changed_study_file_is_refused_not_mixed_in(finished_study, tmp_path):
     path, out = finished_study
     changed = yaml.safe_load(path.read_text())
@@ -155,6 +157,7 @@ def test_a_changed_study_file_is_refused_not_mixed_in(finished_study, tmp_path):
         ablate.run_study(load_study(path2), out)
 
 
+@pytest.mark.slow
 def test_one_study_process_per_output_directory(finished_study):
     import fcntl
 
@@ -183,7 +186,6 @@ def test_one_study_process_per_output_directory(finished_study):
     ({"preset": "A5"}, r"unknown preset 'A5' \(did you mean A4"),
     ({"varaints": {}}, r"unknown key 'varaints'; did you mean 'variants'"),
     ({"measure": {"latency_repeats": 0}}, r"measure: latency_repeats must be an integer >= 1"),
-    ({"measure": {"latency_batch": 1}}, r"latency_batch = 1 with sequence-level routing"),
 ])
 def test_bad_study_file_fails_before_any_training(tmp_path, monkeypatch, capsys, changes, message):
     path = _study(tmp_path, **changes)
@@ -386,6 +388,7 @@ def test_dense_fields_are_validated():
 # --------------------------------------------------------------------- notebook
 
 
+@pytest.mark.slow
 def test_ablations_notebook_runs_on_a_study_output(finished_study, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

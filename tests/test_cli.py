@@ -81,6 +81,7 @@ def test_info(capsys):
     assert "version" in out and "torch_version" in out and "tiny-test" in out
 
 
+@pytest.mark.slow
 def test_train_end_to_end_then_report_rebuilds(tmp_path, cache_dir):
     """`some train` as users run it (a subprocess), with the pictures, then `some report`."""
     pytest.importorskip("matplotlib")

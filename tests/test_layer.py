@@ -8,8 +8,7 @@ import torch
 
 from some import SoMELayer, ops
 from some.nn import SoMELayerConfig
-
-from reference import experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
+from some.ops.reference import experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
 
 
 def make_layer(dtype=torch.float64, seed=0, **kw):

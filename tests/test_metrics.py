@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from some.analysis.metrics import (ExpertsUsed, entropy_bits, experts_used, format_experts_used, gini, max_entropy_bits,
-                          usage_counts, usage_summary)
+from some.analysis.metrics import (
+    ExpertsUsed,
+    entropy_bits,
+    experts_used,
+    format_experts_used,
+    gini,
+    max_entropy_bits,
+    usage_counts,
+    usage_summary,
+)
 
 
 # ----------------------------------------------------------------------------- usage_counts

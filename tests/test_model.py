@@ -108,7 +108,7 @@ def test_initialization_is_a_function_of_the_seed():
     torch.manual_seed(2)
     b = SoMEForCausalLM(config)
     c = SoMEForCausalLM(apply_overrides(config, ["seed=7"]))
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.blocks[0].ffn.keys, c.blocks[0].ffn.keys)
     assert not torch.equal(a.embed.weight, c.embed.weight)
@@ -132,11 +132,11 @@ def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
     assert layer.w1.grad is None and layer.w2.grad is None
     assert layer.router[0].weight.grad is not None and layer.router[0].weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
-    keys = [l.keys.clone() for l in model.some_layers()]
+    keys = [layer.keys.clone() for layer in model.some_layers()]
     assert model.update_keys() == [True] * config.n_layers
-    for old, l in zip(keys, model.some_layers()):
-        assert not torch.equal(old, l.keys)
-        torch.testing.assert_close(l.keys.norm(dim=1), torch.ones(config.num_experts))
+    for old, some_layer in zip(keys, model.some_layers()):
+        assert not torch.equal(old, some_layer.keys)
+        torch.testing.assert_close(some_layer.keys.norm(dim=1), torch.ones(config.num_experts))
     assert model.update_keys() == [False] * config.n_layers  # nothing pending
 
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import functools
 
+import inputs
 import pytest
 import torch
 import torch.nn.functional as F
 
 import some
 from some import ops
-
-import inputs
-from reference import experts_loop_ref, experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
+from some.ops.reference import experts_loop_ref, experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
 
 CUDA_OK = torch.cuda.is_available() and bool(some.build_info()["cuda"])
 pytestmark = pytest.mark.skipif(

@@ -132,6 +132,7 @@ def test_keystore_falls_back_to_pca_when_umap_fails(tmp_path, monkeypatch):
         read_png(P.keystore_umap(unit_keys(16), None, tmp_path / "g.png"))
 
 
+@pytest.mark.slow
 def test_keystore_real_umap_n64_is_deterministic(tmp_path):
     pytest.importorskip("umap")
     keys = unit_keys(64, d=128).numpy()

@@ -115,6 +115,7 @@ def test_key_stores_moved_during_training(reference, config):
 # -------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(reference, config, cache_dir, tmp_path):
     ref_out, _, _ = reference
     out = tmp_path / "killed"
@@ -133,7 +134,8 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(reference, conf
     assert not (out / "analysis.json").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "some", "train", "--out", str(out), "--resume", "--no-plots",
-                              "--no-progress"], check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                              "--no-progress"], check=False, cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout
     assert _records(out) == _records(ref_out)

@@ -16,13 +16,14 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 
-__all__ = ["as_counts", "usage_counts", "gini", "entropy_bits", "max_entropy_bits", "experts_used", "format_experts_used",
+__all__ = ["as_counts", "usage_counts", "gini", "entropy_bits", "max_entropy_bits", "experts_used",
+           "format_experts_used",
            "ExpertsUsed", "usage_summary"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, "list[float]", "tuple[float, ...]"]
 
 
-def usage_counts(indices: ArrayLike, num_experts: int) -> Union[torch.Tensor, np.ndarray]:
+def usage_counts(indices: ArrayLike, num_experts: int) -> torch.Tensor | np.ndarray:
     """How many (token, slot) pairs selected each expert: an int64 vector of length ``num_experts``.
 
     ``indices`` has any shape (e.g. ``T x k`` from ``some.ops.route``); ``-1`` marks a slot that

@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ COLOR_UNUSED = "#d62728"
 COLOR_BEST = "#2ca02c"
 
 
-def new_figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -45,7 +45,7 @@ def new_figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def save_figure(fig: "Figure", path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
     """Write the PNG atomically: a report never links a half-written picture."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
@@ -262,8 +262,8 @@ def umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int)
 
 
 # --------------------------------------------------------------------------- study comparisons
-def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Optional[Mapping[str, float]] = None,
-                    ylabel: str = "", title: str = "", best: Optional[str] = None, log_scale: bool = False,
+def comparison_bars(values: Mapping[str, float], path: PathLike, *, errors: Mapping[str, float] | None = None,
+                    ylabel: str = "", title: str = "", best: str | None = None, log_scale: bool = False,
                     fmt: str = "{:.3g}") -> Path:
     """One bar per variant (in the mapping's order) with its value written on it, optional error
     bars (``errors``: e.g. the std over seeds), and the best bar highlighted (``best="min"`` for

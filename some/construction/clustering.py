@@ -187,7 +187,8 @@ def _raw_labels(X: np.ndarray, n: int, method: str, seed: int, method_kwargs: di
     if method == "spectral":
         from sklearn.cluster import SpectralClustering
 
-        kw = {"affinity": "nearest_neighbors", "n_neighbors": min(10, H - 1), "assign_labels": "cluster_qr", **method_kwargs}
+        kw = {"affinity": "nearest_neighbors", "n_neighbors": min(10, H - 1), "assign_labels": "cluster_qr",
+              **method_kwargs}
         return np.asarray(SpectralClustering(n_clusters=n, random_state=seed, **kw).fit_predict(X), dtype=np.int64)
     raise ValueError(f"unknown clustering method {method!r}; expected one of {METHODS}")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,18 +28,18 @@ class DataConfig:
     """What :func:`build_data` builds. Defaults are the reference runs' (SPEC §6)."""
 
     source: str = "tinystories"  # see the module docstring
-    ood_source: Optional[str] = None  # a held-out corpus of another domain (OOD perplexity), or None
+    ood_source: str | None = None  # a held-out corpus of another domain (OOD perplexity), or None
     seq_len: int = 768  # tokens per sample (inputs and targets, each)
     vocab_size: int = 8192  # V: BPE vocabulary size, and the model's
     train_subset_size: int = 10000  # training documents
     val_subset_size: int = 2000  # validation documents
-    ood_subset_size: Optional[int] = None  # OOD documents; None = val_subset_size
+    ood_subset_size: int | None = None  # OOD documents; None = val_subset_size
     packed: bool = False  # concatenate documents into full chunks instead of padding each
     seed: int = 0  # the train/val split and the subsets
-    cache_dir: Optional[str] = None  # cache root; None = $SOME_CACHE_DIR or ~/.cache/some
+    cache_dir: str | None = None  # cache root; None = $SOME_CACHE_DIR or ~/.cache/some
     tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
 
-    def validate(self) -> "DataConfig":
+    def validate(self) -> DataConfig:
         for name in ("seq_len", "vocab_size", "train_subset_size", "val_subset_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -66,15 +67,15 @@ class LMData:
 
     train: DocumentDataset
     val: DocumentDataset
-    ood: Optional[DocumentDataset]
-    tokenizer: "Tokenizer"
+    ood: DocumentDataset | None
+    tokenizer: Tokenizer
     vocab_size: int
     pad_id: int
     eot_id: int
     description: str
     config: DataConfig
 
-    def decode(self, ids: Union[torch.Tensor, Sequence[int]]) -> str:
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of a token sequence, without padding or special tokens."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)

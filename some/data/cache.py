@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 __all__ = ["resolve_cache_dir"]
 
 
-def resolve_cache_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The root of the package's on-disk cache.
 
     ``cache_dir`` if given, else ``$SOME_CACHE_DIR``, else ``$XDG_CACHE_HOME/some``, else

@@ -35,8 +35,9 @@ import re
 import shutil
 import subprocess
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, arg
 
 
-def load_documents(source: str, *, cache_dir: Union[str, os.PathLike, None] = None) -> list[str]:
+def load_documents(source: str, *, cache_dir: str | os.PathLike | None = None) -> list[str]:
     """All documents of an offline source, in a fixed order (see the module docstring).
 
     ``"tinystories"`` is too large to load whole: use :func:`load_tinystories`.
@@ -108,8 +109,8 @@ def load_documents(source: str, *, cache_dir: Union[str, os.PathLike, None] = No
 
 
 # ---- fortunes
-def load_fortunes(fortunes_dir: Union[str, os.PathLike] = FORTUNES_DIR,
-                  names: Optional[Sequence[str]] = None) -> list[str]:
+def load_fortunes(fortunes_dir: str | os.PathLike = FORTUNES_DIR,
+                  names: Sequence[str] | None = None) -> list[str]:
     """One document per fortune, from the fortune files of ``fortunes_dir``.
 
     Reads only the top-level regular text files: the ``.dat`` index files are binary, the
@@ -193,7 +194,7 @@ def parse_diatheke_osis(output: str) -> list[tuple[str, int, int, str]]:
     return verses
 
 
-def _bible_verses(key: str, cache_dir: Union[str, os.PathLike, None]) -> list[tuple[str, int, int, str]]:
+def _bible_verses(key: str, cache_dir: str | os.PathLike | None) -> list[tuple[str, int, int, str]]:
     """The verses of the WEB module in the diatheke range ``key``, parsed once and cached
     (diatheke takes ~10 s for the whole text)."""
     exe = shutil.which("diatheke")
@@ -235,8 +236,8 @@ def _bible_verses(key: str, cache_dir: Union[str, os.PathLike, None]) -> list[tu
     return verses
 
 
-def load_bible(verses_per_doc: Optional[int] = BIBLE_VERSES_PER_DOC, *, key: str = "Gen-Rev",
-               cache_dir: Union[str, os.PathLike, None] = None) -> list[str]:
+def load_bible(verses_per_doc: int | None = BIBLE_VERSES_PER_DOC, *, key: str = "Gen-Rev",
+               cache_dir: str | os.PathLike | None = None) -> list[str]:
     """The World English Bible (with Deuterocanon) as documents, in canonical order.
 
     A document is ``verses_per_doc`` consecutive verses of one chapter (the last passage of a
@@ -278,7 +279,7 @@ def _read_txt(path: Path) -> list[str]:
     return [d.strip() for d in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")) if d.strip()]
 
 
-def load_files(paths: Sequence[Union[str, os.PathLike]]) -> list[str]:
+def load_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Documents from local files, in the order given (directories: files sorted by path).
 
     ``.txt``: documents separated by blank lines. ``.jsonl``: one object per line, field ``text``.

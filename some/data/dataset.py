@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -61,8 +62,8 @@ class DocumentDataset(Dataset):
         self.lengths = torch.from_numpy(lengths)
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], tokenizer: "Tokenizer", seq_len: int, *,
-                   packed: bool = False) -> "DocumentDataset":
+    def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
+                   packed: bool = False) -> DocumentDataset:
         """Tokenize ``texts`` (fast batch encode) with a tokenizer from :func:`train_tokenizer`."""
         pad_id, eot_id = tokenizer.token_to_id(PAD_TOKEN), tokenizer.token_to_id(EOT_TOKEN)
         if pad_id is None or eot_id is None:

@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_write
 from .cache import resolve_cache_dir
@@ -39,8 +40,8 @@ def tokenizer_cache_key(texts: Iterable[str], vocab_size: int, min_frequency: in
     return h.hexdigest()
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, *, cache_dir: Union[str, os.PathLike, None] = None,
-                    min_frequency: int = 2, use_cache: bool = True) -> "Tokenizer":
+def train_tokenizer(texts: Sequence[str], vocab_size: int, *, cache_dir: str | os.PathLike | None = None,
+                    min_frequency: int = 2, use_cache: bool = True) -> Tokenizer:
     """A byte-level BPE tokenizer (HuggingFace ``tokenizers``) with ``vocab_size`` tokens, trained on
     ``texts``; ``<|pad|>`` is id 0 and ``<|endoftext|>`` id 1.
 

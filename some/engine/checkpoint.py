@@ -53,7 +53,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = _upgrade_v1(state)
     if state["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, which this version of some "
-                              f"cannot read (it reads {_V1!r} and {CHECKPOINT_FORMAT!r}); use the version that wrote it")
+                              f"cannot read (it reads {_V1!r} and {CHECKPOINT_FORMAT!r}); "
+                              f"use the version that wrote it")
     return state
 
 

@@ -18,14 +18,15 @@ import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError, PeerLostError, SomeError
 
-__all__ = ["DataParallel", "DistContext", "all_reduce_keystore_stats", "all_reduce_sum", "barrier", "init_distributed",
+__all__ = ["SINGLE_PROCESS", "DataParallel", "DistContext", "all_reduce_keystore_stats", "all_reduce_sum", "barrier",
+           "init_distributed",
            "shard_range", "shutdown"]
 
 
@@ -34,7 +35,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: Optional[str] = None
+    backend: str | None = None
     timeout_s: float = 0.0
 
     @property
@@ -44,6 +45,9 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+SINGLE_PROCESS = DistContext()  # a world of one: every collective is a no-op
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistContext:
@@ -77,7 +81,8 @@ def _collective(ctx: DistContext, fn, what: str):
     except (RuntimeError, dist.DistError) as e:  # gloo/NCCL timeouts and closed connections
         raise PeerLostError(
             f"rank {ctx.rank}/{ctx.world_size}: {what} failed; another rank probably died or stopped "
-            f"responding (collective timeout {ctx.timeout_s:g} s): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"responding (collective timeout {ctx.timeout_s:g} s): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
 
 
@@ -98,7 +103,7 @@ def all_reduce_sum(ctx: DistContext, tensors: Sequence[torch.Tensor], what: str 
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        _collective(ctx, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM), what)
+        _collective(ctx, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM), what)
         offset = 0
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -185,8 +190,6 @@ class DataParallel:
         identical through the reduced statistics."""
         if not self.enabled:
             return None
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False,

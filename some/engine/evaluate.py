@@ -9,7 +9,7 @@ import torch
 from ..data.batches import collate, count_targets
 from ..nn import CausalLM, lm_loss
 from .device import autocast
-from .distributed import DistContext, all_reduce_sum, shard_range
+from .distributed import SINGLE_PROCESS, DistContext, all_reduce_sum, shard_range
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -24,7 +24,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: CausalLM, dataset, batch_size: int, device: torch.device,
-             track_layer: int | None = None, dist_ctx: DistContext = DistContext()) -> EvalResult:
+             track_layer: int | None = None, dist_ctx: DistContext = SINGLE_PROCESS) -> EvalResult:
     """Token-weighted validation loss over the whole ``dataset``, and the usage
     counts of SoME layer ``track_layer`` over its real tokens. With several
     ranks each evaluates its share and the sums are all-reduced."""

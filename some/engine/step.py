@@ -15,7 +15,7 @@ from ..data.batches import count_targets
 from ..errors import TrainingDiverged
 from ..nn import CausalLM, lm_loss
 from .device import autocast
-from .distributed import DistContext, all_reduce_keystore_stats, all_reduce_sum
+from .distributed import SINGLE_PROCESS, DistContext, all_reduce_keystore_stats, all_reduce_sum
 from .optim import OptimConfig, lr_at
 
 __all__ = ["StepResult", "train_step"]
@@ -32,7 +32,7 @@ class StepResult:
 
 def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer, config: OptimConfig,
                *, step: int, total_steps: int, grad_accum: int, trainable: list[nn.Parameter] | None = None,
-               ddp: nn.Module | None = None, dist: DistContext = DistContext(),
+               ddp: nn.Module | None = None, dist: DistContext = SINGLE_PROCESS,
                loss_hook: LossHook | None = None) -> StepResult:
     """Take optimizer step number ``step`` (1-based) of ``total_steps`` on ``batch``.
 

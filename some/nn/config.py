@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_range, project
@@ -71,7 +70,7 @@ class SoMELayerConfig:
     adaptive: bool = False
     adaptive_window: int = 100  # key-store updates per window
     adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
-    initial_experts: Optional[int] = None  # experts active at the start (None: all N)
+    initial_experts: int | None = None  # experts active at the start (None: all N)
 
     def validate(self) -> SoMELayerConfig:
         """Check every field; raise :class:`~some.errors.ConfigError` naming the field."""

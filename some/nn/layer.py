@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()  # also for meta tensors, where autocast does not exist
 
 
-def _uniform_(t: Tensor, bound: float, gen: Optional[torch.Generator]) -> Tensor:
+def _uniform_(t: Tensor, bound: float, gen: torch.Generator | None) -> Tensor:
     return t.uniform_(-bound, bound, generator=gen)
 
 
@@ -43,7 +42,7 @@ class SoMELayer(nn.Module):
     """
 
     def __init__(self, config: SoMELayerConfig, *, seed: int = 0, device=None, dtype=None,
-                 expert_dtype: Optional[torch.dtype] = None):
+                 expert_dtype: torch.dtype | None = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -88,8 +87,8 @@ class SoMELayer(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(N, device=device, dtype=torch.long), persistent=False)
         self.register_buffer("usage_tokens", torch.zeros((), device=device, dtype=torch.long), persistent=False)
         self.track_usage = False
-        self._pending: Optional[KeystoreStats] = None
-        self._pending_unmatched: Optional[Tensor] = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
+        self._pending: KeystoreStats | None = None
+        self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
         self.seed = seed
         self.reset_parameters()
 
@@ -120,21 +119,22 @@ class SoMELayer(nn.Module):
         self._router_gen = torch.Generator(device=self.w1.device).manual_seed(self.seed + 1)
 
     # --------------------------------------------------------------- forward
-    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         # The SoME layer runs outside autocast: cosine scores decide a top-k
         # (bf16 would turn near-ties into coin flips) and feed key-store sums
         # of small increments. Its experts compute in expert_dtype either way.
         with autocast_off(x.device):
             return self._forward(x, token_mask)
 
-    def _forward(self, x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
         cfg = self.config
         shape = x.shape
         if x.dim() == 2:
             x = x.unsqueeze(0)
             token_mask = None if token_mask is None else token_mask.reshape(1, -1)
         if x.dim() != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"SoMELayer: expected x of shape (B, S, {cfg.d_model}) or (T, {cfg.d_model}), got {tuple(shape)}")
+            raise ValueError(f"SoMELayer: expected x of shape (B, S, {cfg.d_model}) or (T, {cfg.d_model}), "
+                             f"got {tuple(shape)}")
         if token_mask is not None and token_mask.shape != x.shape[:2]:
             raise ValueError(f"SoMELayer: token_mask shape {tuple(token_mask.shape)} must be {tuple(x.shape[:2])}")
         B, S, d = x.shape
@@ -181,7 +181,7 @@ class SoMELayer(nn.Module):
         return y.to(x.dtype).reshape(shape)
 
     @torch.no_grad()
-    def _gather_unmatched(self, q: Tensor, r: "ops.RouteResult", token_mask: Optional[Tensor]) -> None:
+    def _gather_unmatched(self, q: Tensor, r: ops.RouteResult, token_mask: Tensor | None) -> None:
         """Add the normalized queries of tokens that matched no expert well."""
         cfg = self.config
         if cfg.gating == "top_any":
@@ -234,7 +234,7 @@ class SoMELayer(nn.Module):
             tensors.append(self._pending_unmatched)
         return tensors
 
-    def pending_stats(self, zeros_if_none: bool = False) -> Optional[KeystoreStats]:
+    def pending_stats(self, zeros_if_none: bool = False) -> KeystoreStats | None:
         """Key-store statistics gathered since the last update (None if none,
         or zeros that become the pending statistics with ``zeros_if_none``).
         Data-parallel training all-reduces these in place before update_keys()."""
@@ -242,7 +242,8 @@ class SoMELayer(nn.Module):
             N, d = self.keys.shape
             dev = self.keys.device
             acc = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
-            self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev), torch.zeros(N, dtype=acc, device=dev),
+            self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev),
+                                          torch.zeros(N, dtype=acc, device=dev),
                                           torch.zeros(N, dtype=torch.long, device=dev),
                                           torch.zeros(N, N, dtype=torch.long, device=dev))
         return self._pending

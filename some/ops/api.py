@@ -7,21 +7,15 @@ again) and call the backend that serves the tensors' device.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import native
+from . import torch_backend
+from .backend import backend_for
 from .types import GATINGS, SCORE_MODES, KeystoreStats, RouteResult
 
 __all__ = ["experts", "keystore_stats", "keystore_update", "route"]
-
-
-def _require_native(op: str) -> None:
-    if not native.AVAILABLE:
-        raise ModuleNotFoundError(f"some.{op}: the compiled extension some._C is not loaded "
-                                  f"({native.IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .`")
 
 
 # --------------------------------------------------------------------------
@@ -35,7 +29,7 @@ def _check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
-def _check_devices(op: str, **tensors: Optional[Tensor]) -> None:
+def _check_devices(op: str, **tensors: Tensor | None) -> None:
     present = {n: t for n, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
@@ -57,11 +51,11 @@ def route(
     *,
     score_mode: str = "cosine",
     top_p: float = 0.4,
-    thresholds: Optional[Tensor] = None,
-    active: Optional[Tensor] = None,
+    thresholds: Tensor | None = None,
+    active: Tensor | None = None,
     fallback_top1: bool = False,
 ) -> RouteResult:
-    """Score every token against the key store and pick its experts.
+    """Score every token against the key store and pick its experts (SPEC §3 steps 1-4).
 
     Args:
         query: ``(T, d)`` router outputs ``q_t``.
@@ -93,7 +87,10 @@ def route(
     _check_devices("route", query=query, keys=keys, thresholds=thresholds, active=active)
     if gating == "top_any" and thresholds is None:
         raise ValueError("some.route: gating 'top_any' needs the per-expert 'thresholds' tensor of shape (N,)")
-    _require_native("route")
+    if backend_for(query.device) == "torch":
+        return torch_backend.route(query, keys, k, float(temperature), gating, score_mode=score_mode,
+                                   top_p=float(top_p), thresholds=thresholds, active=active,
+                                   fallback_top1=fallback_top1)
     gates, scores, indices = torch.ops.some.route(
         query, keys, k, float(temperature), gating, score_mode, float(top_p), thresholds, active, fallback_top1
     )
@@ -126,7 +123,8 @@ def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w
                 f"some.experts: the experts are frozen but '{name}' requires grad; "
                 "no gradient is computed for expert weights (call .requires_grad_(False))"
             )
-    _require_native("experts")
+    if backend_for(x.device) == "torch":
+        return torch_backend.experts(x, indices, gates, w1, b1, w2, b2)
     return torch.ops.some.experts(x, indices, gates, w1, b1, w2, b2)[0]
 
 
@@ -145,7 +143,8 @@ def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: i
     for name, t in (("query", query), ("indices", indices), ("gates", gates)):
         _check_tensor(name, t)
     _check_devices("keystore_stats", query=query, indices=indices, gates=gates)
-    _require_native("keystore_stats")
+    if backend_for(query.device) == "torch":
+        return torch_backend.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
     out = torch.ops.some.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
     return KeystoreStats(*out)
 
@@ -175,13 +174,12 @@ def keystore_update(
         _check_tensor(name, t)
     _check_devices("keystore_update", keys=keys, velocity=velocity, usage=usage, sum_q=sum_q,
                    mass=mass, counts=counts, coselect=coselect)
-    _require_native("keystore_update")
+    args = (float(alpha), float(beta), float(delta), float(theta_percentile), float(ema_decay), bool(normalize))
     with torch.no_grad():
-        applied = torch.ops.some.keystore_update(
-            keys, velocity, usage, sum_q, mass, counts, coselect, float(alpha), float(beta),
-            float(delta), float(theta_percentile), float(ema_decay), bool(normalize),
-        )
-    ok = bool(applied)
+        if backend_for(keys.device) == "torch":
+            ok = torch_backend.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args)
+        else:
+            ok = bool(torch.ops.some.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args))
     if not ok:
         warnings.warn("some.keystore_update: non-finite key-store statistics; the key store was left untouched",
                       RuntimeWarning, stacklevel=2)

@@ -27,9 +27,10 @@ from ..construction.config import ConstructionConfig
 from ..data import DataConfig
 from ..engine.optim import OptimConfig
 from ..errors import ConfigError
-from ..fields import check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
+from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
 from ..files import atomic_write
 from ..nn.config import ModelConfig, check_size
+from ..ops.backend import BACKENDS
 
 __all__ = ["PRESETS", "DataFields", "RunFields", "SoMEConfig", "apply_overrides", "get_preset", "parse_value"]
 
@@ -60,6 +61,10 @@ class RunFields:
     # data parallel (torchrun): seconds a collective may wait for the other
     # ranks before the run stops with an error (a dead rank never hangs it)
     dist_timeout: float = 600.0
+    # which implementation of the SoME ops trains (some.ops): auto = the
+    # native kernels where built for the device, else plain PyTorch; auto
+    # leaves $SOME_OPS_BACKEND in charge
+    ops_backend: str = "auto"  # auto | native | torch
 
 
 @dataclass
@@ -77,6 +82,7 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
         check_size("train_subset_size", self.train_subset_size)
         check_size("val_subset_size", self.val_subset_size)
         check_range("dist_timeout", self.dist_timeout, 0, 7 * 24 * 3600, lo_open=True)
+        check_choice("ops_backend", self.ops_backend, BACKENDS)
         if self.dense_source == "pretrained" and self.expert_init != "cluster":
             raise ConfigError("dense_source = 'pretrained' needs expert_init = 'cluster' (the experts are cut "
                               "from the dense model's FFNs)")

@@ -23,6 +23,7 @@ OpenMP threads made `tiny` 10x slower on 2 busy cores (same results).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import ops
+from ..analysis import entropy_bits, gini
 from ..data import build_data, collate, epoch_order
 from ..engine import (
     CHECKPOINT_FORMAT,
@@ -49,6 +52,7 @@ from ..engine import (
 )
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..nn import SoMEForCausalLM, format_parameter_counts
+from ..version import __version__
 from .build import build_model
 from .config import SoMEConfig
 from .faults import Faults
@@ -61,7 +65,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may differ between a run and its resumption: they change how the
 # run is executed, not what it computes.
-RESUMABLE_CHANGES = ("dist_timeout",)
+RESUMABLE_CHANGES = ("dist_timeout", "ops_backend")
 
 
 @dataclass
@@ -148,8 +152,6 @@ class EpochEvaluator:
         self.config, self.data, self.device, self.parallel, self.middle = config, data, device, parallel, middle
 
     def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor]:
-        from ..analysis import entropy_bits, gini
-
         cfg = self.config
         batch = cfg.batch_size // cfg.grad_accum
         val = evaluate(model, self.data.val, batch, self.device, self.middle, dist_ctx=self.parallel.ctx)
@@ -228,7 +230,7 @@ class Trainer:
             "train_samples": len(self.data.train), "val_samples": len(self.data.val),
             "ood_samples": len(self.data.ood) if self.data.ood is not None else 0,
             "middle_layer": self.middle, "device": str(self.device),
-            "torch": torch.__version__, "some": _version(), "world_size": self.parallel.world_size,
+            "torch": torch.__version__, "some": __version__, "world_size": self.parallel.world_size,
         }
         self.run_dir.write_json("run.json", self.run_info)
 
@@ -267,7 +269,7 @@ class Trainer:
     # -------------------------------------------------------------- training
     def run(self, make_plots: bool = True) -> RunResult:
         """Train to the end (or continue to it), then write the analysis, pictures and report."""
-        with self.run_dir.logging(self.echo), self.parallel.peer_errors():
+        with self.run_dir.logging(self.echo), self.parallel.peer_errors(), self._ops_backend():
             self._announce()
             while self.progress.epoch < self.config.epochs:
                 timing = self._train_epoch()
@@ -275,6 +277,11 @@ class Trainer:
             analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
                                   make_plots=make_plots)
         return RunResult(self.out, self.history, analysis)
+
+    def _ops_backend(self) -> contextlib.AbstractContextManager:
+        """The ops backend of the run: ``ops_backend`` when it forces one, else the process's choice."""
+        name = self.config.ops_backend
+        return ops.use_backend(name) if name != "auto" else contextlib.nullcontext()
 
     def _announce(self) -> None:
         cfg = self.config
@@ -287,6 +294,16 @@ class Trainer:
             p = self.progress
             log.info(f"Resuming from {self.run_dir.checkpoint} at step {self.global_step}/{self.total_steps} "
                      f"(epoch {p.epoch + 1}, batch {p.step})")
+        backend = ops.backend_for(self.device)
+        if cfg.ops_backend != "auto":
+            how = f"ops_backend = {cfg.ops_backend}"
+        elif ops.forced_backend() != "auto":
+            how = f"forced by ${ops.ENV_VAR} or some.ops.use_backend"
+        else:
+            how = f"auto: {'native kernels built' if backend == 'native' else 'no native kernels'} for {self.device.type}"
+        log.info(f"Ops backend: {backend} ({how})")
+        self.run_info["ops_backend"] = backend
+        self.run_dir.write_json("run.json", self.run_info)
         if self.parallel.enabled:
             log.info(f"Data parallel: world size {self.parallel.world_size} ({self.parallel.ctx.backend}), "
                      f"{cfg.batch_size // self.parallel.world_size} samples per rank per step")
@@ -359,15 +376,6 @@ class Trainer:
         pos.next_epoch()
         self.checkpointer.save(pos)  # before metrics.jsonl: a crash in between is repaired on resume
         self.run_dir.write_metrics(pos.history)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("some")
-    except PackageNotFoundError:  # a source tree that is not installed
-        return "unknown"
 
 
 def train(config: SoMEConfig | None, out_dir: str | Path, *, resume: bool = False,

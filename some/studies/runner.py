@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import shutil
@@ -23,6 +24,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..analysis import (
     analytic_flops_per_token,
@@ -89,8 +92,6 @@ def run_study(study: Study, out: str | Path | None = None, *, device: str = "aut
 def _exclusive(out: Path) -> Iterator[None]:
     """One ``some ablate`` per output directory: two would train the same runs
     into the same directories."""
-    import fcntl
-
     with open(out / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -202,8 +203,6 @@ def _prepare_dense_models(study: Study, todo: list[Run], out: Path, device: str,
 
 def _child_run(spec_path: str) -> int:
     """Train one run (or resume it) and measure the trained model."""
-    import torch
-
     baseline = current_rss_mb()  # Python, PyTorch and the extension, before any data or model
     spec = json.loads(Path(spec_path).read_text())
     config = SoMEConfig.from_dict(spec["config"], source=spec_path)
@@ -232,8 +231,6 @@ def _child_run(spec_path: str) -> int:
 
 def measure_run(trainer, measure: Measure) -> dict[str, Any]:
     """Everything the study table reports about one trained run."""
-    import torch
-
     cfg, model, data, device = trainer.config, trainer.model, trainer.data, trainer.device
     history = trainer.history
     last = history[-1]
@@ -266,7 +263,8 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
         "experts_per_token": rp.experts_per_token[rp.layer], "experts_per_token_by_layer": rp.experts_per_token,
         "experts_used": experts_used(counts).used, "active_experts": rp.active_experts[rp.layer],
         "active_experts_by_layer": rp.active_experts,
-        "gini": gini(counts), "entropy_bits": entropy_bits(counts), "max_entropy_bits": max_entropy_bits(cfg.num_experts),
+        "gini": gini(counts), "entropy_bits": entropy_bits(counts),
+        "max_entropy_bits": max_entropy_bits(cfg.num_experts),
         "usage_counts": counts.tolist(), "val_tokens": rp.real_tokens,
         **{f"spec_{k}": v for k, v in spec.items()},
         "parameters": trainer.run_info["parameters"],

@@ -355,5 +355,6 @@ def _check_corpora(study: Study) -> None:
                 else:
                     load_documents(source, cache_dir=cache_dir)
             except (CorpusUnavailableError, ValueError, OSError) as e:
-                raise StudyError(f"{study.path}: dataset '{ds.name}': {role} {source!r} is not available: {e}") from None
+                raise StudyError(f"{study.path}: dataset '{ds.name}': {role} {source!r} is not available: "
+                                 f"{e}") from None
             checked.add(source)

@@ -115,7 +115,8 @@ def summarize(study: Study, out: str | Path) -> Path:
         for ds in study.datasets:
             for metric in ("id_perplexity", "ood_perplexity"):
                 vals = [r[metric] for r in rs if r["dataset"] == ds.name]
-                row[f"{metric}[{ds.name}]"], row[f"{metric}_std[{ds.name}]"] = _mean_std(vals) if vals else (math.nan, math.nan)
+                mean, std = _mean_std(vals) if vals else (math.nan, math.nan)
+                row[f"{metric}[{ds.name}]"], row[f"{metric}_std[{ds.name}]"] = mean, std
         for key, *_ in _COLUMNS:
             vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = _mean_std(vals)[0] if vals else math.nan

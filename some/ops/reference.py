@@ -1,16 +1,18 @@
 """Plain-PyTorch references of the SoME ops, written from SPEC §3-§4.
 
-They are deliberately naive (Python loops over tokens, autograd for the
-gradients) so that they read like the formulas; the tests compare the C++/CUDA
-ops against them.
+They are deliberately naive (Python loops over tokens and experts, autograd
+for the gradients) so that they read like the formulas: the tests and ``some
+selftest`` compare both backends (the C++/CUDA kernels and the torch backend)
+against them, usually in float64. Slow by design; not for training.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+__all__ = ["experts_loop_ref", "experts_ref", "keystore_stats_ref", "keystore_update_ref", "route_ref",
+           "scores_ref"]
 
 
 def scores_ref(query: Tensor, keys: Tensor, score_mode: str = "cosine") -> Tensor:
@@ -20,8 +22,8 @@ def scores_ref(query: Tensor, keys: Tensor, score_mode: str = "cosine") -> Tenso
 
 
 def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str = "softmax",
-              score_mode: str = "cosine", top_p: float = 0.4, thresholds: Optional[Tensor] = None,
-              active: Optional[Tensor] = None, fallback_top1: bool = False):
+              score_mode: str = "cosine", top_p: float = 0.4, thresholds: Tensor | None = None,
+              active: Tensor | None = None, fallback_top1: bool = False):
     """Steps 1-4 of SPEC §3, one token at a time."""
     S = scores_ref(query, keys, score_mode)  # (T, N)
     T, N = S.shape

@@ -1,0 +1,204 @@
+"""Argument checks of the SoME ops in Python, for the backends that are not C++.
+
+They mirror ``csrc/op_checks.h`` (the checks of the native kernels): the same
+conditions, the same exception types (``ValueError`` for shapes and values,
+``TypeError`` for dtypes, ``IndexError`` for expert indices) and messages that
+name the op and the argument, so a bad call reads the same on every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .types import FLOAT_DTYPES, GATINGS, SCORE_MODES
+
+__all__ = ["check_experts", "check_keystore_stats", "check_keystore_update", "check_route", "stats_dtype"]
+
+_FLOAT_NAMES = "float32, float64 or bfloat16"
+# The smallest positive normal float32: below it s/τ overflows in the kernels' precision.
+MIN_TEMPERATURE = 1.1754943508222875e-38
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of a query dtype: float64 stays float64, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# dtype names as the C++ checks print them (c10::ScalarType), so both backends read alike
+_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+                 torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                 torch.uint8: "Byte", torch.bool: "Bool"}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return _SCALAR_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _dim(op: str, name: str, t: Tensor, dim: int) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{op}: '{name}' must be {dim}-D, got shape {_shape(t)}")
+
+
+def _size(op: str, name: str, t: Tensor, d: int, expected: int, what: str) -> None:
+    if t.shape[d] != expected:
+        raise ValueError(f"{op}: '{name}' has shape {_shape(t)} but dimension {d} must equal {what} = {expected}")
+
+
+def _floating(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: '{name}' must be {_FLOAT_NAMES}, got {_name(t.dtype)}")
+
+
+def _dtype(op: str, name: str, t: Tensor, expected: torch.dtype) -> None:
+    if t.dtype != expected:
+        raise TypeError(f"{op}: '{name}' must be {_name(expected)}, got {_name(t.dtype)}")
+
+
+def _same_dtype(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: '{name}' has dtype {_name(t.dtype)} but '{ref_name}' has dtype {_name(ref.dtype)}; "
+                        f"they must match")
+
+
+def _same_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                         f"all tensors must be on the same device")
+
+
+def check_indices(op: str, indices: Tensor, num_experts: int) -> None:
+    """Every index in ``-1..N-1`` (reads the values: a device sync on GPUs)."""
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        pos = int(torch.nonzero(indices.reshape(-1) == bad)[0])
+        raise IndexError(f"{op}: indices must be in -1..N-1 = -1..{num_experts - 1}, found {bad} "
+                         f"at flat position {pos}")
+
+
+def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float, gating: str, score_mode: str,
+                top_p: float, thresholds: Tensor | None, active: Tensor | None) -> None:
+    if gating not in GATINGS:
+        raise ValueError(f"{op}: unknown gating '{gating}'; expected one of {', '.join(GATINGS)}")
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"{op}: unknown score_mode '{score_mode}'; expected 'cosine' or 'dot'")
+    _dim(op, "query", query, 2)
+    _dim(op, "keys", keys, 2)
+    _floating(op, "query", query)
+    _floating(op, "keys", keys)
+    _same_device(op, "keys", keys, "query", query)
+    N = keys.shape[0]
+    if N < 1:
+        raise ValueError(f"{op}: 'keys' must hold at least one expert, got shape {_shape(keys)}")
+    _size(op, "keys", keys, 1, query.shape[1], "the query width d")
+    if not 1 <= k <= N:
+        raise ValueError(f"{op}: k must be in 1..N = 1..{N}, got k = {k}")
+    if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE:.6g} (the smallest normal "
+                         f"float32), got {temperature}")
+    if gating == "top_p" and not 0 < top_p <= 1:
+        raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p}")
+    if gating == "top_any" and thresholds is None:
+        raise ValueError(f"{op}: gating 'top_any' needs the per-expert 'thresholds' tensor of shape [N]")
+    if thresholds is not None:
+        _dim(op, "thresholds", thresholds, 1)
+        _size(op, "thresholds", thresholds, 0, N, "the number of experts N")
+        _floating(op, "thresholds", thresholds)
+        _same_device(op, "thresholds", thresholds, "query", query)
+    if active is not None:
+        _dim(op, "active", active, 1)
+        _size(op, "active", active, 0, N, "the number of experts N")
+        _dtype(op, "active", active, torch.bool)
+        _same_device(op, "active", active, "query", query)
+
+
+def check_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                  b2: Tensor) -> None:
+    _dim(op, "x", x, 2)
+    _floating(op, "x", x)
+    _dim(op, "indices", indices, 2)
+    _dtype(op, "indices", indices, torch.long)
+    _dim(op, "gates", gates, 2)
+    _dim(op, "w1", w1, 3)
+    _dim(op, "b1", b1, 2)
+    _dim(op, "w2", w2, 3)
+    _dim(op, "b2", b2, 2)
+    T, d = x.shape
+    N, h = w1.shape[0], w1.shape[1]
+    _size(op, "indices", indices, 0, T, "the number of tokens T (rows of x)")
+    if gates.shape != indices.shape:
+        raise ValueError(f"{op}: 'gates' has shape {_shape(gates)} but 'indices' has shape {_shape(indices)}; "
+                         f"both must be [T, k]")
+    _size(op, "w1", w1, 2, d, "the model width d (columns of x)")
+    _size(op, "b1", b1, 0, N, "the number of experts N (w1.shape[0])")
+    _size(op, "b1", b1, 1, h, "the expert width h (w1.shape[1])")
+    _size(op, "w2", w2, 0, N, "the number of experts N (w1.shape[0])")
+    _size(op, "w2", w2, 1, d, "the model width d")
+    _size(op, "w2", w2, 2, h, "the expert width h (w1.shape[1])")
+    _size(op, "b2", b2, 0, N, "the number of experts N (w1.shape[0])")
+    _size(op, "b2", b2, 1, d, "the model width d")
+    for name, t in (("gates", gates), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _same_dtype(op, name, t, "x", x)
+        _same_device(op, name, t, "x", x)
+    _same_device(op, "indices", indices, "x", x)
+    check_indices(op, indices, N)
+
+
+def check_keystore_stats(op: str, query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> None:
+    _dim(op, "query", query, 2)
+    _floating(op, "query", query)
+    _dim(op, "indices", indices, 2)
+    _dtype(op, "indices", indices, torch.long)
+    _size(op, "indices", indices, 0, query.shape[0], "the number of tokens T (rows of query)")
+    if gates.shape != indices.shape:
+        raise ValueError(f"{op}: 'gates' has shape {_shape(gates)} but 'indices' has shape {_shape(indices)}; "
+                         f"both must be [T, k]")
+    _floating(op, "gates", gates)
+    _same_device(op, "indices", indices, "query", query)
+    _same_device(op, "gates", gates, "query", query)
+    if num_experts < 1:
+        raise ValueError(f"{op}: num_experts must be >= 1, got {num_experts}")
+    check_indices(op, indices, num_experts)
+
+
+def check_keystore_update(op: str, keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor, mass: Tensor,
+                          counts: Tensor, coselect: Tensor, alpha: float, beta: float, delta: float,
+                          theta_percentile: float, ema_decay: float) -> None:
+    _dim(op, "keys", keys, 2)
+    N = keys.shape[0]
+    if keys.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: 'keys' must be float32 or float64 (the key store is kept in full precision), "
+                        f"got {_name(keys.dtype)}")
+    for name, t in (("velocity", velocity), ("sum_q", sum_q)):
+        if t.shape != keys.shape:
+            raise ValueError(f"{op}: '{name}' has shape {_shape(t)} but 'keys' has shape {_shape(keys)}")
+    for name, t in (("usage", usage), ("mass", mass), ("counts", counts)):
+        _dim(op, name, t, 1)
+        _size(op, name, t, 0, N, "the number of experts N")
+    if coselect.dim() != 2 or tuple(coselect.shape) != (N, N):
+        raise ValueError(f"{op}: 'coselect' must have shape [N, N] = [{N}, {N}], got {_shape(coselect)}")
+    for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass)):
+        _same_dtype(op, name, t, "keys", keys)
+    _dtype(op, "counts", counts, torch.long)
+    _dtype(op, "coselect", coselect, torch.long)
+    for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass), ("counts", counts),
+                    ("coselect", coselect)):
+        _same_device(op, name, t, "keys", keys)
+    for name, t in (("velocity", velocity), ("usage", usage)):
+        if t.data_ptr() == keys.data_ptr() and t.numel() and keys.numel():
+            raise ValueError(f"{op}: '{name}' aliases 'keys'; the three updated tensors must be distinct")
+    for name, v in (("alpha", alpha), ("beta", beta), ("delta", delta)):
+        if not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be finite, got {v}")
+    if not 0 <= theta_percentile <= 1:
+        raise ValueError(f"{op}: theta_percentile must be in [0, 1], got {theta_percentile}")
+    if not 0 <= ema_decay <= 1:
+        raise ValueError(f"{op}: ema_decay must be in [0, 1], got {ema_decay}")

@@ -1,0 +1,283 @@
+"""The ``torch`` backend: every SoME op written with PyTorch operators only.
+
+It runs on any device PyTorch runs on (a GPU without a CUDA compiler at
+install time, Apple and Intel GPUs, a CPU without the compiled extension),
+and it is the peer the native kernels are measured and checked against.
+Semantics are those of SPEC §3-§4 and of the native ops, to the rounding:
+
+* route: scores by one matmul, the top-k by a *stable* descending sort (ties
+  go to the lower index, SPEC §3 step 3), NaN scores and inactive experts never
+  selected, gates by the gating formulas; autograd gives the gradients
+  (to the query and the ``top_any`` thresholds, never to the keys);
+* experts: the (token, slot) pairs grouped by expert with a stable argsort,
+  both GEMMs of every expert in one ``torch.nn.functional.grouped_mm`` call
+  (PyTorch's grouped GEMM; CUTLASS on SM90 bf16) or, where it refuses the
+  dtype, device or alignment, a loop over the experts; the combine by
+  ``index_add``. A custom autograd function computes only what is asked:
+  the expert weights never get a gradient;
+* key store: the same sums and update formulas, vectorized.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .checks import check_experts, check_keystore_stats, check_keystore_update, check_route, stats_dtype
+from .types import KeystoreStats, RouteResult
+
+__all__ = ["experts", "grouped_matmul", "keystore_stats", "keystore_update", "route"]
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize and the native kernels
+REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (SPEC §4)
+
+
+def _unit_rows(t: Tensor) -> Tensor:
+    return t / t.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+# --------------------------------------------------------------------------
+# route
+# --------------------------------------------------------------------------
+
+
+def _top(scores: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k`` best eligible entries per row, descending, ties to
+    the lower index (a stable sort), and which of the ``k`` slots hold one."""
+    masked = scores.masked_fill(~eligible, -math.inf)
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
+    n_eligible = eligible.sum(dim=1, keepdim=True)
+    valid = torch.arange(k, device=scores.device).unsqueeze(0) < n_eligible
+    return order, valid
+
+
+def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str = "softmax", *,
+          score_mode: str = "cosine", top_p: float = 0.4, thresholds: Tensor | None = None,
+          active: Tensor | None = None, fallback_top1: bool = False) -> RouteResult:
+    op = "some.route"
+    check_route(op, query, keys, k, temperature, gating, score_mode, top_p, thresholds, active)
+    acc = stats_dtype(query.dtype)
+    tau = float(temperature)
+    q, K = query.to(acc), keys.detach().to(acc)
+    if score_mode == "cosine":
+        q, K = _unit_rows(q), _unit_rows(K)
+    S = q @ K.T  # (T, N), differentiable w.r.t. the query only
+    with torch.no_grad():
+        eligible = ~torch.isnan(S)  # a NaN score is never a best match
+        if active is not None:
+            eligible &= active.unsqueeze(0)
+        if gating == "top_any":
+            thr = thresholds.detach().to(acc)
+            fired = eligible & (S / tau > thr.unsqueeze(0))  # σ(s/τ) > σ(G_e)  <=>  s/τ > G_e
+            idx, valid = _top(S, fired, k)
+            fallback = ~valid[:, 0] & eligible.any(dim=1) if fallback_top1 else None
+            if fallback is not None and bool(fallback.any()):
+                best, best_valid = _top(S, eligible, 1)
+                idx[:, :1] = torch.where(fallback.unsqueeze(1), best, idx[:, :1])
+                valid[:, :1] |= fallback.unsqueeze(1) & best_valid
+        else:
+            idx, valid = _top(S, eligible, k)
+    s_sel = S.gather(1, idx)  # (T, k), differentiable
+    any_valid = valid.any(dim=1, keepdim=True)
+
+    if gating == "softmax":
+        z = torch.where(valid, s_sel / tau, -math.inf)
+        gates = torch.softmax(torch.where(any_valid, z, 0.0), dim=1)  # rows with nothing selected stay finite
+    elif gating == "sigmoid":
+        gates = torch.sigmoid(s_sel / tau)
+    elif gating == "relu":
+        gates = torch.relu(s_sel)
+    elif gating == "avg_k":
+        gates = torch.full_like(s_sel, 1.0 / k)
+    elif gating == "top_p":
+        # P = softmax(s/τ) over the eligible experts; keep the best ones up to
+        # and including the first where the cumulative P reaches p.
+        any_eligible = eligible.any(dim=1, keepdim=True)
+        logits = torch.where(eligible & any_eligible, S / tau, torch.where(any_eligible, -math.inf, 0.0))
+        P = torch.softmax(logits, dim=1).gather(1, idx)
+        with torch.no_grad():
+            before = torch.cumsum(torch.where(valid, P, 0.0), dim=1) - torch.where(valid, P, 0.0)
+            valid = valid & (before < top_p)
+        gates = P
+    else:  # top_any: straight-through mask m (1 forward, d(σ(s/τ) - σ(G)) backward), gates m / Σ m
+        surrogate = torch.sigmoid(s_sel / tau) - torch.sigmoid(thresholds.to(acc)[idx])
+        m = torch.where(valid, 1.0 + surrogate - surrogate.detach(), 0.0)
+        gates = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        if fallback is not None:
+            gates = torch.where(fallback.unsqueeze(1), torch.ones_like(gates), gates)  # no gradient there
+    gates = torch.where(valid, gates, 0.0)
+    scores = torch.where(valid, s_sel, 0.0)
+    indices = torch.where(valid, idx, -1)
+    return RouteResult(indices, gates.to(query.dtype), scores.to(query.dtype))
+
+
+# --------------------------------------------------------------------------
+# experts
+# --------------------------------------------------------------------------
+
+
+def _grouped_mm_fits(a: Tensor, b: Tensor) -> bool:
+    # PyTorch's grouped GEMM takes float32/bfloat16/float16 with 16-byte aligned strides.
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return False
+    size = a.element_size()
+    return all((s * size) % 16 == 0 for s in (*a.stride()[:-1], *b.stride()[:-1]) if s != 1) \
+        and all((s * size) % 16 == 0 for s in (a.shape[-1], b.shape[-1]))
+
+
+def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """``out[rows of group e] = a[rows of group e] @ b[e]`` for ``a`` ``(P, K)``
+    grouped by ``offsets`` (cumulative ends, int32) and ``b`` ``(N, K, M)``.
+    ``torch.nn.functional.grouped_mm`` where it takes the inputs, else a loop
+    over the groups (which reads the offsets on the host)."""
+    if _grouped_mm_fits(a, b):
+        try:
+            return F.grouped_mm(a, b, offs=offsets)
+        except (RuntimeError, NotImplementedError):  # a device or build without the kernel
+            pass
+    out = a.new_empty((a.shape[0], b.shape[2]))
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+        start = end
+    return out
+
+
+class _Experts(torch.autograd.Function):
+    """y = Σ_pairs g · E_e(x_t) over the grouped pairs; gradients for x and the gates only."""
+
+    @staticmethod
+    def forward(ctx, x, gates, tokens, pairs, experts_sorted, offsets, w1, b1, w2, b2):
+        T, d = x.shape
+        opmath = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        pre = grouped_matmul(x[tokens], w1.transpose(1, 2), offsets).add_(b1[experts_sorted])  # (P, h)
+        out = grouped_matmul(F.gelu(pre), w2.transpose(1, 2), offsets).add_(b2[experts_sorted])  # (P, d) = E_e(x_t)
+        g = gates.reshape(-1)[pairs].to(opmath)  # (P,)
+        y = torch.zeros(T, d, dtype=opmath, device=x.device).index_add_(0, tokens, out.to(opmath) * g[:, None])
+        ctx.save_for_backward(tokens, pairs, offsets, pre, out, g, w1, w2)
+        ctx.shapes = (gates.shape, x.dtype, gates.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        tokens, pairs, offsets, pre, out, g, w1, w2 = ctx.saved_tensors
+        gates_shape, x_dtype, gates_dtype = ctx.shapes
+        need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gy = grad_y[tokens]  # (P, d)
+        grad_x = grad_gates = None
+        if need_gates:  # dL/dg = dL/dy_t · E_e(x_t): no GEMM
+            pair_grad = (gy.to(g.dtype) * out.to(g.dtype)).sum(dim=1)
+            grad_gates = torch.zeros(gates_shape.numel(), dtype=g.dtype, device=g.device)
+            grad_gates = grad_gates.index_put_((pairs,), pair_grad).reshape(gates_shape).to(gates_dtype)
+        if need_x:
+            grad_act = grouped_matmul((gy.to(g.dtype) * g[:, None]).to(x_dtype), w2, offsets)  # (P, h)
+            grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)  # exact GELU': Φ(x) + x φ(x), one kernel
+            grad_rows = grouped_matmul(grad_pre, w1, offsets)  # (P, d)
+            grad_x = torch.zeros(grad_y.shape, dtype=g.dtype, device=grad_y.device)
+            grad_x = grad_x.index_add_(0, tokens, grad_rows.to(g.dtype)).to(x_dtype)
+        return grad_x, grad_gates, None, None, None, None, None, None, None, None
+
+
+def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    op = "some.experts"
+    check_experts(op, x, indices, gates, w1, b1, w2, b2)
+    T, k = indices.shape
+    N = w1.shape[0]
+    flat = indices.reshape(-1)
+    pairs_all = torch.nonzero(flat >= 0).reshape(-1)  # (P,) valid (token, slot) pairs, in order
+    by_expert = torch.sort(flat[pairs_all], stable=True)
+    pairs = pairs_all[by_expert.indices]  # grouped by expert, in token order within each expert
+    offsets = torch.cumsum(torch.bincount(by_expert.values, minlength=N), dim=0).to(torch.int32)
+    tokens = pairs // k
+    return _Experts.apply(x, gates, tokens, pairs, by_expert.values, offsets,
+                          w1.detach(), b1.detach(), w2.detach(), b2.detach())
+
+
+# --------------------------------------------------------------------------
+# key store
+# --------------------------------------------------------------------------
+
+
+def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> KeystoreStats:
+    op = "some.keystore_stats"
+    check_keystore_stats(op, query, indices, gates, num_experts)
+    if not bool(torch.isfinite(query).all()):
+        raise ValueError(f"{op}: 'query' contains NaN or Inf; the key-store statistics would be corrupted, so "
+                         f"nothing was computed (the keys are untouched)")
+    if not bool(torch.isfinite(gates).all()):
+        raise ValueError(f"{op}: 'gates' contains NaN or Inf; nothing was computed (the keys are untouched)")
+    T, k = indices.shape
+    N = num_experts
+    acc = stats_dtype(query.dtype)
+    q = _unit_rows(query.detach().to(acc))
+    flat = indices.reshape(-1)
+    pairs = torch.nonzero(flat >= 0).reshape(-1)
+    e, tok = flat[pairs], pairs // k
+    g = gates.detach().reshape(-1)[pairs].to(acc)
+    mass = torch.zeros(N, dtype=acc, device=q.device).index_add_(0, e, g)
+    sum_q = torch.zeros(N, q.shape[1], dtype=acc, device=q.device).index_add_(0, e, g[:, None] * q[tok])
+    counts = torch.bincount(e, minlength=N)
+    # C[e, e'] = #(slot a, slot b) of one token with I_a = e, I_b = e' != e
+    a, b = indices.unsqueeze(2).expand(T, k, k), indices.unsqueeze(1).expand(T, k, k)
+    both = (a >= 0) & (b >= 0) & (a != b)
+    coselect = torch.bincount((a[both] * N + b[both]), minlength=N * N).reshape(N, N)
+    return KeystoreStats(sum_q, mass, counts, coselect)
+
+
+def _quantile_linear(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation), without its size limit."""
+    v = torch.sort(values).values
+    rank = q * (v.numel() - 1)
+    lo = int(math.floor(rank))
+    hi = min(lo + 1, v.numel() - 1)
+    return torch.lerp(v[lo], v[hi], torch.tensor(rank - lo, dtype=v.dtype, device=v.device))
+
+
+@torch.no_grad()
+def keystore_update(keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor, mass: Tensor, counts: Tensor,
+                    coselect: Tensor, alpha: float, beta: float, delta: float, theta_percentile: float,
+                    ema_decay: float, normalize: bool = True) -> bool:
+    op = "some.keystore_update"
+    check_keystore_update(op, keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
+                          theta_percentile, ema_decay)
+    finite = all(bool(torch.isfinite(t).all()) for t in (sum_q, mass, keys, velocity))
+    if not finite:
+        return False
+    K = keys
+    N = K.shape[0]
+    step = torch.zeros_like(K)
+    if alpha != 0:  # attraction to the gate-weighted mean query
+        has = (mass > 0).unsqueeze(1)
+        step += alpha * torch.where(has, sum_q / torch.where(has, mass.unsqueeze(1), 1.0) - K, 0.0)
+    if beta != 0:  # peer-pull to the co-selection-weighted mean key
+        C = coselect.to(K.dtype).fill_diagonal_(0)
+        row = C.sum(dim=1, keepdim=True)
+        step += beta * torch.where(row > 0, (C @ K) / row.clamp_min(1.0) - K, 0.0)
+    if delta != 0 and N > 1:  # push away from the keys closer than θ
+        D = torch.cdist(K, K)
+        iu = torch.triu_indices(N, N, offset=1, device=K.device)
+        theta = _quantile_linear(D[iu[0], iu[1]], theta_percentile)
+        close = (D < theta) & ~torch.eye(N, dtype=torch.bool, device=K.device)
+        w = torch.where(close, 1.0 / D.clamp_min(REPULSION_EPS), 0.0)  # (N, N)
+        n_close = close.sum(dim=1, keepdim=True)
+        push = w.sum(dim=1, keepdim=True) * K - w @ K  # Σ_f (K_e - K_f) / D_ef
+        step += delta * torch.where(n_close > 0, push / n_close.clamp_min(1), 0.0)
+    gamma = ema_decay
+    new_v = gamma * velocity + (1 - gamma) * step
+    new_k = K + new_v
+    if normalize:
+        new_k = _unit_rows(new_k)
+    total = counts.sum()
+    share = counts.to(usage.dtype) / total.clamp_min(1).to(usage.dtype)
+    new_u = gamma * usage + (1 - gamma) * share
+    if not all(bool(torch.isfinite(t).all()) for t in (new_k, new_v, new_u)):
+        return False  # an update that would overflow leaves the store as it was
+    keys.copy_(new_k)
+    velocity.copy_(new_v)
+    usage.copy_(new_u)
+    return True
