@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="both", choices=["both", "native", "torch"])
+    p.add_argument("--storage", default="materialized", choices=["materialized", "procedural", "both"],
+                   help="expert storage: stored tensors, or regenerated from the seed inside the op (SPEC §9)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive loop")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -90,10 +92,18 @@ def main(argv=None):
     pairs = int((indices >= 0).sum())
     gy = torch.randn(T, d, device=device, dtype=dtype)
 
+    spec = ops.ExpertSpec(0, 0, N, d, h, dtype)
+    ops.philox.fill_expert_weights(w1, b1, w2, b2, spec.seed, spec.layer)  # the same experts both ways
+
     def experts_fb():
         xx = x.detach().requires_grad_()
         gg = gates.detach().requires_grad_()
         ops.experts(xx, indices, gg, w1, b1, w2, b2).backward(gy)
+
+    def procedural_fb():
+        xx = x.detach().requires_grad_()
+        gg = gates.detach().requires_grad_()
+        ops.procedural_experts(xx, indices, gg, spec).backward(gy)
 
     # The same four GEMMs on one dense expert of the same shapes.
     X = torch.randn(pairs, d, device=device, dtype=dtype)
@@ -124,9 +134,13 @@ def main(argv=None):
         ops.keystore_update(K, V, U, st.sum_q, st.mass, st.counts, st.coselect, 0.01, 0.005, 0.001, 0.05, 0.99)
 
     flops = 8 * pairs * d * h  # 4 GEMMs of 2·pairs·d·h
+    storages = ["materialized", "procedural"] if args.storage == "both" else [args.storage]
     fns = {"dense": dense_fb}
     for b in backends:
-        fns[f"experts[{b}]"] = on(b, experts_fb)
+        if "materialized" in storages:
+            fns[f"experts[{b}]"] = on(b, experts_fb)
+        if "procedural" in storages:
+            fns[f"experts[{b}, procedural]"] = on(b, procedural_fb)
     for b in backends:
         fns[f"route[{b}]"] = on(b, route_fb)
         fns[f"keystore[{b}]"] = on(b, keystore)
@@ -145,13 +159,16 @@ def main(argv=None):
         print(f"{label:<28}{t * 1e3:12.2f}{tf}")
     ratios = {}
     for b in backends:
-        e = res[f"experts[{b}]"]
+        if len(storages) == 2:
+            ratios[f"{b}: procedural time / materialized time (experts)"] = \
+                res[f"experts[{b}, procedural]"] / res[f"experts[{b}]"]
+        e = res[f"experts[{b}]"] if "materialized" in storages else res[f"experts[{b}, procedural]"]
         ratios[f"{b}: experts throughput / dense matmul"] = res["dense"] / e
         if "naive" in res:
             ratios[f"{b}: speed-up over the naive loop"] = res["naive"] / e
         ratios[f"{b}: route time / experts time"] = res[f"route[{b}]"] / e
         ratios[f"{b}: keystore time / experts time"] = res[f"keystore[{b}]"] / e
-    if len(backends) == 2:
+    if len(backends) == 2 and "materialized" in storages:
         ratios["native speed-up over the torch backend (experts)"] = res["experts[torch]"] / res["experts[native]"]
     print("ratios:")
     for name, v in ratios.items():

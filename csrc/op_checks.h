@@ -89,29 +89,52 @@ inline void check_expert_inputs(const char* op, const at::Tensor& x, const at::T
     check_contiguous(op, name, *t);
 }
 
+// The grouping tensors returned by the forward (hidden [P, h], order [P], offsets [N + 1], int64).
+inline void check_grouping_shapes(const char* op, const at::Tensor& hidden, const at::Tensor& order,
+                                  const at::Tensor& offsets, int64_t P, int64_t N, int64_t h) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == P && hidden.size(1) == h, op,
+                    ": 'hidden' must have shape [T*k, h] = [", P, ", ", h, "], got ", shape_str(hidden));
+  TORCH_CHECK_VALUE(order.dim() == 1 && order.numel() == P && offsets.dim() == 1 && offsets.numel() == N + 1, op,
+                    ": 'order'/'offsets' do not match this call (expected shapes [", P, "] and [", N + 1,
+                    "], got ", shape_str(order), " and ", shape_str(offsets),
+                    "); pass the tensors returned by the forward op");
+  check_dtype(op, "order", order, at::kLong);
+  check_dtype(op, "offsets", offsets, at::kLong);
+}
+
 inline void check_experts_backward_inputs(const char* op, const at::Tensor& grad_y_in,
                                           const at::Tensor& indices_in, const at::Tensor& gates_in,
                                           const at::Tensor& w1, const at::Tensor& w2,
                                           const at::Tensor& b2, const at::Tensor& hidden,
                                           const at::Tensor& order, const at::Tensor& offsets) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_y", &grad_y_in},
+                         {"indices", &indices_in}, {"gates", &gates_in}, {"w1", &w1}, {"w2", &w2},
+                         {"b2", &b2}, {"hidden", &hidden}, {"order", &order}, {"offsets", &offsets}})
+    check_defined(op, name, *t);
   check_dim(op, "grad_y", grad_y_in, 2);
   check_dim(op, "indices", indices_in, 2);
   check_dim(op, "w1", w1, 3);
+  check_floating(op, "w1", w1);
   const int64_t T = indices_in.size(0), d = w1.size(2), k = indices_in.size(1), N = w1.size(0),
                 h = w1.size(1), P = T * k;
   TORCH_CHECK_VALUE(grad_y_in.size(0) == T && grad_y_in.size(1) == d, op,
                     ": 'grad_y' must have shape [T, d] = [", T, ", ", d, "], got ",
                     shape_str(grad_y_in));
+  TORCH_CHECK_VALUE(gates_in.sizes() == indices_in.sizes(), op, ": 'gates' has shape ",
+                    shape_str(gates_in), " but 'indices' has shape ", shape_str(indices_in),
+                    "; both must be [T, k]");
+  check_dim(op, "w2", w2, 3);
+  check_size(op, "w2", w2, 0, N, "the number of experts N (w1.shape[0])");
+  check_size(op, "w2", w2, 1, d, "the model width d (w1.shape[2])");
+  check_size(op, "w2", w2, 2, h, "the expert width h (w1.shape[1])");
+  check_dim(op, "b2", b2, 2);
+  check_size(op, "b2", b2, 0, N, "the number of experts N (w1.shape[0])");
+  check_size(op, "b2", b2, 1, d, "the model width d (w1.shape[2])");
   check_same_dtype(op, "grad_y", grad_y_in, "w1", w1);
-  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.size(0) == P && hidden.size(1) == h, op,
-                    ": 'hidden' must have shape [T*k, h] = [", P, ", ", h, "], got ",
-                    shape_str(hidden));
-  TORCH_CHECK_VALUE(order.numel() == P && offsets.numel() == N + 1, op,
-                    ": 'order'/'offsets' do not match this call (expected ", P, " and ", N + 1,
-                    " entries); pass the tensors returned by some.experts");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w2", &w2}, {"b2", &b2}})
+    check_same_dtype(op, name, *t, "w1", w1);
+  check_grouping_shapes(op, hidden, order, offsets, P, N, h);
   check_dtype(op, "indices", indices_in, at::kLong);
-  check_dtype(op, "order", order, at::kLong);
-  check_dtype(op, "offsets", offsets, at::kLong);
   check_same_dtype(op, "gates", gates_in, "w1", w1);
   check_same_dtype(op, "hidden", hidden, "w1", w1);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"indices", &indices_in},
@@ -121,6 +144,79 @@ inline void check_experts_backward_inputs(const char* op, const at::Tensor& grad
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"w2", &w2},
                          {"b2", &b2}})
     check_contiguous(op, name, *t);
+}
+
+// The generator's parameters of procedural experts (csrc/philox.h).
+inline void check_generator_args(const char* op, int64_t seed, int64_t layer) {
+  TORCH_CHECK_VALUE(seed >= 0 && seed <= 0xffffffffLL, op, ": seed must be in 0..2^32-1, got ", seed);
+  TORCH_CHECK_VALUE(layer >= 0 && layer <= 0xffffffffLL, op, ": layer must be in 0..2^32-1, got ", layer);
+}
+
+inline void check_procedural_expert_inputs(const char* op, const at::Tensor& x, const at::Tensor& indices,
+                                           const at::Tensor& gates, int64_t seed, int64_t layer,
+                                           int64_t num_experts, int64_t d_ffn) {
+  check_defined(op, "x", x);
+  check_defined(op, "indices", indices);
+  check_defined(op, "gates", gates);
+  check_dim(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_dim(op, "indices", indices, 2);
+  check_dtype(op, "indices", indices, at::kLong);
+  check_size(op, "indices", indices, 0, x.size(0), "the number of tokens T (rows of x)");
+  TORCH_CHECK_VALUE(gates.sizes() == indices.sizes(), op, ": 'gates' has shape ", shape_str(gates),
+                    " but 'indices' has shape ", shape_str(indices), "; both must be [T, k]");
+  check_same_dtype(op, "gates", gates, "x", x);
+  check_same_device(op, "gates", gates, "x", x);
+  check_same_device(op, "indices", indices, "x", x);
+  check_generator_args(op, seed, layer);
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < (int64_t{1} << 31), op,
+                    ": num_experts must be in 1..2^31-1, got ", num_experts);
+  TORCH_CHECK_VALUE(d_ffn >= 1 && d_ffn < (int64_t{1} << 31), op, ": d_ffn must be in 1..2^31-1, got ", d_ffn);
+}
+
+inline void check_procedural_backward_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& indices,
+                                             const at::Tensor& gates, int64_t seed, int64_t layer,
+                                             int64_t num_experts, int64_t d_ffn, const at::Tensor& hidden,
+                                             const at::Tensor& order, const at::Tensor& offsets) {
+  check_procedural_expert_inputs(op, grad_y, indices, gates, seed, layer, num_experts, d_ffn);
+  check_defined(op, "hidden", hidden);
+  check_defined(op, "order", order);
+  check_defined(op, "offsets", offsets);
+  check_grouping_shapes(op, hidden, order, offsets, indices.numel(), num_experts, d_ffn);
+  check_same_dtype(op, "hidden", hidden, "grad_y", grad_y);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"hidden", &hidden}, {"order", &order},
+                         {"offsets", &offsets}})
+    check_same_device(op, name, *t, "grad_y", grad_y);
+}
+
+inline void check_fill_expert_weights_inputs(const char* op, const at::Tensor& w1, const at::Tensor& b1,
+                                             const at::Tensor& w2, const at::Tensor& b2, int64_t seed,
+                                             int64_t layer, int64_t first_expert) {
+  check_defined(op, "w1", w1);
+  check_dim(op, "w1", w1, 3);
+  check_floating(op, "w1", w1);
+  const int64_t n = w1.size(0), h = w1.size(1), d = w1.size(2);
+  check_dim(op, "b1", b1, 2);
+  check_size(op, "b1", b1, 0, n, "the number of experts (w1.shape[0])");
+  check_size(op, "b1", b1, 1, h, "the expert width h (w1.shape[1])");
+  check_dim(op, "w2", w2, 3);
+  check_size(op, "w2", w2, 0, n, "the number of experts (w1.shape[0])");
+  check_size(op, "w2", w2, 1, d, "the model width d (w1.shape[2])");
+  check_size(op, "w2", w2, 2, h, "the expert width h (w1.shape[1])");
+  check_dim(op, "b2", b2, 2);
+  check_size(op, "b2", b2, 0, n, "the number of experts (w1.shape[0])");
+  check_size(op, "b2", b2, 1, d, "the model width d (w1.shape[2])");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"b1", &b1}, {"w2", &w2}, {"b2", &b2}}) {
+    check_same_dtype(op, name, *t, "w1", w1);
+    check_same_device(op, name, *t, "w1", w1);
+  }
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"b1", &b1}, {"w2", &w2},
+                         {"b2", &b2}})
+    check_contiguous(op, name, *t);
+  check_generator_args(op, seed, layer);
+  TORCH_CHECK_VALUE(first_expert >= 0 && first_expert + n <= (int64_t{1} << 32), op,
+                    ": experts first_expert .. first_expert + n - 1 must be in 0..2^32-1, got first_expert = ",
+                    first_expert, ", n = ", n);
 }
 
 inline void check_keystore_stats_inputs(const char* op, const at::Tensor& query,

@@ -7,6 +7,10 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "philox.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -35,6 +39,22 @@ TORCH_LIBRARY(some, m) {
       "experts_backward(Tensor grad_y, Tensor indices, Tensor gates, Tensor w1, "
       "Tensor w2, Tensor b2, Tensor hidden, Tensor order, Tensor offsets, bool need_grad_x, "
       "bool need_grad_gates) -> (Tensor grad_x, Tensor grad_gates)");
+
+  // SPEC §9: the same with procedural experts, never stored: element i of
+  // tensor t of expert e is a pure function of (seed, layer, e, t, i)
+  // (csrc/philox.h), generated where the kernels use it, in x's dtype.
+  m.def(
+      "procedural_experts(Tensor x, Tensor indices, Tensor gates, int seed, int layer, "
+      "int num_experts, int d_ffn) -> (Tensor y, Tensor hidden, Tensor order, Tensor offsets)");
+  m.def(
+      "procedural_experts_backward(Tensor grad_y, Tensor indices, Tensor gates, int seed, int layer, "
+      "int num_experts, int d_ffn, Tensor hidden, Tensor order, Tensor offsets, bool need_grad_x, "
+      "bool need_grad_gates) -> (Tensor grad_x, Tensor grad_gates)");
+  // The stored experts filled from the same generator (bit-identical to the
+  // procedural ones): experts first_expert .. first_expert + w1.size(0) - 1.
+  m.def(
+      "fill_expert_weights(Tensor(a!) w1, Tensor(b!) b1, Tensor(c!) w2, Tensor(d!) b2, int seed, "
+      "int layer, int first_expert) -> ()");
 
   // SPEC §4: sufficient statistics (sums, so they can be all-reduced) and the
   // in-place self-organization step. `keystore_update` returns a bool scalar
@@ -68,6 +88,7 @@ PYBIND11_MODULE(_C, m) {
     info["omp_max_threads"] = 1;
 #endif
     info["torch_version"] = SOME_TORCH_VERSION;
+    info["expert_generator"] = "philox4x32-10/some-philox-v" + std::to_string(some::philox::kVersion);
     return info;
   });
 }

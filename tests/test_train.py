@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from some.engine import evaluate, load_checkpoint, lr_at, save_checkpoint
-from some.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from some.errors import CheckpointError, ConfigError, RunDirError, RunStopped, TrainingDiverged
 from some.nn import SoMEForCausalLM, format_parameter_counts
 from some.runs import Trainer, apply_overrides, build_report, get_preset, train
 from some.runs.faults import Faults
@@ -56,7 +56,8 @@ def _assert_same_final_state(run_a, run_b):
     b = load_checkpoint(Path(run_b) / "checkpoint.pt")
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+        va, vb = a["model"][name], b["model"][name]
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, name
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
@@ -108,8 +109,10 @@ def test_key_stores_moved_during_training(reference, config):
         name = f"blocks.{i}.ffn.keys"
         assert not torch.equal(trained[name], fresh[name]), name
         torch.testing.assert_close(trained[name].norm(dim=1), torch.ones(config.num_experts))  # cosine mode
-        name = f"blocks.{i}.ffn.w1"  # frozen experts did not move
-        assert torch.equal(trained[name], fresh[name])
+        # frozen experts did not move: the checkpoint holds their generator, seed and digest, not the experts
+        assert f"blocks.{i}.ffn.w1" not in trained
+        record = trained[f"blocks.{i}.ffn._extra_state"]
+        assert record == fresh[f"blocks.{i}.ffn._extra_state"] and record["generator"].startswith("philox4x32-10")
 
 
 # -------------------------------------------------------------------- resume
@@ -151,7 +154,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(refer
     assert str(out / "checkpoint.pt") in str(e.value)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["scheduler"]["global_step"] == 6
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in state["model"].values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
     assert not (out / "checkpoint.pt.tmp").exists()
     report = build_report(out)  # an unfinished run has a report too
     assert "No epoch has finished yet." in report and "has not finished (0 of 3 epochs)" in report
@@ -199,6 +203,49 @@ def test_checkpoint_whose_tensors_do_not_fit_the_model_is_refused(reference, con
     out.mkdir()
     save_checkpoint(out / "checkpoint.pt", state)
     with pytest.raises(CheckpointError, match="does not match this run.*embed.weight"):
+        Trainer(None, out, resume=True, progress=False, echo=False)
+
+
+def _as_v1(state, config):
+    """A checkpoint as the package wrote it before its layout changed (format v1): blocks' feed-forward
+    parts named `some`/`ln_some`, every expert stored (no generator record), test hooks in the run config."""
+    v1 = dict(state, format="some-checkpoint-v1")
+    model = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
+    for i, layer in enumerate(SoMEForCausalLM(config).some_layers()):
+        model.update({f"blocks.{i}.ffn.{n}": t for n, t in zip(("w1", "b1", "w2", "b2"), layer.materialize_experts())})
+    v1["model"] = {k.replace(".ffn.", ".some.").replace(".ln_ffn.", ".ln_some."): v for k, v in model.items()}
+    v1["config"] = {**state["config"], "debug_nan_step": 0, "debug_state_digest": False, "debug_stop_after_step": 12,
+                    "debug_die_at_step": 0, "debug_die_rank": 0}
+    return v1
+
+
+def test_a_v1_checkpoint_resumes_bit_identically(reference, config, tmp_path):
+    out = tmp_path / "stopped"
+    with pytest.raises(RunStopped, match="stopped after step 12"):
+        Trainer(config, out, progress=False, echo=False, faults=Faults(stop_after_step=12)).run(make_plots=False)
+    current = load_checkpoint(out / "checkpoint.pt")
+    save_checkpoint(out / "checkpoint.pt", _as_v1(current, config))
+    with pytest.warns(UserWarning, match="test hooks"):
+        upgraded = load_checkpoint(out / "checkpoint.pt")
+    assert upgraded["format"] == "some-checkpoint-v3" and "blocks.0.ffn.w1" in upgraded["model"]
+    assert not any(".some." in k or "ln_some" in k for k in upgraded["model"])
+    assert not any(k.startswith("debug_") for k in upgraded["config"])
+    with pytest.warns(UserWarning, match="test hooks"):
+        train(None, out, resume=True, make_plots=False, progress=False, echo=False)
+    assert _records(out) == _records(reference[0])
+    a, b = load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference[0] / "checkpoint.pt")["model"]
+    for name in b:
+        if isinstance(b[name], torch.Tensor):
+            assert torch.equal(a[name], b[name]), name
+    # the resumed run carries the file's experts from then on (they are the experts it was given)
+    assert torch.equal(a["blocks.0.ffn.w1"], SoMEForCausalLM(config).some_layers()[0].w1)
+
+
+def test_an_unknown_checkpoint_format_is_refused_by_name(reference, tmp_path):
+    state = dict(load_checkpoint(reference[0] / "checkpoint.pt"), format="some-checkpoint-v99")
+    out = tmp_path / "run"
+    save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match="format 'some-checkpoint-v99', which this version of some cannot read"):
         Trainer(None, out, resume=True, progress=False, echo=False)
 
 

@@ -1,16 +1,23 @@
-// CPU kernels of some::experts and some::experts_backward (SPEC §3 step 5).
+// CPU kernels of some::experts and some::experts_backward (SPEC §3 step 5),
+// and of their procedural twins, whose expert weights are never stored but
+// regenerated from the seed where they are used (SPEC §9, csrc/philox.h).
 //
 // Plan, shared by forward and backward:
 //   1. group the (token, slot) pairs by expert with a stable counting sort
 //      (`order`, `offsets`); index -1 slots are dropped;
 //   2. per expert, gather its rows and run the two GEMMs through BLAS
-//      (at::mm_out into slices of one buffer; BLAS threads the GEMM);
+//      (at::mm_out into slices of one buffer);
 //   3. bias + GELU (forward) and GELU' + gate (backward) in one fused
 //      vectorized pass per expert, parallel over rows;
 //   4. combine per token (parallel over tokens, so no atomics and
 //      bit-identical results run to run).
 // The experts are frozen: the backward computes dL/dx and dL/dgates only,
 // two GEMMs, so forward+backward costs twice the forward.
+//
+// Where the weights come from is a template parameter: `StoredExperts` reads
+// the (N, h, d) tensors, `ProceduralExperts` generates expert e's matrices
+// into a per-thread scratch buffer just before its GEMMs. Everything else is
+// the same code, so both storages give bit-identical results.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,6 +27,7 @@
 
 #include "../checks.h"
 #include "../op_checks.h"
+#include "../philox.h"
 #include "grouping.h"
 #include "kernels/expert_act.h"
 
@@ -36,6 +44,77 @@ const act::ExpertActKernels& act_kernels() {
   }();
   return k;
 }
+
+// ---------------------------------------------------------------- weights
+
+// Writes elements [0, n) of one expert's tensor in `dtype` (through float32,
+// the generator's precision) into `dst`, a contiguous tensor of n elements.
+void generate_tensor(at::Tensor& dst, uint32_t seed, uint32_t layer, int64_t expert, uint32_t tensor,
+                     int64_t fan_in) {
+  const int64_t n = dst.numel();
+  const float bound = philox::bound(fan_in);
+  const auto e = static_cast<uint32_t>(expert);
+  if (dst.scalar_type() == at::kFloat) {
+    act_kernels().philox_uniform(dst.data_ptr<float>(), 0, n, seed, layer, e, tensor, bound);
+    return;
+  }
+  auto tmp = at::empty({n}, dst.options().dtype(at::kFloat));
+  act_kernels().philox_uniform(tmp.data_ptr<float>(), 0, n, seed, layer, e, tensor, bound);
+  dst.view({n}).copy_(tmp);  // round to the experts' dtype (bfloat16: to nearest even)
+}
+
+// The stored experts: slices of w1 (N, h, d), b1 (N, h), w2 (N, d, h), b2 (N, d).
+struct StoredExperts {
+  const at::Tensor &w1_, &b1_, &w2_, &b2_;
+  struct Scratch {
+    Scratch(const StoredExperts&, const at::TensorOptions&) {}
+  };
+  at::Tensor w1(int64_t e, Scratch&) const { return w1_[e]; }
+  at::Tensor w2(int64_t e, Scratch&) const { return w2_[e]; }
+  at::Tensor b1(int64_t e, Scratch&) const { return b1_[e]; }
+  const at::Tensor& all_b2() const { return b2_; }
+};
+
+// Procedural experts: expert e's tensors generated into per-thread buffers
+// when first asked for (each is used by one expert's GEMMs, then replaced).
+struct ProceduralExperts {
+  uint32_t seed, layer;
+  int64_t d, h;
+  at::Tensor b2_;  // (N, d): small, generated once per call (the combine reads every expert's)
+  struct Scratch {
+    at::Tensor w1, w2, b1;
+    int64_t e_w1 = -1, e_w2 = -1, e_b1 = -1;
+    Scratch(const ProceduralExperts& src, const at::TensorOptions& opts)
+        : w1(at::empty({src.h, src.d}, opts)), w2(at::empty({src.d, src.h}, opts)), b1(at::empty({src.h}, opts)) {}
+  };
+  at::Tensor w1(int64_t e, Scratch& s) const {
+    if (s.e_w1 != e) generate_tensor(s.w1, seed, layer, e, philox::kTensorW1, d), s.e_w1 = e;
+    return s.w1;
+  }
+  at::Tensor w2(int64_t e, Scratch& s) const {
+    if (s.e_w2 != e) generate_tensor(s.w2, seed, layer, e, philox::kTensorW2, h), s.e_w2 = e;
+    return s.w2;
+  }
+  at::Tensor b1(int64_t e, Scratch& s) const {
+    if (s.e_b1 != e) generate_tensor(s.b1, seed, layer, e, philox::kTensorB1, d), s.e_b1 = e;
+    return s.b1;
+  }
+  const at::Tensor& all_b2() const { return b2_; }
+};
+
+ProceduralExperts procedural_source(int64_t seed, int64_t layer, int64_t N, int64_t d, int64_t h,
+                                    const at::TensorOptions& opts) {
+  ProceduralExperts src{static_cast<uint32_t>(seed), static_cast<uint32_t>(layer), d, h, at::empty({N, d}, opts)};
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t end) {
+    for (int64_t e = b; e < end; ++e) {
+      auto row = src.b2_[e];
+      generate_tensor(row, src.seed, src.layer, e, philox::kTensorB2, h);
+    }
+  });
+  return src;
+}
+
+// ------------------------------------------------------------- helpers
 
 // position[p] = row of pair p in the grouped order, or -1 for an empty slot.
 std::vector<int64_t> inverse_order(const at::Tensor& order, int64_t valid, int64_t P) {
@@ -95,14 +174,17 @@ inline int64_t max_rows_in(const int64_t* off, int64_t e_begin, int64_t e_end) {
 }
 
 // Fallback elementwise passes for float64 and bfloat16 (scalar, fp32/fp64 math).
+// bfloat16: GELU and GELU' are both taken at the rounded pre-activation that
+// `hidden` stores, so the backward differentiates exactly the forward's function.
 template <typename scalar_t>
 void bias_gelu_generic(scalar_t* pre, scalar_t* act, const scalar_t* b1, int64_t rows,
                        int64_t h) {
   using opmath = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < h; ++c) {
-      const opmath v = static_cast<opmath>(pre[r * h + c]) + static_cast<opmath>(b1[c]);
-      pre[r * h + c] = static_cast<scalar_t>(v);
+      const scalar_t stored = static_cast<scalar_t>(static_cast<opmath>(pre[r * h + c]) + static_cast<opmath>(b1[c]));
+      const opmath v = static_cast<opmath>(stored);
+      pre[r * h + c] = stored;
       act[r * h + c] = static_cast<scalar_t>(opmath(0.5) * v * (opmath(1) + std::erf(v * opmath(M_SQRT1_2))));
     }
 }
@@ -126,17 +208,17 @@ void gelu_grad_generic(const scalar_t* pre, scalar_t* D, const scalar_t* gate, a
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
-    const at::Tensor& x_in, const at::Tensor& indices, const at::Tensor& gates_in,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
-  const char* op = "some.experts";
-  check_expert_inputs(op, x_in, indices, gates_in, w1, b1, w2, b2);
+// ------------------------------------------------------------- forward
+
+template <typename Src>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
+    const char* op, const at::Tensor& x_in, const at::Tensor& indices, const at::Tensor& gates_in,
+    const Src& src, int64_t N, int64_t h) {
   const auto x = x_in.contiguous();
   const auto gates = gates_in.contiguous();
   const auto idx = indices.contiguous();  // kept alive: the combine pass reads it
-  const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), N = w1.size(0),
-                h = w1.size(1), P = T * k;
-  auto [order, offsets] = group_by_expert(op, indices, N);
+  const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), P = T * k;
+  auto [order, offsets] = group_by_expert(op, idx, N);
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* ord = order.data_ptr<int64_t>();
   const int64_t valid = off[N];
@@ -155,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
       const int64_t rows = max_rows_in(off, e_begin, e_end);
       auto xg = at::empty({rows, d}, x.options());  // this expert's x rows
       auto act = at::empty({rows, h}, x.options());  // GELU(pre), input of the 2nd GEMM
+      typename Src::Scratch scratch(src, x.options());
       for (int64_t e = e_begin; e < e_end; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
@@ -163,20 +246,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
         auto pre_e = hidden.narrow(0, r0, n);
         auto out_e = out.narrow(0, r0, n);
         gather_rows(x.data_ptr<scalar_t>(), xg_e.data_ptr<scalar_t>(), ord + r0, n, k, d);
-        at::mm_out(pre_e, xg_e, w1[e].t());  // (n, d) @ (d, h)
+        at::mm_out(pre_e, xg_e, src.w1(e, scratch).t());  // (n, d) @ (d, h)
         scalar_t* pre_p = pre_e.data_ptr<scalar_t>();
         scalar_t* act_p = act_e.data_ptr<scalar_t>();
-        const scalar_t* b1_p = b1.data_ptr<scalar_t>() + e * h;
+        const auto b1_e = src.b1(e, scratch);
+        const scalar_t* b1_p = b1_e.template data_ptr<scalar_t>();
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
           if constexpr (std::is_same_v<scalar_t, float>)
-            // (the casts are no-ops: this branch only runs for float)
-            act_kernels().bias_gelu(reinterpret_cast<float*>(pre_p + b * h),
-                                    reinterpret_cast<float*>(act_p + b * h),
-                                    reinterpret_cast<const float*>(b1_p), end - b, h);
+            act_kernels().bias_gelu(pre_p + b * h, act_p + b * h, b1_p, end - b, h);
           else
             bias_gelu_generic(pre_p + b * h, act_p + b * h, b1_p, end - b, h);
         });
-        at::mm_out(out_e, act_e, w2[e].t());  // (n, h) @ (h, d)
+        at::mm_out(out_e, act_e, src.w2(e, scratch).t());  // (n, h) @ (h, d)
       }
     });
     // y_t = Σ_j g_tj (out[pos(t, j)] + b2_e), accumulated in opmath.
@@ -185,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
     const int64_t* I = idx.data_ptr<int64_t>();
     const scalar_t* G = gates.data_ptr<scalar_t>();
     const scalar_t* O = out.data_ptr<scalar_t>();
-    const scalar_t* B2 = b2.data_ptr<scalar_t>();
+    const scalar_t* B2 = src.all_b2().template data_ptr<scalar_t>();
     scalar_t* Y = y.data_ptr<scalar_t>();
     at::parallel_for(0, T, 64, [&](int64_t b, int64_t end) {
       std::vector<opmath> acc(d);
@@ -207,15 +288,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
   return {y, hidden, order, offsets};
 }
 
-std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& indices,
-    const at::Tensor& gates_in, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2,
-    const at::Tensor& hidden, const at::Tensor& order, const at::Tensor& offsets,
-    bool need_grad_x, bool need_grad_gates) {
-  const char* op = "some.experts_backward";
-  check_experts_backward_inputs(op, grad_y_in, indices, gates_in, w1, w2, b2, hidden, order, offsets);
-  const int64_t T = indices.size(0), d = w1.size(2), k = indices.size(1), N = w1.size(0),
-                h = w1.size(1), P = T * k;
+// ------------------------------------------------------------ backward
+
+template <typename Src>
+std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
+    const char* op, const at::Tensor& grad_y_in, const at::Tensor& indices, const at::Tensor& gates_in,
+    const Src& src, int64_t N, int64_t h, const at::Tensor& hidden, const at::Tensor& order,
+    const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const int64_t T = indices.size(0), d = grad_y_in.size(1), k = indices.size(1), P = T * k;
   const auto& x = grad_y_in;  // dtype and device of the gradients
   const auto grad_y = grad_y_in.contiguous();
   const auto gates = gates_in.contiguous();
@@ -224,13 +304,8 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
   check_contiguous(op, "offsets", offsets);
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* ord = order.data_ptr<int64_t>();
+  check_grouping(op, indices, ord, off, N);
   const int64_t valid = off[N];
-  // The grouping comes from the forward; a corrupted one must not read out of bounds.
-  bool grouping_ok = off[0] == 0 && valid <= P;
-  for (int64_t e = 0; e < N && grouping_ok; ++e) grouping_ok = off[e + 1] >= off[e];
-  for (int64_t r = 0; r < valid && grouping_ok; ++r) grouping_ok = ord[r] >= 0 && ord[r] < P;
-  TORCH_CHECK_VALUE(grouping_ok, op, ": 'order'/'offsets' are not a valid grouping of the ",
-                    P, " (token, slot) pairs; pass the tensors returned by some.experts");
 
   // grad_x is written row by row by the combine pass; only grad_gates needs
   // zeros (for the empty slots).
@@ -247,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "some_experts_bwd_cpu", [&] {
     using opmath = at::opmath_type<scalar_t>;
     const scalar_t* G = gates.data_ptr<scalar_t>();
+    const scalar_t* B2 = src.all_b2().template data_ptr<scalar_t>();
     scalar_t* GG = need_grad_gates ? grad_gates.data_ptr<scalar_t>() : nullptr;
     for_expert_groups(off, N, [&](int64_t e_begin, int64_t e_end) {
       const int64_t rows = max_rows_in(off, e_begin, e_end);
@@ -254,23 +330,21 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
       auto dbuf = at::empty({rows, h}, x.options());  // dL/da, then dL/dpre
       std::vector<scalar_t> gate_rows(rows);
       std::vector<opmath> dot_rows(rows);
+      typename Src::Scratch scratch(src, x.options());
       for (int64_t e = e_begin; e < e_end; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
         auto gy_e = gy.narrow(0, 0, n);
         auto d_e = dbuf.narrow(0, 0, n);
         gather_rows(grad_y.data_ptr<scalar_t>(), gy_e.data_ptr<scalar_t>(), ord + r0, n, k, d);
-        at::mm_out(d_e, gy_e, w2[e]);  // dL/da (before the gate): (n, d) @ (d, h)
+        at::mm_out(d_e, gy_e, src.w2(e, scratch));  // dL/da (before the gate): (n, d) @ (d, h)
         for (int64_t r = 0; r < n; ++r) gate_rows[r] = G[ord[r0 + r]];
         const scalar_t* pre_p = hid.data_ptr<scalar_t>() + r0 * h;
         scalar_t* d_p = d_e.data_ptr<scalar_t>();
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
           if constexpr (std::is_same_v<scalar_t, float>)
-            act_kernels().gelu_grad(reinterpret_cast<const float*>(pre_p + b * h),
-                                    reinterpret_cast<float*>(d_p + b * h),
-                                    reinterpret_cast<const float*>(gate_rows.data() + b),
-                                    reinterpret_cast<float*>(dot_rows.data() + b), end - b, h,
-                                    need_grad_gates);
+            act_kernels().gelu_grad(pre_p + b * h, d_p + b * h, gate_rows.data() + b, dot_rows.data() + b,
+                                    end - b, h, need_grad_gates);
           else
             gelu_grad_generic(pre_p + b * h, d_p + b * h, gate_rows.data() + b,
                               dot_rows.data() + b, end - b, h);
@@ -278,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
         if (need_grad_gates) {
           // dL/dg_tj = dL/dy_t · E_e(x_t) = (dL/da)·GELU(pre) + dL/dy_t · b2_e
           const scalar_t* gy_p = gy_e.data_ptr<scalar_t>();
-          const scalar_t* b2_p = b2.data_ptr<scalar_t>() + e * d;
+          const scalar_t* b2_p = B2 + e * d;
           for (int64_t r = 0; r < n; ++r) {
             opmath acc = dot_rows[r];
             for (int64_t c = 0; c < d; ++c)
@@ -288,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
         }
         if (need_grad_x) {
           auto xpair_e = xpair.narrow(0, r0, n);
-          at::mm_out(xpair_e, d_e, w1[e]);  // (n, h) @ (h, d)
+          at::mm_out(xpair_e, d_e, src.w1(e, scratch));  // (n, h) @ (h, d)
         }
       }
     });
@@ -313,11 +387,75 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
   return {grad_x, grad_gates};
 }
 
+// ------------------------------------------------------------- the ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu(
+    const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  const char* op = "some.experts";
+  check_expert_inputs(op, x, indices, gates, w1, b1, w2, b2);
+  return experts_forward(op, x, indices, gates, StoredExperts{w1, b1, w2, b2}, w1.size(0), w1.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& indices, const at::Tensor& gates, const at::Tensor& w1,
+    const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& order,
+    const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const char* op = "some.experts_backward";
+  check_experts_backward_inputs(op, grad_y, indices, gates, w1, w2, b2, hidden, order, offsets);
+  const at::Tensor unused;
+  return experts_backward_impl(op, grad_y, indices, gates, StoredExperts{w1, unused, w2, b2}, w1.size(0),
+                               w1.size(1), hidden, order, offsets, need_grad_x, need_grad_gates);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> procedural_experts_cpu(
+    const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates, int64_t seed, int64_t layer,
+    int64_t num_experts, int64_t d_ffn) {
+  const char* op = "some.procedural_experts";
+  check_procedural_expert_inputs(op, x, indices, gates, seed, layer, num_experts, d_ffn);
+  const auto src = procedural_source(seed, layer, num_experts, x.size(1), d_ffn, x.options());
+  return experts_forward(op, x, indices, gates, src, num_experts, d_ffn);
+}
+
+std::tuple<at::Tensor, at::Tensor> procedural_experts_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& indices, const at::Tensor& gates, int64_t seed, int64_t layer,
+    int64_t num_experts, int64_t d_ffn, const at::Tensor& hidden, const at::Tensor& order,
+    const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const char* op = "some.procedural_experts_backward";
+  check_procedural_backward_inputs(op, grad_y, indices, gates, seed, layer, num_experts, d_ffn, hidden, order,
+                                   offsets);
+  const auto src = procedural_source(seed, layer, num_experts, grad_y.size(1), d_ffn, grad_y.options());
+  return experts_backward_impl(op, grad_y, indices, gates, src, num_experts, d_ffn, hidden, order, offsets,
+                               need_grad_x, need_grad_gates);
+}
+
+// w1 (n, h, d), b1 (n, h), w2 (n, d, h), b2 (n, d) of experts first .. first + n - 1, in place.
+void fill_expert_weights_cpu(at::Tensor& w1, at::Tensor& b1, at::Tensor& w2, at::Tensor& b2, int64_t seed,
+                             int64_t layer, int64_t first_expert) {
+  const char* op = "some.fill_expert_weights";
+  check_fill_expert_weights_inputs(op, w1, b1, w2, b2, seed, layer, first_expert);
+  const int64_t n = w1.size(0), h = w1.size(1), d = w1.size(2);
+  const auto s = static_cast<uint32_t>(seed), l = static_cast<uint32_t>(layer);
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      const int64_t e = first_expert + i;
+      auto w1_e = w1[i], b1_e = b1[i], w2_e = w2[i], b2_e = b2[i];
+      generate_tensor(w1_e, s, l, e, philox::kTensorW1, d);
+      generate_tensor(b1_e, s, l, e, philox::kTensorB1, d);
+      generate_tensor(w2_e, s, l, e, philox::kTensorW2, h);
+      generate_tensor(b2_e, s, l, e, philox::kTensorB2, h);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(some, CPU, m) {
   m.impl("experts", &experts_cpu);
   m.impl("experts_backward", &experts_backward_cpu);
+  m.impl("procedural_experts", &procedural_experts_cpu);
+  m.impl("procedural_experts_backward", &procedural_experts_backward_cpu);
+  m.impl("fill_expert_weights", &fill_expert_weights_cpu);
 }
 
 }  // namespace some

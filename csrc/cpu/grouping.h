@@ -36,4 +36,30 @@ inline std::tuple<at::Tensor, at::Tensor> group_by_expert(const char* op, const 
   return {order, offsets};
 }
 
+// The grouping passed to a backward is exactly the one the forward makes for
+// `indices`: offsets start at 0, never decrease and end at the number of
+// valid pairs; order[offsets[e] .. offsets[e + 1]) lists, in increasing
+// order, every pair whose index is e. (Stale or foreign tensors would read
+// and write out of bounds; checking costs one pass over the pairs.)
+inline void check_grouping(const char* op, const at::Tensor& indices, const int64_t* ord, const int64_t* off,
+                           int64_t N) {
+  const auto idx = indices.contiguous();
+  const int64_t P = idx.numel();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  int64_t valid = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK_INDEX(I[p] >= -1 && I[p] < N, op, ": indices must be in -1..N-1 = -1..", N - 1, ", found ",
+                      I[p], " at flat position ", p);
+    valid += I[p] >= 0;
+  }
+  bool ok = off[0] == 0 && off[N] == valid;
+  for (int64_t e = 0; e < N && ok; ++e) {
+    ok = off[e + 1] >= off[e];
+    for (int64_t r = off[e]; r < off[e + 1] && ok; ++r)
+      ok = ord[r] >= 0 && ord[r] < P && I[ord[r]] == e && (r == off[e] || ord[r] > ord[r - 1]);
+  }
+  TORCH_CHECK_VALUE(ok, op, ": 'order'/'offsets' are not the grouping of these indices by expert; pass the "
+                    "tensors returned by the forward op");
+}
+
 }  // namespace some

@@ -357,21 +357,22 @@ def experts_from_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, n_experts
 @torch.no_grad()
 def load_into_layer(layer: torch.nn.Module, result: ExpertsFromDense) -> torch.nn.Module:
     """Copy the experts and keys of ``result`` into a :class:`some.SoMELayer`
-    (in the layer's own dtypes and device) and reset its key velocity and
-    usage EMA, which belong to the keys being replaced. Returns the layer."""
-    for name in ("w1", "b1", "w2", "b2", "keys"):
-        if not hasattr(layer, name):
-            raise TypeError(f"load_into_layer: {type(layer).__name__} has no '{name}'; expected a SoMELayer")
-    for name in ("w1", "b1", "w2", "b2", "keys"):
-        dst, src = getattr(layer, name), getattr(result, name)
-        if tuple(dst.shape) != tuple(src.shape):
-            raise ValueError(
-                f"load_into_layer: layer.{name} has shape {tuple(dst.shape)} but the constructed experts' "
-                f"{name} is {tuple(src.shape)} (check num_experts, d_ffn and d_model against the dense FFN)"
-            )
-    for name in ("w1", "b1", "w2", "b2", "keys"):
-        dst = getattr(layer, name)
-        dst.copy_(getattr(result, name).to(device=dst.device, dtype=dst.dtype))
+    (in the layer's own dtypes and device; the layer saves them from then on,
+    since no generator makes them) and reset its key velocity and usage EMA,
+    which belong to the keys being replaced. Returns the layer."""
+    if not hasattr(layer, "set_experts") or not hasattr(layer, "keys"):
+        raise TypeError(f"load_into_layer: {type(layer).__name__} is not a SoMELayer")
+    if tuple(layer.keys.shape) != tuple(result.keys.shape):
+        raise ValueError(
+            f"load_into_layer: layer.keys has shape {tuple(layer.keys.shape)} but the constructed experts' "
+            f"keys are {tuple(result.keys.shape)} (check num_experts, d_ffn and d_model against the dense FFN)"
+        )
+    try:
+        layer.set_experts(result.w1, result.b1, result.w2, result.b2)
+    except ValueError as e:
+        raise ValueError(f"load_into_layer: {e} (check num_experts, d_ffn and d_model against the "
+                         f"dense FFN)") from None
+    layer.keys.copy_(result.keys.to(device=layer.keys.device, dtype=layer.keys.dtype))
     for name in ("key_velocity", "key_usage"):
         buf = getattr(layer, name, None)
         if isinstance(buf, Tensor):

@@ -5,9 +5,10 @@ back with ``weights_only=True``) tagged with :data:`CHECKPOINT_FORMAT`. The
 model, optimizer and RNG states are filled in by the caller; this module
 writes, reads and upgrades the file and captures/restores the RNG states.
 
-Formats: ``some-checkpoint-v1`` (before the package layout of issue 9: blocks
-named ``ln_some``/``some``, test hooks in the config) is read and upgraded to
-``v2`` on load.
+Formats: ``v1`` (before the package layout: blocks named ``ln_some``/``some``,
+test hooks in the config) is upgraded on load; ``v2`` (every expert stored, no
+generator record) loads as it is; ``v3`` stores the seed and generator of
+experts the generator makes (``SoMELayer`` extra state) instead of the experts.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from ..files import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "restore_rng_states", "rng_states", "save_checkpoint"]
 
-CHECKPOINT_FORMAT = "some-checkpoint-v2"
+CHECKPOINT_FORMAT = "some-checkpoint-v3"
 _V1 = "some-checkpoint-v1"
+_READABLE = (_V1, "some-checkpoint-v2", CHECKPOINT_FORMAT)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -49,12 +51,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or not str(state.get("format", "")).startswith("some-checkpoint-"):
         raise CheckpointError(f"{path} is not a SoME checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if state["format"] not in _READABLE:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, which this version of some "
+                              f"cannot read (it reads {', '.join(map(repr, _READABLE))}); "
+                              f"use the version that wrote it")
     if state["format"] == _V1:
         state = _upgrade_v1(state)
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, which this version of some "
-                              f"cannot read (it reads {_V1!r} and {CHECKPOINT_FORMAT!r}); "
-                              f"use the version that wrote it")
+    state["format"] = CHECKPOINT_FORMAT  # v2 files carry every expert: nothing to convert
     return state
 
 
@@ -79,7 +82,6 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
             warnings.warn(f"the checkpoint's configuration sets the test hooks {hooks}, which are ignored now "
                           f"(fault injection for tests moved to SOME_FAULT_* environment variables)", stacklevel=3)
         state["config"] = {k: v for k, v in state["config"].items() if k not in hooks}
-    state["format"] = CHECKPOINT_FORMAT
     return state
 
 

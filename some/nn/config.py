@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_range, project
 from ..ops.types import GATINGS, SCORE_MODES
 
-__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "MAX_SIZE", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
+__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "MAX_SIZE", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
            "SoMELayerConfig", "check_size"]
 
 ROUTERS = ("mlp", "linear", "frozen", "random")
@@ -25,6 +25,7 @@ ROUTING_LEVELS = ("token", "sequence")
 # replaces the default ones.
 EXPERT_INITS = ("default", "cluster")
 EXPERT_DTYPES = ("float32", "bfloat16")
+EXPERT_STORAGES = ("materialized", "procedural")
 # Any size beyond this is a typo, not an experiment (and overflows int32 indexing).
 MAX_SIZE = 2**31 - 1
 # The smallest positive normal float32: a temperature below it makes s/τ overflow.
@@ -61,6 +62,9 @@ class SoMELayerConfig:
     theta_percentile: float = 0.05
     ema_decay: float = 0.99  # γ, inertia
     expert_init: str = "default"  # default | cluster (see EXPERT_INITS)
+    # materialized: the experts are frozen tensors; procedural: none are
+    # stored, the kernels regenerate them from (seed, layer) where used (SPEC §9)
+    expert_storage: str = "materialized"
     # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
     # updates, experts unused in the window are masked out of routing and, if
     # tokens matched no expert well (best score < adaptive_threshold; for
@@ -83,8 +87,12 @@ class SoMELayerConfig:
             raise ConfigError(f"config field 'temperature' must be a finite number >= {MIN_TEMPERATURE:.4g} "
                               f"(the smallest normal float32), got {self.temperature!r}")
         for name, allowed in (("gating", GATINGS), ("score_mode", SCORE_MODES), ("router", ROUTERS),
-                              ("routing_level", ROUTING_LEVELS), ("expert_init", EXPERT_INITS)):
+                              ("routing_level", ROUTING_LEVELS), ("expert_init", EXPERT_INITS),
+                              ("expert_storage", EXPERT_STORAGES)):
             check_choice(name, getattr(self, name), allowed)
+        if self.expert_storage == "procedural" and self.expert_init != "default":
+            raise ConfigError(f"expert_storage = 'procedural' needs expert_init = 'default' (experts from "
+                              f"{self.expert_init!r} come from data, not from the generator, and must be stored)")
         check_range("top_p", self.top_p, 0, 1, lo_open=True)
         # Each rule moves a key by a fraction of a distance between unit vectors:
         # beyond 1 it overshoots, and huge values overflow the store.

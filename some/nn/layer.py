@@ -7,13 +7,15 @@ Module -> op -> kernel: this file holds the module; the maths is in the ops of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import KeystoreStats
+from ..ops import ExpertSpec, KeystoreStats
+from ..ops.philox import GENERATOR, fill_expert_weights
 from .config import SoMELayerConfig
 
 __all__ = ["SoMELayer", "autocast_off"]
@@ -41,7 +43,7 @@ class SoMELayer(nn.Module):
     (call it after every optimizer step).
     """
 
-    def __init__(self, config: SoMELayerConfig, *, seed: int = 0, device=None, dtype=None,
+    def __init__(self, config: SoMELayerConfig, *, seed: int = 0, layer: int = 0, device=None, dtype=None,
                  expert_dtype: torch.dtype | None = None):
         super().__init__()
         config.validate()
@@ -57,12 +59,20 @@ class SoMELayer(nn.Module):
         if config.router in ("frozen", "random"):
             self.router.requires_grad_(False)
 
-        # Frozen experts: parameters (counted, saved) that never get a gradient.
-        edt = expert_dtype or dtype
-        self.w1 = nn.Parameter(torch.empty(N, h, d, device=device, dtype=edt), requires_grad=False)
-        self.b1 = nn.Parameter(torch.empty(N, h, device=device, dtype=edt), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(N, d, h, device=device, dtype=edt), requires_grad=False)
-        self.b2 = nn.Parameter(torch.empty(N, d, device=device, dtype=edt), requires_grad=False)
+        # Frozen experts (SPEC §9): a pure function of (seed, layer, expert,
+        # tensor, index). Materialized storage keeps them as parameters that
+        # never get a gradient (counted; saved only when they did not come from
+        # the generator); procedural storage keeps nothing and the kernels
+        # regenerate them where they are used.
+        edt = expert_dtype or dtype or torch.get_default_dtype()
+        self.expert_spec = ExpertSpec(int(seed), int(layer), N, d, h, edt)
+        self.from_generator = config.expert_init == "default"  # False once experts are loaded from elsewhere
+        self._digest: str | None = None  # of the generated experts, computed when first needed
+        if config.expert_storage == "materialized":
+            self.w1 = nn.Parameter(torch.empty(N, h, d, device=device, dtype=edt), requires_grad=False)
+            self.b1 = nn.Parameter(torch.empty(N, h, device=device, dtype=edt), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(N, d, h, device=device, dtype=edt), requires_grad=False)
+            self.b2 = nn.Parameter(torch.empty(N, d, device=device, dtype=edt), requires_grad=False)
 
         # Key store: buffers, float32 whatever the model dtype (it is updated by
         # small increments that bfloat16 would round away).
@@ -89,23 +99,21 @@ class SoMELayer(nn.Module):
         self.track_usage = False
         self._pending: KeystoreStats | None = None
         self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
-        self.seed = seed
+        self.seed, self.layer = int(seed), int(layer)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Expert init ``default`` (each expert's two maps as ``nn.Linear``
-        initializes them) and random unit keys, all from ``seed``."""
-        if self.w1.device.type == "meta":
+        initializes them, drawn by the generator of :mod:`some.ops.philox`
+        from ``(seed, layer)``) and random unit keys from ``seed + layer``."""
+        if self.keys.device.type == "meta":
             return
-        gen = torch.Generator(device=self.w1.device).manual_seed(self.seed)
-        d, h = self.config.d_model, self.config.d_ffn
-        # nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        _uniform_(self.w1, 1 / math.sqrt(d), gen)
-        _uniform_(self.b1, 1 / math.sqrt(d), gen)
-        _uniform_(self.w2, 1 / math.sqrt(h), gen)
-        _uniform_(self.b2, 1 / math.sqrt(h), gen)
+        if self.materialized:
+            fill_expert_weights(self.w1, self.b1, self.w2, self.b2, self.seed, self.layer)
+            self.from_generator = True
+        gen = torch.Generator(device=self.keys.device).manual_seed(self.seed + self.layer)
         keys = torch.randn(self.keys.shape, generator=gen, device=self.keys.device, dtype=self.keys.dtype)
         self.keys.copy_(keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.key_velocity.zero_()
@@ -116,7 +124,7 @@ class SoMELayer(nn.Module):
         self.window_counts.zero_()
         self.window_unmatched.zero_()
         self.window_steps.zero_()
-        self._router_gen = torch.Generator(device=self.w1.device).manual_seed(self.seed + 1)
+        self._router_gen = torch.Generator(device=self.keys.device).manual_seed(self.seed + self.layer + 1)
 
     # --------------------------------------------------------------- forward
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -162,8 +170,12 @@ class SoMELayer(nn.Module):
             indices = indices.masked_fill(~real, -1)
             gates = gates * real.to(gates.dtype)
 
-        xe = x.reshape(B * S, d).to(self.w1.dtype)
-        y = ops.experts(xe, indices, gates.to(self.w1.dtype), self.w1, self.b1, self.w2, self.b2)
+        edt = self.expert_spec.dtype
+        xe = x.reshape(B * S, d).to(edt)
+        if self.materialized:
+            y = ops.experts(xe, indices, gates.to(edt), self.w1, self.b1, self.w2, self.b2)
+        else:
+            y = ops.procedural_experts(xe, indices, gates.to(edt), self.expert_spec)
 
         if self.training:
             stats = ops.keystore_stats(q_tok.detach(), indices, gates.detach(), cfg.num_experts)
@@ -276,6 +288,108 @@ class SoMELayer(nn.Module):
         self._pending_unmatched = None
         return applied
 
+    # ------------------------------------------------------------- experts
+    @property
+    def materialized(self) -> bool:
+        return self.config.expert_storage == "materialized"
+
+    @property
+    def num_expert_parameters(self) -> int:
+        """The frozen experts' weights, stored or not (SPEC §2 counts them)."""
+        return self.expert_spec.parameters
+
+    def __getattr__(self, name: str):
+        if name in ("w1", "b1", "w2", "b2") and self.__dict__.get("config") is not None \
+                and self.config.expert_storage == "procedural":
+            raise AttributeError(f"SoMELayer.{name}: procedural expert storage holds no expert tensors; "
+                                 f"call layer.materialize_experts() to get them")
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def materialize_experts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The experts as tensors ``(w1, b1, w2, b2)``: the stored ones, or for
+        procedural storage freshly generated (N·h·d values: what that storage saves)."""
+        if self.materialized:
+            return self.w1, self.b1, self.w2, self.b2
+        spec, dev = self.expert_spec, self.keys.device
+        N, d, h, edt = spec.num_experts, spec.d_model, spec.d_ffn, spec.dtype
+        w = (torch.empty(N, h, d, device=dev, dtype=edt), torch.empty(N, h, device=dev, dtype=edt),
+             torch.empty(N, d, h, device=dev, dtype=edt), torch.empty(N, d, device=dev, dtype=edt))
+        fill_expert_weights(*w, self.seed, self.layer)
+        return w
+
+    @torch.no_grad()
+    def set_experts(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
+        """Replace the stored experts (e.g. by experts cut from a dense FFN); from
+        then on they are saved with the layer, since no generator makes them."""
+        if not self.materialized:
+            raise ValueError("SoMELayer.set_experts: procedural expert storage holds no expert tensors; "
+                             "use expert_storage = 'materialized' for experts that do not come from the generator")
+        for name, src in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            dst = getattr(self, name)
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"layer.{name} has shape {tuple(dst.shape)} but the new experts' {name} is "
+                                 f"{tuple(src.shape)}")
+            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        self.from_generator = False
+        self._digest = None
+
+    def experts_digest(self) -> str:
+        """SHA-256 of the generated experts' bytes (materialized storage; computed once: they are frozen)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for t in (self.w1, self.b1, self.w2, self.b2):
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def get_extra_state(self) -> dict:
+        # What makes the experts: checkpoints and exported models store this,
+        # never experts the generator can make again.
+        spec = self.expert_spec
+        state = {"generator": GENERATOR, "storage": self.config.expert_storage, "seed": spec.seed,
+                 "layer": spec.layer, "from_generator": self.from_generator}
+        if self.materialized and self.from_generator and self.keys.device.type != "meta":
+            state["digest"] = self.experts_digest()
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "generator" not in state:
+            raise ValueError(f"SoMELayer: the saved expert record {state!r} is not one this version writes")
+        if not state.get("from_generator", True):
+            return  # the saved tensors are the experts (loaded with the parameters)
+        spec = self.expert_spec
+        if state["generator"] != GENERATOR:
+            raise ValueError(f"SoMELayer: the experts were made by generator {state['generator']!r}; this version "
+                             f"of some has {GENERATOR!r} and cannot regenerate them")
+        if (state.get("seed"), state.get("layer")) != (spec.seed, spec.layer):
+            raise ValueError(f"SoMELayer: the experts were generated with seed {state.get('seed')}, layer "
+                             f"{state.get('layer')}; this layer has seed {spec.seed}, layer {spec.layer}")
+        if self.materialized and "digest" in state and self.from_generator and state["digest"] != self.experts_digest():
+            raise ValueError("SoMELayer: the regenerated experts differ from the saved run's (digest mismatch); "
+                             "the generator or its inputs changed")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.from_generator:  # regenerable: the seed and generator in the extra state suffice
+            for name in ("w1", "b1", "w2", "b2"):
+                destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expert_keys = [prefix + n for n in ("w1", "b1", "w2", "b2")]
+        carried = [k for k in expert_keys if k in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if carried and self.materialized:
+            # the file carries the experts (constructed ones, or an older version's): they are the experts now
+            self.from_generator = False
+            self._digest = None
+        elif self.from_generator:  # regenerated, not stored
+            missing_keys[:] = [k for k in missing_keys if k not in expert_keys]
+        if prefix + "_extra_state" not in state_dict:  # files of versions before the generator record
+            missing_keys[:] = [k for k in missing_keys if k != prefix + "_extra_state"]
+
     def router_rng_state(self) -> Tensor:
         """State of the generator that re-draws a ``random`` router (for exact resume)."""
         return self._router_gen.get_state()
@@ -299,4 +413,4 @@ class SoMELayer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"d={c.d_model}, N={c.num_experts}, h={c.d_ffn}, k={c.top_k}, tau={c.temperature}, "
-                f"gating={c.gating}, router={c.router}, level={c.routing_level}")
+                f"gating={c.gating}, router={c.router}, level={c.routing_level}, experts={c.expert_storage}")

@@ -151,22 +151,24 @@ class CausalLM(nn.Module):
         return [layer.update_keys() for layer in self.some_layers()]
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, trainable) parameters; total includes the frozen experts."""
+        """(total, trainable) parameters; total includes the frozen experts,
+        stored or procedural (SPEC §2 counts them either way)."""
         total = sum(p.numel() for p in self.parameters())
+        total += sum(layer.num_expert_parameters for layer in self.some_layers() if not layer.materialized)
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return total, trainable
 
 
 class SoMEForCausalLM(CausalLM):
     """The SoME language model of SPEC §2: every feed-forward part is a
-    :class:`SoMELayer`; layer ``i`` draws its experts and keys from seed
-    ``config.seed + i``."""
+    :class:`SoMELayer`; layer ``i``'s experts are the generator's for
+    ``(config.seed, i)`` (SPEC §9), its keys drawn from seed ``config.seed + i``."""
 
     def __init__(self, config: ModelConfig, *, device=None, dtype=None):
         config.validate()
         layer = config.layer_config()
         expert_dtype = getattr(torch, config.expert_dtype)
-        super().__init__(config, lambda i: SoMELayer(layer, seed=config.seed + i, device=device, dtype=dtype,
+        super().__init__(config, lambda i: SoMELayer(layer, seed=config.seed, layer=i, device=device, dtype=dtype,
                                                      expert_dtype=expert_dtype), device=device, dtype=dtype)
 
 

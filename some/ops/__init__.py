@@ -7,16 +7,17 @@ and ``torch``, the same ops in plain PyTorch (:mod:`some.ops.torch_backend`).
 tensors' device; ``use_backend`` or ``$SOME_OPS_BACKEND`` forces one. The
 layers of :mod:`some.nn` call these functions, never the dispatcher ops.
 """
-from .api import experts, keystore_stats, keystore_update, route
+from .api import experts, keystore_stats, keystore_update, procedural_experts, route
 from .backend import BACKENDS, ENV_VAR, backend_for, forced_backend, use_backend
 from .native import build_info
-from .types import GATINGS, SCORE_MODES, KeystoreStats, RouteResult
+from .types import GATINGS, SCORE_MODES, ExpertSpec, KeystoreStats, RouteResult
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "GATINGS",
     "SCORE_MODES",
+    "ExpertSpec",
     "KeystoreStats",
     "RouteResult",
     "backend_for",
@@ -25,6 +26,7 @@ __all__ = [
     "forced_backend",
     "keystore_stats",
     "keystore_update",
+    "procedural_experts",
     "route",
     "use_backend",
 ]

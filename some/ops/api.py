@@ -13,9 +13,9 @@ from torch import Tensor
 
 from . import torch_backend
 from .backend import backend_for
-from .types import GATINGS, SCORE_MODES, KeystoreStats, RouteResult
+from .types import GATINGS, SCORE_MODES, ExpertSpec, KeystoreStats, RouteResult
 
-__all__ = ["experts", "keystore_stats", "keystore_update", "route"]
+__all__ = ["experts", "keystore_stats", "keystore_update", "procedural_experts", "route"]
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +126,28 @@ def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w
     if backend_for(x.device) == "torch":
         return torch_backend.experts(x, indices, gates, w1, b1, w2, b2)
     return torch.ops.some.experts(x, indices, gates, w1, b1, w2, b2)[0]
+
+
+def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, spec: ExpertSpec) -> Tensor:
+    """:func:`experts` with procedural experts (SPEC §9): their weights are a
+    function of ``spec`` (seed, layer, N, d, h, dtype), regenerated inside the
+    kernels where they are used and never stored. The result is bit-identical
+    to :func:`experts` with the stored experts that
+    :func:`some.ops.philox.fill_expert_weights` makes from the same ``spec``.
+    ``x`` and ``gates`` must have the experts' dtype ``spec.dtype``."""
+    for name, t in (("x", x), ("indices", indices), ("gates", gates)):
+        _check_tensor(name, t)
+    if not isinstance(spec, ExpertSpec):
+        raise TypeError(f"some.procedural_experts: spec must be an ExpertSpec, got {type(spec).__name__}")
+    _check_devices("procedural_experts", x=x, indices=indices, gates=gates)
+    if x.dim() == 2 and x.shape[1] != spec.d_model:
+        raise ValueError(f"some.procedural_experts: x has width {x.shape[1]} but the experts take d = {spec.d_model}")
+    if x.dtype != spec.dtype:
+        raise TypeError(f"some.procedural_experts: x has dtype {x.dtype} but the experts are {spec.dtype}")
+    args = (int(spec.seed), int(spec.layer), int(spec.num_experts), int(spec.d_ffn))
+    if backend_for(x.device) == "torch":
+        return torch_backend.procedural_experts(x, indices, gates, *args)
+    return torch.ops.some.procedural_experts(x, indices, gates, *args)[0]
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .types import FLOAT_DTYPES, GATINGS, SCORE_MODES
 
-__all__ = ["check_experts", "check_keystore_stats", "check_keystore_update", "check_route", "stats_dtype"]
+__all__ = ["check_experts", "check_keystore_stats", "check_keystore_update", "check_procedural_experts", "check_route",
+           "stats_dtype"]
 
 _FLOAT_NAMES = "float32, float64 or bfloat16"
 # The smallest positive normal float32: below it s/τ overflows in the kernels' precision.
@@ -150,6 +151,29 @@ def check_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor
         _same_device(op, name, t, "x", x)
     _same_device(op, "indices", indices, "x", x)
     check_indices(op, indices, N)
+
+
+def check_procedural_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, seed: int, layer: int,
+                             num_experts: int, d_ffn: int) -> None:
+    _dim(op, "x", x, 2)
+    _floating(op, "x", x)
+    _dim(op, "indices", indices, 2)
+    _dtype(op, "indices", indices, torch.long)
+    _size(op, "indices", indices, 0, x.shape[0], "the number of tokens T (rows of x)")
+    if gates.shape != indices.shape:
+        raise ValueError(f"{op}: 'gates' has shape {_shape(gates)} but 'indices' has shape {_shape(indices)}; "
+                         f"both must be [T, k]")
+    _same_dtype(op, "gates", gates, "x", x)
+    _same_device(op, "gates", gates, "x", x)
+    _same_device(op, "indices", indices, "x", x)
+    for name, v in (("seed", seed), ("layer", layer)):
+        if not 0 <= v <= 0xFFFFFFFF:
+            raise ValueError(f"{op}: {name} must be in 0..2^32-1, got {v}")
+    if not 1 <= num_experts < 2**31:
+        raise ValueError(f"{op}: num_experts must be in 1..2^31-1, got {num_experts}")
+    if not 1 <= d_ffn < 2**31:
+        raise ValueError(f"{op}: d_ffn must be in 1..2^31-1, got {d_ffn}")
+    check_indices(op, indices, num_experts)
 
 
 def check_keystore_stats(op: str, query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> None:

@@ -138,6 +138,48 @@ def _experts_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
     return (grad_x if need_x else None, None, grad_gates if need_gates else None, None, None, None, None)
 
 
+def _procedural_experts_fake(x, indices, gates, seed, layer, num_experts, d_ffn):
+    torch._check(x.dim() == 2 and indices.dim() == 2,
+                 lambda: "some.procedural_experts: expected x (T, d), indices (T, k)")
+    torch._check(indices.shape[0] == x.shape[0], lambda: "some.procedural_experts: indices and x have different T")
+    torch._check(gates.shape == indices.shape, lambda: "some.procedural_experts: gates and indices shapes differ")
+    torch._check(indices.dtype == torch.long, lambda: "some.procedural_experts: indices must be int64")
+    T, d = x.shape
+    k = indices.shape[1]
+    return (x.new_empty((T, d)), x.new_empty((T * k, d_ffn)), indices.new_empty((T * k,)),
+            indices.new_empty((num_experts + 1,)))
+
+
+def _procedural_experts_backward_fake(grad_y, indices, gates, seed, layer, num_experts, d_ffn, hidden, order, offsets,
+                                      need_grad_x, need_grad_gates):
+    gx = grad_y.new_empty(grad_y.shape) if need_grad_x else grad_y.new_empty((0,))
+    gg = gates.new_empty(gates.shape) if need_grad_gates else gates.new_empty((0,))
+    return gx, gg
+
+
+def _procedural_setup_context(ctx, inputs, output):
+    x, indices, gates, seed, layer, num_experts, d_ffn = inputs
+    y, hidden, order, offsets = output
+    ctx.mark_non_differentiable(hidden, order, offsets)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(indices, gates, hidden, order, offsets)
+    ctx.generator = (seed, layer, num_experts, d_ffn)
+
+
+def _procedural_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
+    indices, gates, hidden, order, offsets = ctx.saved_tensors
+    need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if grad_y is None or not (need_x or need_gates):
+        return (None,) * 7
+    grad_x, grad_gates = torch.ops.some.procedural_experts_backward(
+        grad_y.contiguous(), indices, gates, *ctx.generator, hidden, order, offsets, need_x, need_gates)
+    return (grad_x if need_x else None, None, grad_gates if need_gates else None, None, None, None, None)
+
+
+def _fill_expert_weights_fake(w1, b1, w2, b2, seed, layer, first_expert):
+    return None
+
+
 def _keystore_stats_fake(query, indices, gates, num_experts):
     torch._check(num_experts >= 1, lambda: "some.keystore_stats: num_experts must be >= 1")
     N, d = num_experts, query.shape[1]
@@ -188,16 +230,32 @@ def _experts_backward_flop(grad_y, indices, gates, w1, w2, b2, hidden, order, of
     return 2 * gemms * valid_pairs(indices) * w1.shape[1] * w1.shape[2]
 
 
+def _procedural_experts_flop(x, indices, gates, seed, layer, num_experts, d_ffn, out_val=None, **kwargs) -> int:
+    return 4 * valid_pairs(indices) * d_ffn * x.shape[1]  # as the stored experts (generation is not a GEMM)
+
+
+def _procedural_experts_backward_flop(grad_y, indices, gates, seed, layer, num_experts, d_ffn, hidden, order,
+                                      offsets, need_grad_x, need_grad_gates, out_val=None, **kwargs) -> int:
+    gemms = (1 if (need_grad_x or need_grad_gates) else 0) + (1 if need_grad_x else 0)
+    return 2 * gemms * valid_pairs(indices) * d_ffn * grad_y.shape[1]
+
+
 def _register() -> None:
     fakes = {"route": _route_fake, "route_backward": _route_backward_fake, "experts": _experts_fake,
-             "experts_backward": _experts_backward_fake, "keystore_stats": _keystore_stats_fake,
+             "experts_backward": _experts_backward_fake, "procedural_experts": _procedural_experts_fake,
+             "procedural_experts_backward": _procedural_experts_backward_fake,
+             "fill_expert_weights": _fill_expert_weights_fake, "keystore_stats": _keystore_stats_fake,
              "keystore_update": _keystore_update_fake}
     for name, fn in fakes.items():
         torch.library.register_fake(f"some::{name}", fn)
     torch.library.register_autograd("some::route", _route_backward, setup_context=_route_setup_context)
     torch.library.register_autograd("some::experts", _experts_backward, setup_context=_experts_setup_context)
+    torch.library.register_autograd("some::procedural_experts", _procedural_backward,
+                                    setup_context=_procedural_setup_context)
     flops = {torch.ops.some.route: _route_flop, torch.ops.some.route_backward: _route_backward_flop,
-             torch.ops.some.experts: _experts_flop, torch.ops.some.experts_backward: _experts_backward_flop}
+             torch.ops.some.experts: _experts_flop, torch.ops.some.experts_backward: _experts_backward_flop,
+             torch.ops.some.procedural_experts: _procedural_experts_flop,
+             torch.ops.some.procedural_experts_backward: _procedural_experts_backward_flop}
     for op, fn in flops.items():
         register_flop_formula(op, get_raw=True)(fn)
 

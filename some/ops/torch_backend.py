@@ -26,10 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .checks import check_experts, check_keystore_stats, check_keystore_update, check_route, stats_dtype
+from . import philox
+from .checks import (
+    check_experts,
+    check_keystore_stats,
+    check_keystore_update,
+    check_procedural_experts,
+    check_route,
+    stats_dtype,
+)
 from .types import KeystoreStats, RouteResult
 
-__all__ = ["experts", "grouped_matmul", "keystore_stats", "keystore_update", "route"]
+__all__ = ["experts", "grouped_matmul", "keystore_stats", "keystore_update", "procedural_experts", "route"]
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize and the native kernels
 REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (SPEC §4)
@@ -147,25 +155,86 @@ def grouped_matmul(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
+class _StoredWeights:
+    """The experts' four GEMMs over the grouped rows, from the stored (N, h, d) / (N, d, h) tensors."""
+
+    def __init__(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor):
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+
+    def up(self, rows: Tensor, offsets: Tensor) -> Tensor:  # rows @ W1_eᵀ
+        return grouped_matmul(rows, self.w1.transpose(1, 2), offsets)
+
+    def down(self, rows: Tensor, offsets: Tensor) -> Tensor:  # rows @ W2_eᵀ
+        return grouped_matmul(rows, self.w2.transpose(1, 2), offsets)
+
+    def down_grad(self, rows: Tensor, offsets: Tensor) -> Tensor:  # rows @ W2_e
+        return grouped_matmul(rows, self.w2, offsets)
+
+    def up_grad(self, rows: Tensor, offsets: Tensor) -> Tensor:  # rows @ W1_e
+        return grouped_matmul(rows, self.w1, offsets)
+
+
+class _GeneratedWeights:
+    """The same GEMMs with procedural experts: each expert's matrix is generated
+    (some.ops.philox) just before its rows are multiplied, one expert at a time."""
+
+    def __init__(self, seed: int, layer: int, num_experts: int, d: int, h: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.seed, self.layer, self.d, self.h, self.dtype, self.device = seed, layer, d, h, dtype, device
+        # the biases of every expert: (N, h) and (N, d), small
+        self.b1 = torch.stack([self._gen(e, philox.B1) for e in range(num_experts)])
+        self.b2 = torch.stack([self._gen(e, philox.B2) for e in range(num_experts)])
+
+    def _gen(self, expert: int, tensor: int) -> Tensor:
+        d, h = self.d, self.h
+        shape, fan_in = {philox.W1: ((h, d), d), philox.B1: ((h,), d), philox.W2: ((d, h), h),
+                         philox.B2: ((d,), h)}[tensor]
+        return philox.expert_tensor(self.seed, self.layer, expert, tensor, shape, fan_in, self.dtype, self.device)
+
+    def _each(self, rows: Tensor, offsets: Tensor, tensor: int, transpose: bool) -> Tensor:
+        cols = (self.h if tensor == philox.W1 else self.d) if transpose else (self.d if tensor == philox.W1 else self.h)
+        out = rows.new_empty((rows.shape[0], cols))
+        start = 0
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                w = self._gen(e, tensor)
+                torch.mm(rows[start:end], w.T if transpose else w, out=out[start:end])
+            start = end
+        return out
+
+    def up(self, rows, offsets):
+        return self._each(rows, offsets, philox.W1, transpose=True)
+
+    def down(self, rows, offsets):
+        return self._each(rows, offsets, philox.W2, transpose=True)
+
+    def down_grad(self, rows, offsets):
+        return self._each(rows, offsets, philox.W2, transpose=False)
+
+    def up_grad(self, rows, offsets):
+        return self._each(rows, offsets, philox.W1, transpose=False)
+
+
 class _Experts(torch.autograd.Function):
     """y = Σ_pairs g · E_e(x_t) over the grouped pairs; gradients for x and the gates only."""
 
     @staticmethod
-    def forward(ctx, x, gates, tokens, pairs, experts_sorted, offsets, w1, b1, w2, b2):
+    def forward(ctx, x, gates, tokens, pairs, experts_sorted, offsets, weights):
         T, d = x.shape
         opmath = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        pre = grouped_matmul(x[tokens], w1.transpose(1, 2), offsets).add_(b1[experts_sorted])  # (P, h)
-        out = grouped_matmul(F.gelu(pre), w2.transpose(1, 2), offsets).add_(b2[experts_sorted])  # (P, d) = E_e(x_t)
+        pre = weights.up(x[tokens], offsets).add_(weights.b1[experts_sorted])  # (P, h)
+        out = weights.down(F.gelu(pre), offsets).add_(weights.b2[experts_sorted])  # (P, d) = E_e(x_t)
         g = gates.reshape(-1)[pairs].to(opmath)  # (P,)
         y = torch.zeros(T, d, dtype=opmath, device=x.device).index_add_(0, tokens, out.to(opmath) * g[:, None])
-        ctx.save_for_backward(tokens, pairs, offsets, pre, out, g, w1, w2)
+        ctx.save_for_backward(tokens, pairs, offsets, pre, out, g)
+        ctx.weights = weights  # frozen: never differentiated
         ctx.shapes = (gates.shape, x.dtype, gates.dtype)
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        tokens, pairs, offsets, pre, out, g, w1, w2 = ctx.saved_tensors
+        tokens, pairs, offsets, pre, out, g = ctx.saved_tensors
         gates_shape, x_dtype, gates_dtype = ctx.shapes
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gy = grad_y[tokens]  # (P, d)
@@ -175,27 +244,41 @@ class _Experts(torch.autograd.Function):
             grad_gates = torch.zeros(gates_shape.numel(), dtype=g.dtype, device=g.device)
             grad_gates = grad_gates.index_put_((pairs,), pair_grad).reshape(gates_shape).to(gates_dtype)
         if need_x:
-            grad_act = grouped_matmul((gy.to(g.dtype) * g[:, None]).to(x_dtype), w2, offsets)  # (P, h)
+            grad_act = ctx.weights.down_grad((gy.to(g.dtype) * g[:, None]).to(x_dtype), offsets)  # (P, h)
             grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)  # exact GELU': Φ(x) + x φ(x), one kernel
-            grad_rows = grouped_matmul(grad_pre, w1, offsets)  # (P, d)
+            grad_rows = ctx.weights.up_grad(grad_pre, offsets)  # (P, d)
             grad_x = torch.zeros(grad_y.shape, dtype=g.dtype, device=grad_y.device)
             grad_x = grad_x.index_add_(0, tokens, grad_rows.to(g.dtype)).to(x_dtype)
-        return grad_x, grad_gates, None, None, None, None, None, None, None, None
+        return grad_x, grad_gates, None, None, None, None, None
+
+
+def _grouping(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The valid (token, slot) pairs grouped by expert (stable): pairs, their
+    experts, cumulative group ends (int32) and tokens."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    pairs_all = torch.nonzero(flat >= 0).reshape(-1)  # (P,) valid pairs, in order
+    by_expert = torch.sort(flat[pairs_all], stable=True)
+    pairs = pairs_all[by_expert.indices]  # grouped by expert, in token order within each expert
+    offsets = torch.cumsum(torch.bincount(by_expert.values, minlength=num_experts), dim=0).to(torch.int32)
+    return pairs, by_expert.values, offsets, pairs // k
 
 
 def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     op = "some.experts"
     check_experts(op, x, indices, gates, w1, b1, w2, b2)
-    T, k = indices.shape
-    N = w1.shape[0]
-    flat = indices.reshape(-1)
-    pairs_all = torch.nonzero(flat >= 0).reshape(-1)  # (P,) valid (token, slot) pairs, in order
-    by_expert = torch.sort(flat[pairs_all], stable=True)
-    pairs = pairs_all[by_expert.indices]  # grouped by expert, in token order within each expert
-    offsets = torch.cumsum(torch.bincount(by_expert.values, minlength=N), dim=0).to(torch.int32)
-    tokens = pairs // k
-    return _Experts.apply(x, gates, tokens, pairs, by_expert.values, offsets,
-                          w1.detach(), b1.detach(), w2.detach(), b2.detach())
+    pairs, experts_sorted, offsets, tokens = _grouping(indices, w1.shape[0])
+    weights = _StoredWeights(w1.detach(), b1.detach(), w2.detach(), b2.detach())
+    return _Experts.apply(x, gates, tokens, pairs, experts_sorted, offsets, weights)
+
+
+def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, seed: int, layer: int, num_experts: int,
+                       d_ffn: int) -> Tensor:
+    op = "some.procedural_experts"
+    check_procedural_experts(op, x, indices, gates, seed, layer, num_experts, d_ffn)
+    pairs, experts_sorted, offsets, tokens = _grouping(indices, num_experts)
+    weights = _GeneratedWeights(seed, layer, num_experts, x.shape[1], d_ffn, x.dtype, x.device)
+    return _Experts.apply(x, gates, tokens, pairs, experts_sorted, offsets, weights)
 
 
 # --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["FLOAT_DTYPES", "GATINGS", "SCORE_MODES", "KeystoreStats", "RouteResult"]
+__all__ = ["FLOAT_DTYPES", "GATINGS", "SCORE_MODES", "ExpertSpec", "KeystoreStats", "RouteResult"]
 
 GATINGS = ("softmax", "sigmoid", "relu", "avg_k", "top_p", "top_any")
 SCORE_MODES = ("cosine", "dot")
@@ -27,3 +27,25 @@ class KeystoreStats(NamedTuple):
 
     def __add__(self, other: KeystoreStats) -> KeystoreStats:  # type: ignore[override]
         return KeystoreStats(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+class ExpertSpec(NamedTuple):
+    """Procedural experts (SPEC §9): everything their weights are a function of.
+
+    Expert ``e``'s ``W1 (h, d)``, ``b1 (h,)``, ``W2 (d, h)``, ``b2 (d,)`` are
+    drawn by the generator of :mod:`some.ops.philox` from ``(seed, layer, e)``
+    in float32 and rounded to ``dtype``; they are never stored.
+    """
+
+    seed: int
+    layer: int
+    num_experts: int  # N
+    d_model: int  # d
+    d_ffn: int  # h
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def parameters(self) -> int:
+        """Weights the stored experts would hold (counted as the model's frozen parameters)."""
+        d, h = self.d_model, self.d_ffn
+        return self.num_experts * (2 * h * d + h + d)

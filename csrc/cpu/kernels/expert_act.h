@@ -1,4 +1,5 @@
-// Elementwise passes of the frozen-expert MLP, on raw float pointers.
+// Elementwise passes of the frozen-expert MLP, and the generator of procedural
+// experts' weights, on raw float pointers.
 //
 // This header is compiled once per CPU capability (expert_act_default.cpp,
 // expert_act_avx2.cpp): ATen's Vectorized<float> picks its SIMD width from the
@@ -20,6 +21,10 @@ struct ExpertActKernels {
   // dot[r] = Σ_c D_in[r, c] * GELU(pre[r, c]) (for the gate's gradient).
   void (*gelu_grad)(const float* pre, float* D, const float* gate, float* dot, int64_t rows,
                     int64_t h, bool need_dot);
+  // dst[i - begin] = element i of tensor `tensor` of expert `expert` (csrc/philox.h),
+  // for i in [begin, end): the procedural experts' weights, bit-identical in every build.
+  void (*philox_uniform)(float* dst, int64_t begin, int64_t end, uint32_t seed, uint32_t layer,
+                         uint32_t expert, uint32_t tensor, float bound);
 };
 
 const ExpertActKernels& kernels_default();
