@@ -68,6 +68,15 @@ inline void check_contiguous(const char* op, const char* name, const at::Tensor&
                     "' must be contiguous (call .contiguous() first)");
 }
 
+// Every expert index in -1..N-1 (CPU tensors: reads the values).
+inline void check_index_range(const char* op, const at::Tensor& indices, int64_t N) {
+  const auto idx = indices.contiguous();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  for (int64_t p = 0; p < idx.numel(); ++p)
+    TORCH_CHECK_INDEX(I[p] >= -1 && I[p] < N, op, ": indices must be in -1..N-1 = -1..", N - 1, ", found ", I[p],
+                      " at flat position ", p);
+}
+
 // The accumulation type of the key-store statistics for a query dtype:
 // float64 stays float64, float32 and bfloat16 accumulate in float32.
 inline at::ScalarType stats_dtype(at::ScalarType query_dtype) {

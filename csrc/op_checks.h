@@ -27,8 +27,10 @@ inline void check_route_inputs(const char* op, const at::Tensor& query, const at
                     shape_str(keys));
   check_size(op, "keys", keys, 1, query.size(1), "the query width d");
   TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be in 1..N = 1..", N, ", got k = ", k);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": temperature must be a positive finite number, got ", temperature);
+  // below the smallest normal float32, s / τ overflows in the kernels' precision
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 1.1754943508222875e-38, op,
+                    ": temperature must be a finite number >= 1.17549e-38 (the smallest normal float32), got ",
+                    temperature);
   if (gating == Gating::TopP) {
     TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
   }
@@ -52,10 +54,39 @@ inline void check_route_inputs(const char* op, const at::Tensor& query, const at
   }
 }
 
+// route_backward: the forward's arguments and outputs, as route returned them.
+inline void check_route_backward_inputs(const char* op, const at::Tensor& grad_gates, const at::Tensor& grad_scores,
+                                        const at::Tensor& query, const at::Tensor& keys, const at::Tensor& indices,
+                                        const at::Tensor& gates, const at::Tensor& scores, double temperature,
+                                        Gating gating, const c10::optional<at::Tensor>& thresholds,
+                                        const c10::optional<at::Tensor>& active) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_gates", &grad_gates},
+                         {"grad_scores", &grad_scores}, {"query", &query}, {"keys", &keys}, {"indices", &indices},
+                         {"gates", &gates}, {"scores", &scores}})
+    check_defined(op, name, *t);
+  check_dim(op, "indices", indices, 2);
+  check_dtype(op, "indices", indices, at::kLong);
+  const int64_t k = indices.size(1);
+  check_route_inputs(op, query, keys, k, temperature, gating, 0.5, thresholds, active);
+  const int64_t T = query.size(0);
+  check_size(op, "indices", indices, 0, T, "the number of tokens T (rows of query)");
+  check_same_device(op, "indices", indices, "query", query);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_gates", &grad_gates},
+                         {"grad_scores", &grad_scores}, {"gates", &gates}, {"scores", &scores}}) {
+    check_dim(op, name, *t, 2);
+    TORCH_CHECK_VALUE(t->size(0) == T && t->size(1) == k, op, ": '", name, "' must have shape [T, k] = [", T,
+                      ", ", k, "], got ", shape_str(*t));
+    check_floating(op, name, *t);
+    check_same_device(op, name, *t, "query", query);
+  }
+}
+
 inline void check_expert_inputs(const char* op, const at::Tensor& x, const at::Tensor& indices,
                          const at::Tensor& gates, const at::Tensor& w1, const at::Tensor& b1,
                          const at::Tensor& w2, const at::Tensor& b2) {
-  check_defined(op, "x", x);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"indices", &indices},
+                         {"gates", &gates}, {"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}})
+    check_defined(op, name, *t);
   check_dim(op, "x", x, 2);
   check_floating(op, "x", x);
   check_dim(op, "indices", indices, 2);
@@ -223,6 +254,8 @@ inline void check_keystore_stats_inputs(const char* op, const at::Tensor& query,
                                         const at::Tensor& indices, const at::Tensor& gates,
                                         int64_t num_experts) {
   check_defined(op, "query", query);
+  check_defined(op, "indices", indices);
+  check_defined(op, "gates", gates);
   check_dim(op, "query", query, 2);
   check_floating(op, "query", query);
   check_dim(op, "indices", indices, 2);
@@ -243,7 +276,10 @@ inline void check_keystore_update_inputs(const char* op, const at::Tensor& keys,
                                          const at::Tensor& counts, const at::Tensor& coselect,
                                          double alpha, double beta, double delta,
                                          double theta_percentile, double ema_decay) {
-  check_defined(op, "keys", keys);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"keys", &keys}, {"velocity", &velocity},
+                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass}, {"counts", &counts},
+                         {"coselect", &coselect}})
+    check_defined(op, name, *t);
   check_dim(op, "keys", keys, 2);
   const int64_t N = keys.size(0);
   TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble, op,
@@ -279,6 +315,8 @@ inline void check_keystore_update_inputs(const char* op, const at::Tensor& keys,
   for (auto [name, v] : {std::pair<const char*, double>{"alpha", alpha}, {"beta", beta},
                          {"delta", delta}})
     TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
+  TORCH_CHECK_VALUE(!velocity.is_alias_of(keys) && !usage.is_alias_of(keys) && !usage.is_alias_of(velocity), op,
+                    ": 'keys', 'velocity' and 'usage' are updated in place and must not share memory");
   TORCH_CHECK_VALUE(theta_percentile >= 0 && theta_percentile <= 1, op,
                     ": theta_percentile must be in [0, 1], got ", theta_percentile);
   TORCH_CHECK_VALUE(ema_decay >= 0 && ema_decay <= 1, op, ": ema_decay must be in [0, 1], got ",

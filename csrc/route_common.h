@@ -12,11 +12,18 @@ namespace some {
 
 constexpr double kUnitNormEps = 1e-12;  // as torch.nn.functional.normalize
 
+// L2 norm of every row without overflow or underflow: max|x| * ||x / max|x|||
+// (a float32 row with entries near 1e20 has a finite norm; its square does not).
+inline at::Tensor row_norm(const at::Tensor& x) {
+  const auto m = x.abs().amax(/*dim=*/1, /*keepdim=*/true);
+  return (x / at::where(m > 0, m, at::ones_like(m))).norm(2, /*dim=*/1, /*keepdim=*/true) * m;
+}
+
 // Rows in the accumulation dtype, scaled to unit L2 norm (cosine scores) or
 // as they are (dot scores); contiguous.
 inline at::Tensor scoring_rows(const at::Tensor& t, at::ScalarType acc, bool cosine) {
   auto x = t.to(acc).contiguous();
-  return cosine ? x / x.norm(2, /*dim=*/1, /*keepdim=*/true).clamp_min(kUnitNormEps) : x;
+  return cosine ? x / row_norm(x).clamp_min(kUnitNormEps) : x;
 }
 
 // What the forward of some::route prepares before its selection kernel, on
@@ -59,6 +66,7 @@ inline void add_top_p_coupling(at::Tensor& grad_qhat, const at::Tensor& q, const
   auto S = at::mm(q, kk.t()) / temperature;
   if (active.has_value() && active->defined())
     S = S.masked_fill(active->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
+  S = S.masked_fill(at::isnan(S), -std::numeric_limits<double>::infinity());  // never selected, not in P
   grad_qhat.add_(at::mm(at::softmax(S, 1) * coef_all.unsqueeze(1), kk));
 }
 
@@ -67,7 +75,7 @@ inline void add_top_p_coupling(at::Tensor& grad_qhat, const at::Tensor& q, const
 inline at::Tensor query_grad(const at::Tensor& query, const at::Tensor& q, const at::Tensor& grad_qhat,
                              at::ScalarType acc, bool cosine) {
   if (!cosine) return grad_qhat;
-  auto norm = query.to(acc).norm(2, 1, true);
+  auto norm = row_norm(query.to(acc));
   auto radial = (q * grad_qhat).sum(1, true);
   return at::where(norm > kUnitNormEps, (grad_qhat - q * radial) / norm.clamp_min(kUnitNormEps),
                    grad_qhat / kUnitNormEps);

@@ -26,11 +26,13 @@ namespace {
 template <typename acc_t>
 SOME_HOST_DEVICE void route_backward_token(const acc_t* gg, const acc_t* gs, const int64_t* idx,
                                            const acc_t* g, const acc_t* sc, const acc_t* thr,
-                                           int64_t k, Gating gating, acc_t tau, acc_t* grad_s,
+                                           int64_t k, int64_t N, Gating gating, acc_t tau, acc_t* grad_s,
                                            acc_t* coef, acc_t* grad_m) {
   using std::exp;
+  // The selected slots come first; an index outside 0..N-1 ends them (the
+  // host checks the range where it can: this keeps every read in bounds).
   int64_t count = 0;
-  while (count < k && idx[count] >= 0) ++count;
+  while (count < k && idx[count] >= 0 && idx[count] < N) ++count;
   acc_t dot = 0;  // Σ_j gg_j g_j over the selected slots
   for (int64_t j = 0; j < count; ++j) dot += gg[j] * g[j];
   for (int64_t j = 0; j < k; ++j) {

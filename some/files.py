@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["PathLike", "atomic_write", "write_json"]
+from .errors import ConfigError
+
+__all__ = ["MAX_TEXT_BYTES", "PathLike", "atomic_write", "load_yaml_text", "read_text_file", "write_json"]
 
 PathLike = str | os.PathLike
 Writer = Callable[[IO[bytes]], None]
@@ -58,3 +60,57 @@ def atomic_write(path: PathLike, data: bytes | str | Writer, *, durable: bool = 
 def write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """``obj`` as JSON (with a final newline), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent) + "\n")
+
+
+# ------------------------------------------------------------------- reading
+
+MAX_TEXT_BYTES = 16 * 2**20  # a configuration or study file is small; /dev/zero is not
+
+
+def read_text_file(path: PathLike, what: str = "file", *, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file, or one :class:`~some.errors.ConfigError`
+    naming the file and the problem (missing, a directory or device, too large,
+    unreadable, not UTF-8)."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise ConfigError(f"{what} not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"{what} {path} is not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit // 2**20} MiB; it is not a configuration")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def load_yaml_text(text: str, source: str):
+    """Parse YAML (safe subset) where a repeated key or an absurdly deep nesting is
+    an error rather than silently the last value or a crash; :class:`ConfigError`
+    names ``source``."""
+    import yaml
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def _mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply") from None

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from inputs import make_experts, make_route_inputs, random_routing
+from inputs import make_experts, make_route_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from some import ops

@@ -73,7 +73,7 @@ def test_update_keys_uses_all_micro_batches():
     torch.testing.assert_close(layer.keys, want[0])
     torch.testing.assert_close(layer.key_velocity, want[1])
     torch.testing.assert_close(layer.key_usage, want[2])
-    assert layer.update_keys() is False  # nothing pending any more
+    assert layer.update_keys() is None  # nothing pending any more
     assert layer.pending_stats() is None
 
 

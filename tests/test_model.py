@@ -137,7 +137,7 @@ def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
     for old, some_layer in zip(keys, model.some_layers()):
         assert not torch.equal(old, some_layer.keys)
         torch.testing.assert_close(some_layer.keys.norm(dim=1), torch.ones(config.num_experts))
-    assert model.update_keys() == [False] * config.n_layers  # nothing pending
+    assert model.update_keys() == [None] * config.n_layers  # nothing pending
 
 
 def test_bad_inputs_raise_clear_errors(tiny):

@@ -14,6 +14,7 @@
 
 #include "../checks.h"
 #include "../op_checks.h"
+#include "../route_common.h"  // row_norm
 #include "grouping.h"
 
 namespace some {
@@ -36,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
   const int64_t d = query.size(1), k = indices.size(1), N = num_experts;
   const auto acc = stats_dtype(query.scalar_type());
   auto q = query.to(acc).contiguous();
-  q = q / q.norm(2, 1, true).clamp_min(kNormEps);
+  q = q / row_norm(q).clamp_min(kNormEps);
   const auto g = gates.to(acc).contiguous();
   const auto idx = indices.contiguous();
   auto [order, offsets] = group_by_expert(op, idx, N);
@@ -112,6 +113,7 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
   const auto m = mass.contiguous();
   const auto cs = coselect.contiguous();
   const auto cnt = counts.contiguous();
+  bool result_finite = true;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "some_keystore_update_cpu", [&] {
     const scalar_t* K = keys.data_ptr<scalar_t>();
     const scalar_t* SQ = sq.data_ptr<scalar_t>();
@@ -199,6 +201,11 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
         }
       }
     });
+    // An update that overflows (finite but huge statistics or coefficients)
+    // would leave a non-finite store: refuse it like non-finite statistics.
+    for (int64_t i = 0; i < N * d && result_finite; ++i)
+      result_finite = std::isfinite(new_k[i]) && std::isfinite(new_v[i]);
+    if (!result_finite) return;
     std::copy(new_k.begin(), new_k.end(), keys.data_ptr<scalar_t>());
     std::copy(new_v.begin(), new_v.end(), V);
 
@@ -209,7 +216,7 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
       U[e] = gamma * U[e] + (scalar_t(1) - gamma) * share;
     }
   });
-  return at::scalar_tensor(true, keys.options().dtype(at::kBool));
+  return at::scalar_tensor(result_finite, keys.options().dtype(at::kBool));
 }
 
 }  // namespace

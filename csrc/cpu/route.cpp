@@ -90,7 +90,9 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
       int64_t* idx = out_idx + t * k;
       acc_t* g = out_gate + t * k;
       acc_t* sc = out_score + t * k;
-      auto is_active = [active](int64_t e) { return active == nullptr || active[e]; };
+      // NaN scores are never selected (as on CUDA and in the torch backend): a
+      // NaN compares false with everything and would block better experts.
+      auto is_active = [active, s](int64_t e) { return (active == nullptr || active[e]) && !std::isnan(s[e]); };
       int64_t count = 0;
       if (a.gating == Gating::TopAny) {
         // Fired: σ(s/τ) > σ(G_e), i.e. s/τ > G_e.
@@ -179,14 +181,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
 // softmax denominator's gradient that reaches every active expert.
 template <typename acc_t>
 void route_backward_rows(const acc_t* gg, const acc_t* gs, const int64_t* idx, const acc_t* g,
-                         const acc_t* sc, const acc_t* thr, int64_t T, int64_t k,
+                         const acc_t* sc, const acc_t* thr, int64_t T, int64_t k, int64_t N,
                          const RouteArgs& a, acc_t* grad_s, acc_t* coef_all,
                          acc_t* grad_m /* top_any: dL/dm per slot, else unused */) {
   const acc_t tau = static_cast<acc_t>(a.temperature);
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * k;
-      route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, a.gating, tau, grad_s + o,
+      route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, N, a.gating, tau, grad_s + o,
                            coef_all ? coef_all + t : nullptr, grad_m ? grad_m + o : nullptr);
     }
   });
@@ -201,15 +203,10 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
   const char* op = "some.route_backward";
   const Gating gating = parse_gating(op, gating_name);
   const bool cosine = parse_score_mode(op, score_mode);
-  const int64_t k = indices.size(1);
-  check_route_inputs(op, query, keys, k, temperature, gating, 0.5, thresholds, active);
-  const int64_t T = query.size(0), N = keys.size(0);
-  for (auto* pr : {&grad_gates, &grad_scores, &gates, &scores}) {
-    check_dim(op, "gates/scores", *pr, 2);
-    TORCH_CHECK_VALUE(pr->size(0) == T && pr->size(1) == k, op,
-                      ": gate/score tensors must have shape [T, k] = [", T, ", ", k, "], got ",
-                      shape_str(*pr));
-  }
+  check_route_backward_inputs(op, grad_gates, grad_scores, query, keys, indices, gates, scores, temperature,
+                              gating, thresholds, active);
+  const int64_t T = query.size(0), N = keys.size(0), k = indices.size(1);
+  check_index_range(op, indices, N);
   const auto acc = stats_dtype(query.scalar_type());
   const auto q = scoring_rows(query, acc, cosine);
   const auto kk = scoring_rows(keys, acc, cosine);
@@ -231,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
     route_backward_rows<scalar_t>(
         gg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
         g.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
-        thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, args,
+        thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, N, args,
         grad_s.data_ptr<scalar_t>(), coef_all.defined() ? coef_all.data_ptr<scalar_t>() : nullptr,
         grad_m.defined() ? grad_m.data_ptr<scalar_t>() : nullptr);
 
@@ -245,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
       for (int64_t t = begin; t < end; ++t)
         for (int64_t j = 0; j < k; ++j) {
           const int64_t e = I[t * k + j];
-          if (e < 0) continue;
+          if (e < 0 || e >= N) continue;
           const scalar_t w = GS[t * k + j];
           const scalar_t* ke = K + e * d;
           scalar_t* gq = GQ + t * d;
@@ -260,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
       scalar_t* GT = grad_thr.data_ptr<scalar_t>();
       for (int64_t p = 0; p < T * k; ++p) {
         const int64_t e = I[p];
-        if (e < 0 || GM[p] == 0) continue;
+        if (e < 0 || e >= N || GM[p] == 0) continue;
         const scalar_t sg = sigmoid(TH[e]);
         GT[e] -= GM[p] * sg * (scalar_t(1) - sg);
       }

@@ -38,6 +38,7 @@
 
 #include "../checks.h"
 #include "../op_checks.h"
+#include "../philox.h"
 #include "common.cuh"
 
 namespace some {
@@ -304,7 +305,20 @@ struct GemmArgs {
   const int64_t* offsets; // [N + 1]
   const int* tile_start;  // [N + 1]
   int num_experts;
+  // Procedural experts (b == nullptr, SPEC §9): element i of B_e is generated
+  // where it is loaded (csrc/philox.h), never read from memory.
+  uint32_t gen_seed = 0, gen_layer = 0, gen_tensor = 0;
+  float gen_bound = 0.0f;
 };
+
+// Element i of expert e's B, generated (procedural experts).
+template <typename T>
+__device__ __forceinline__ T generated(const GemmArgs<T>& a, int e, int64_t i) {
+  const uint64_t blk = static_cast<uint64_t>(i) >> 2;
+  const philox::Block r = philox::philox4x32_10(static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32),
+                                                static_cast<uint32_t>(e), a.gen_tensor, a.gen_seed, a.gen_layer);
+  return static_cast<T>(philox::to_uniform(r.v[i & 3], a.gen_bound));
+}
 
 // VEC consecutive elements moved as one (16-byte when VEC * sizeof(T) == 16).
 template <typename T, int VEC>
@@ -320,10 +334,30 @@ __device__ __forceinline__ Pack<T, VEC> zero_pack() {
   return z;
 }
 
+// VEC consecutive generated elements from i (i and VEC multiples of 4 when VEC > 1).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> generated_pack(const GemmArgs<T>& a, int e, int64_t i) {
+  Pack<T, VEC> p;
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      const uint64_t blk = static_cast<uint64_t>(i + j) >> 2;
+      const philox::Block r = philox::philox4x32_10(static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32),
+                                                    static_cast<uint32_t>(e), a.gen_tensor, a.gen_seed, a.gen_layer);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) p.v[j + l] = static_cast<T>(philox::to_uniform(r.v[l], a.gen_bound));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p.v[j] = generated(a, e, i + j);
+  }
+  return p;
+}
+
 // ---- FMA main loop (float32 / float64) -------------------------------
 
 template <typename T, bool kGatherA, bool kBT>
-__device__ __forceinline__ void mainloop_fma(const GemmArgs<T>& args, const T* __restrict__ b,
+__device__ __forceinline__ void mainloop_fma(const GemmArgs<T>& args, const T* __restrict__ b, int e,
                                              const int64_t* s_src, int n0, unsigned char* smem) {
   using Tile = FmaTile;
   using acc_t = at::opmath_type<T>;
@@ -371,8 +405,8 @@ __device__ __forceinline__ void mainloop_fma(const GemmArgs<T>& args, const T* _
     for (int i = 0; i < B_LOADS; ++i) {
       const int kk = k0 + b_k[i], n = n0 + b_n[i];
       const bool ok = kk < K && n < ncols;
-      b_reg[i] = ok ? (kBT ? b[static_cast<int64_t>(n) * K + kk] : b[static_cast<int64_t>(kk) * ncols + n])
-                    : T(0);
+      const int64_t at = kBT ? static_cast<int64_t>(n) * K + kk : static_cast<int64_t>(kk) * ncols + n;
+      b_reg[i] = ok ? (b != nullptr ? b[at] : generated(args, e, at)) : T(0);
     }
   };
   auto store = [&]() {
@@ -425,7 +459,7 @@ __device__ __forceinline__ void mainloop_fma(const GemmArgs<T>& args, const T* _
 // ---- WMMA main loop (bfloat16, sm_80+) -------------------------------
 
 template <typename T, bool kGatherA, bool kBT, int VEC>
-__device__ __forceinline__ void mainloop_wmma(const GemmArgs<T>& args, const T* __restrict__ b,
+__device__ __forceinline__ void mainloop_wmma(const GemmArgs<T>& args, const T* __restrict__ b, int e,
                                               const int64_t* s_src, int n0, unsigned char* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bfloat16 tensor cores need sm_80 or newer (CMAKE_CUDA_ARCHITECTURES)
@@ -477,17 +511,11 @@ __device__ __forceinline__ void mainloop_wmma(const GemmArgs<T>& args, const T* 
     }
 #pragma unroll
     for (int i = 0; i < B_CH; ++i) {
-      if constexpr (kBT) {
-        const int n = n0 + b_r[i], kk = k0 + b_c[i];
-        b_reg[i] = (n < ncols && kk < K)
-                       ? *reinterpret_cast<const P*>(b + static_cast<int64_t>(n) * K + kk)
-                       : zero_pack<T, VEC>();
-      } else {
-        const int kk = k0 + b_r[i], n = n0 + b_c[i];
-        b_reg[i] = (kk < K && n < ncols)
-                       ? *reinterpret_cast<const P*>(b + static_cast<int64_t>(kk) * ncols + n)
-                       : zero_pack<T, VEC>();
-      }
+      const int n = kBT ? n0 + b_r[i] : n0 + b_c[i], kk = kBT ? k0 + b_c[i] : k0 + b_r[i];
+      const int64_t at = kBT ? static_cast<int64_t>(n) * K + kk : static_cast<int64_t>(kk) * ncols + n;
+      if (!(n < ncols && kk < K)) b_reg[i] = zero_pack<T, VEC>();
+      else if (b != nullptr) b_reg[i] = *reinterpret_cast<const P*>(b + at);
+      else b_reg[i] = generated_pack<T, VEC>(args, e, at);
     }
   };
   auto store = [&]() {
@@ -583,9 +611,9 @@ __global__ void __launch_bounds__(TileFor<T>::kThreads)
   }
   __syncthreads();
 
-  const T* b = args.b + static_cast<int64_t>(e) * args.b_stride;
-  if constexpr (Tile::kWmma) mainloop_wmma<T, kGatherA, kBT, VEC>(args, b, s_src, n0, smem);
-  else mainloop_fma<T, kGatherA, kBT>(args, b, s_src, n0, smem);
+  const T* b = args.b != nullptr ? args.b + static_cast<int64_t>(e) * args.b_stride : nullptr;  // null: generated
+  if constexpr (Tile::kWmma) mainloop_wmma<T, kGatherA, kBT, VEC>(args, b, e, s_src, n0, smem);
+  else mainloop_fma<T, kGatherA, kBT>(args, b, e, s_src, n0, smem);
   __syncthreads();
 
   // Epilogue: one warp per row, lanes along the columns.
@@ -621,8 +649,10 @@ struct EpiBiasGelu {
   int64_t h;
   __device__ acc_t row_scale(int64_t) const { return acc_t(1); }
   __device__ acc_t apply(int e, int64_t r, int64_t, int col, acc_t v, acc_t) const {
-    v += static_cast<acc_t>(b1[e * h + col]);
-    hidden[r * h + col] = static_cast<T>(v);
+    // act from the stored (rounded) pre-activation: the backward takes GELU' there
+    const T stored = static_cast<T>(v + static_cast<acc_t>(b1[e * h + col]));
+    v = static_cast<acc_t>(stored);
+    hidden[r * h + col] = stored;
     act[r * h + col] = static_cast<T>(v * gelu_cdf(v));
     return acc_t(0);
   }
@@ -701,8 +731,12 @@ void launch_grouped_gemm(const GemmArgs<T>& args, const Epi& epi, int64_t row_ti
   if constexpr (Tile::kWmma) {
     // 16-byte loads when every row start is 16-byte aligned.
     constexpr int V = 16 / sizeof(T);
-    const bool vec = aligned16(args.a) && aligned16(args.b) && args.K % V == 0 &&
+    const bool vec = aligned16(args.a) && (args.b == nullptr || aligned16(args.b)) && args.K % V == 0 &&
                      args.b_stride % V == 0 && (kBT || args.ncols % V == 0);
+    if (!vec)
+      TORCH_WARN_ONCE("some.experts (CUDA, bfloat16): widths d = ", kGatherA ? args.K : args.ncols,
+                      " / h not multiples of 8 (or unaligned inputs) take the 1-element load path, several "
+                      "times slower than the 16-byte one");
     if (vec) {
       grouped_gemm_kernel<T, kGatherA, kBT, V, Epi><<<grid, Tile::kThreads, 0, stream>>>(args, epi);
     } else {
@@ -769,20 +803,175 @@ __global__ void gate_grad_kernel(const acc_t* __restrict__ dotpart, int64_t col_
 }
 
 // =====================================================================
+// Procedural experts, and the stored ones filled from the generator
+// =====================================================================
+
+// Experts first .. first + n - 1 of one tensor kind: dst [n, per] from the generator.
+template <typename T>
+__global__ void fill_expert_kernel(T* __restrict__ dst, int64_t per, int64_t n, int64_t first, uint32_t seed,
+                                   uint32_t layer, uint32_t tensor, float bound) {
+  const int64_t blocks_per = ceil_div(per, 4), total = n * blocks_per;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride) {
+    const int64_t e = g / blocks_per, blk = g % blocks_per;
+    const philox::Block r = philox::philox4x32_10(static_cast<uint32_t>(blk), static_cast<uint32_t>(static_cast<uint64_t>(blk) >> 32),
+                                                  static_cast<uint32_t>(first + e), tensor, seed, layer);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = blk * 4 + l;
+      if (i < per) dst[e * per + i] = static_cast<T>(philox::to_uniform(r.v[l], bound));
+    }
+  }
+}
+
+void fill_expert_tensor(at::Tensor& t, int64_t first, uint32_t seed, uint32_t layer, uint32_t tensor,
+                        int64_t fan_in, cudaStream_t stream) {
+  if (t.numel() == 0) return;
+  const int64_t n = t.size(0), per = t.numel() / n;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n * ceil_div(per, 4), 256), 65535));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t.scalar_type(), "some_fill_experts_cuda", [&] {
+    fill_expert_kernel<scalar_t><<<blocks, 256, 0, stream>>>(t.data_ptr<scalar_t>(), per, n, first, seed, layer,
+                                                             tensor, philox::bound(fan_in));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Where the experts come from: stored tensors, or the generator (w1 and w2
+// undefined: generated inside the GEMM loads; b1, b2 generated into small
+// [N, h] / [N, d] buffers).
+struct ExpertSource {
+  at::Tensor w1, b1, w2, b2;
+  uint32_t seed = 0, layer = 0;
+  bool procedural() const { return !w1.defined(); }
+};
+
+ExpertSource procedural_source(int64_t seed, int64_t layer, int64_t N, int64_t d, int64_t h,
+                               const at::TensorOptions& opts, cudaStream_t stream) {
+  ExpertSource src;
+  src.seed = static_cast<uint32_t>(seed);
+  src.layer = static_cast<uint32_t>(layer);
+  src.b1 = at::empty({N, h}, opts);
+  src.b2 = at::empty({N, d}, opts);
+  fill_expert_tensor(src.b1, 0, src.seed, src.layer, philox::kTensorB1, d, stream);
+  fill_expert_tensor(src.b2, 0, src.seed, src.layer, philox::kTensorB2, h, stream);
+  return src;
+}
+
+// A contiguous tensor whose data starts 16-byte aligned (a view with an
+// offset is copied), so the 16-byte load path applies.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
+}
+
+// =====================================================================
+// The CUTLASS path: at::_grouped_mm (TMA + wgmma on sm_90) for bfloat16
+// =====================================================================
+//
+// Two grouped GEMMs per direction through PyTorch's grouped GEMM over the
+// device-side grouping, with small fused kernels around them. Rows of the
+// grouped buffers are in `order`; rows past the valid pairs are never read.
+
+bool grouped_mm_path(const at::Tensor& x, const ExpertSource& src, int64_t d, int64_t h) {
+  const char* v = std::getenv("SOME_CUDA_GEMM");  // kernels | grouped_mm | auto (default)
+  const std::string choice = v == nullptr ? "auto" : v;
+  if (choice == "kernels" || src.procedural() || x.scalar_type() != at::kBFloat16) return false;
+  if (d % 8 != 0 || h % 8 != 0) return false;
+  if (choice == "grouped_mm") return true;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  return major >= 9;  // CUTLASS grouped GEMM of torch: sm_90 and newer
+}
+
+// dst[r] = src[order[r] / k] (or zeros for the dropped tail), rows of width w.
+template <typename T>
+__global__ void gather_grouped_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ order, int64_t k,
+                                           int64_t w, T* __restrict__ dst) {
+  const int64_t r = blockIdx.x, p = order[r];
+  for (int64_t c = threadIdx.x; c < w; c += blockDim.x) dst[r * w + c] = p >= 0 ? src[(p / k) * w + c] : T(0);
+}
+
+// hidden = pre = acc + b1_e (rounded to T), act = GELU(pre) from the rounded value.
+template <typename T>
+__global__ void bias_gelu_rows_kernel(const T* __restrict__ acc, const int64_t* __restrict__ order,
+                                      const int64_t* __restrict__ indices, const T* __restrict__ b1, int64_t h,
+                                      int64_t num_experts, T* __restrict__ hidden, T* __restrict__ act) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t r = blockIdx.x, p = order[r];
+  const int64_t e = p >= 0 ? indices[p] : -1;
+  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    if (e < 0 || e >= num_experts) {
+      hidden[r * h + c] = T(0);
+      act[r * h + c] = T(0);
+      continue;
+    }
+    const T stored = static_cast<T>(static_cast<acc_t>(acc[r * h + c]) + static_cast<acc_t>(b1[e * h + c]));
+    const acc_t v = static_cast<acc_t>(stored);
+    hidden[r * h + c] = stored;
+    act[r * h + c] = static_cast<T>(v * gelu_cdf(v));
+  }
+}
+
+// out[pair] = g * (acc + b2_e), per flat pair, in acc precision (combine input).
+template <typename T, typename acc_t>
+__global__ void gate_bias_pairs_kernel(const T* __restrict__ acc, const int64_t* __restrict__ order,
+                                       const int64_t* __restrict__ indices, const T* __restrict__ gates,
+                                       const T* __restrict__ b2, int64_t d, int64_t num_experts,
+                                       acc_t* __restrict__ out) {
+  const int64_t r = blockIdx.x, p = order[r];
+  if (p < 0) return;
+  const int64_t e = indices[p];
+  if (e < 0 || e >= num_experts) return;
+  const acc_t g = static_cast<acc_t>(gates[p]);
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    out[p * d + c] = g * (static_cast<acc_t>(acc[r * d + c]) + static_cast<acc_t>(b2[e * d + c]));
+}
+
+// grad_pre = g * dA * GELU'(pre); dotpart[r] = Σ_c dA * GELU(pre) (one warp per row).
+template <typename T, typename acc_t>
+__global__ void gelu_grad_rows_kernel(const T* __restrict__ dA, const T* __restrict__ hidden,
+                                      const int64_t* __restrict__ order, const T* __restrict__ gates, int64_t h,
+                                      int64_t P, T* __restrict__ grad_pre, acc_t* __restrict__ dotpart) {
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (r >= P) return;
+  const int64_t p = order[r];
+  const acc_t g = p >= 0 ? static_cast<acc_t>(gates[p]) : acc_t(0);
+  acc_t dot = 0;
+  for (int64_t c = lane; c < h; c += kWarpSize) {
+    const acc_t x = static_cast<acc_t>(hidden[r * h + c]), dv = static_cast<acc_t>(dA[r * h + c]);
+    const acc_t cdf = gelu_cdf(x);
+    if (grad_pre != nullptr) grad_pre[r * h + c] = static_cast<T>(g * dv * (cdf + x * gelu_pdf(x)));
+    dot += dv * x * cdf;
+  }
+  dot = warp_sum(dot);
+  if (lane == 0 && dotpart != nullptr) dotpart[r] = dot;
+}
+
+// xpair[pair] = rows[r] (acc precision), per flat pair.
+template <typename T, typename acc_t>
+__global__ void scatter_pairs_kernel(const T* __restrict__ rows, const int64_t* __restrict__ order, int64_t d,
+                                     acc_t* __restrict__ out) {
+  const int64_t r = blockIdx.x, p = order[r];
+  if (p < 0) return;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) out[p * d + c] = static_cast<acc_t>(rows[r * d + c]);
+}
+
+// The group ends of at::_grouped_mm: offsets[1..N] as int32, on the device.
+at::Tensor group_ends(const at::Tensor& offsets, int64_t N) { return offsets.narrow(0, 1, N).to(at::kInt); }
+
+// =====================================================================
 // Host side
 // =====================================================================
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
-    const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
-  const char* op = "some.experts";
-  check_expert_inputs(op, x_in, indices_in, gates_in, w1, b1, w2, b2);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward_cuda(
+    const char* op, const at::Tensor& x_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
+    const ExpertSource& src, int64_t N, int64_t h) {
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
+  const auto x = aligned_contiguous(x_in);
   const auto gates = gates_in.contiguous();
   const auto indices = indices_in.contiguous();
-  const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), N = w1.size(0),
-                h = w1.size(1), P = T * k;
+  const int64_t T = x.size(0), d = x.size(1), k = indices.size(1), P = T * k;
   at::Tensor order, offsets;  // (not a structured binding: the dispatch lambda captures them)
   std::tie(order, offsets) = group_by_expert_cuda(op, indices, N);
   auto hidden = at::empty({P, h}, x.options());
@@ -799,31 +988,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     using Tile = TileFor<scalar_t>;
     const auto opts_acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const auto tile_start = tile_schedule_cuda(offsets, N, Tile::kBM);
-    const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
     auto act = at::empty({P, h}, x.options());  // GELU(pre), grouped rows
     auto ypair = at::empty({P, d}, opts_acc);   // g * E_e(x_t) per flat pair
     const int64_t* ord = order.data_ptr<int64_t>();
     const int64_t* off = offsets.data_ptr<int64_t>();
-    const int* ts = tile_start.data_ptr<int>();
+    const int64_t* I = indices.data_ptr<int64_t>();
 
-    // pre = x[token] W1_e^T + b1_e, act = GELU(pre)      (B = W1_e, [h][d])
-    GemmArgs<scalar_t> up{x.data_ptr<scalar_t>(), ord, k, w1.data_ptr<scalar_t>(), h * d,
-                          static_cast<int>(d), static_cast<int>(h), off, ts, static_cast<int>(N)};
-    EpiBiasGelu<scalar_t> up_epi{hidden.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
-                                 b1.data_ptr<scalar_t>(), h};
-    launch_grouped_gemm</*gather*/ true, /*B transposed*/ true>(up, up_epi, row_tiles, stream);
+    if (grouped_mm_path(x, src, d, h)) {
+      const auto ends = group_ends(offsets, N);
+      auto xg = at::empty({P, d}, x.options());
+      gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
+          x.data_ptr<scalar_t>(), ord, k, d, xg.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto up = at::_grouped_mm(xg, src.w1.transpose(1, 2), ends);  // (P, h)
+      bias_gelu_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 256, 0, stream>>>(
+          up.data_ptr<scalar_t>(), ord, I, src.b1.data_ptr<scalar_t>(), h, N, hidden.data_ptr<scalar_t>(),
+          act.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto down = at::_grouped_mm(act, src.w2.transpose(1, 2), ends);  // (P, d)
+      ypair.zero_();  // dropped slots stay 0 (the combine skips them anyway)
+      gate_bias_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
+          down.data_ptr<scalar_t>(), ord, I, gates.data_ptr<scalar_t>(), src.b2.data_ptr<scalar_t>(), d, N,
+          ypair.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const auto tile_start = tile_schedule_cuda(offsets, N, Tile::kBM);
+      const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
+      const int* ts = tile_start.data_ptr<int>();
+      const scalar_t* w1p = src.procedural() ? nullptr : src.w1.data_ptr<scalar_t>();
+      const scalar_t* w2p = src.procedural() ? nullptr : src.w2.data_ptr<scalar_t>();
 
-    // ypair[p] = g_p (act W2_e^T + b2_e)                  (B = W2_e, [d][h])
-    GemmArgs<scalar_t> down{act.data_ptr<scalar_t>(), ord, k, w2.data_ptr<scalar_t>(), d * h,
-                            static_cast<int>(h), static_cast<int>(d), off, ts, static_cast<int>(N)};
-    EpiGateBias<scalar_t> down_epi{ypair.data_ptr<acc_t>(), b2.data_ptr<scalar_t>(),
-                                   gates.data_ptr<scalar_t>(), d};
-    launch_grouped_gemm<false, true>(down, down_epi, row_tiles, stream);
+      // pre = x[token] W1_e^T + b1_e, act = GELU(pre)      (B = W1_e, [h][d])
+      GemmArgs<scalar_t> up{x.data_ptr<scalar_t>(), ord, k, w1p, h * d, static_cast<int>(d), static_cast<int>(h),
+                            off, ts, static_cast<int>(N), src.seed, src.layer, philox::kTensorW1, philox::bound(d)};
+      EpiBiasGelu<scalar_t> up_epi{hidden.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
+                                   src.b1.data_ptr<scalar_t>(), h};
+      launch_grouped_gemm</*gather*/ true, /*B transposed*/ true>(up, up_epi, row_tiles, stream);
+
+      // ypair[p] = g_p (act W2_e^T + b2_e)                  (B = W2_e, [d][h])
+      GemmArgs<scalar_t> down{act.data_ptr<scalar_t>(), ord, k, w2p, d * h, static_cast<int>(h),
+                              static_cast<int>(d), off, ts, static_cast<int>(N), src.seed, src.layer,
+                              philox::kTensorW2, philox::bound(h)};
+      EpiGateBias<scalar_t> down_epi{ypair.data_ptr<acc_t>(), src.b2.data_ptr<scalar_t>(),
+                                     gates.data_ptr<scalar_t>(), d};
+      launch_grouped_gemm<false, true>(down, down_epi, row_tiles, stream);
+    }
 
     if (d > 0) {
       combine_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T), 128, 0, stream>>>(
-          ypair.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), k, d, N, y.data_ptr<scalar_t>());
+          ypair.data_ptr<acc_t>(), I, k, d, N, y.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (h > 0) {
@@ -836,21 +1049,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
   return {y, hidden, order, offsets};
 }
 
-std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
-    const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden,
-    const at::Tensor& order, const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
-  const char* op = "some.experts_backward";
-  check_experts_backward_inputs(op, grad_y_in, indices_in, gates_in, w1, w2, b2, hidden, order, offsets);
-  const int64_t T = indices_in.size(0), d = w1.size(2), k = indices_in.size(1), N = w1.size(0),
-                h = w1.size(1), P = T * k;
+// The backward trusts no grouping it is given: it regroups `indices` on the
+// device (a few small kernels, no synchronization; stable, so identical to the
+// forward's) and only checks that the given order/offsets have its shapes.
+// Stale or foreign grouping tensors can therefore never make a kernel read or
+// write outside a tensor.
+std::tuple<at::Tensor, at::Tensor> experts_backward_cuda_impl(
+    const char* op, const at::Tensor& grad_y_in, const at::Tensor& indices_in, const at::Tensor& gates_in,
+    const ExpertSource& src, int64_t N, int64_t h, const at::Tensor& hidden, bool need_grad_x,
+    bool need_grad_gates) {
+  const int64_t T = indices_in.size(0), d = grad_y_in.size(1), k = indices_in.size(1), P = T * k;
   c10::cuda::CUDAGuard guard(grad_y_in.device());
-  const auto grad_y = grad_y_in.contiguous();
+  const auto grad_y = aligned_contiguous(grad_y_in);
   const auto gates = gates_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto hid = hidden.contiguous();
-  const auto ord_t = order.contiguous();
-  const auto off_t = offsets.contiguous();
+  at::Tensor ord_t, off_t;
+  std::tie(ord_t, off_t) = group_by_expert_cuda(op, indices, N);
 
   auto grad_x = need_grad_x ? at::empty({T, d}, grad_y.options()) : at::empty({0}, grad_y.options());
   auto grad_gates =
@@ -866,50 +1081,142 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     using Tile = TileFor<scalar_t>;
     const auto opts_acc = grad_y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const auto tile_start = tile_schedule_cuda(off_t, N, Tile::kBM);
-    const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
-    const int64_t col_tiles = ceil_div(h, Tile::kBN);
     const int64_t* ord = ord_t.data_ptr<int64_t>();
     const int64_t* off = off_t.data_ptr<int64_t>();
-    const int* ts = tile_start.data_ptr<int>();
-
+    const int64_t* I = indices.data_ptr<int64_t>();
     auto grad_pre = need_grad_x ? at::empty({P, h}, grad_y.options()) : at::Tensor();
-    auto dotpart = need_grad_gates ? at::empty({P, col_tiles}, opts_acc) : at::Tensor();
+    at::Tensor xpair = need_grad_x ? at::empty({P, d}, opts_acc) : at::Tensor();
+    at::Tensor dotpart;
+    int64_t col_tiles = 0;
 
-    // dA = grad_y[token] W2_e (before the gate), fused GELU' and row dots.
-    // (B = W2_e stored [d][h] = [K][ncols])
-    GemmArgs<scalar_t> da{grad_y.data_ptr<scalar_t>(), ord, k, w2.data_ptr<scalar_t>(), d * h,
-                          static_cast<int>(d), static_cast<int>(h), off, ts, static_cast<int>(N)};
-    EpiGeluGrad<scalar_t> da_epi{hid.data_ptr<scalar_t>(),
-                                 need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
-                                 gates.data_ptr<scalar_t>(),
-                                 need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr, h, col_tiles};
-    launch_grouped_gemm<true, false>(da, da_epi, row_tiles, stream);
+    if (grouped_mm_path(grad_y, src, d, h)) {
+      const auto ends = group_ends(off_t, N);
+      auto gyg = at::empty({P, d}, grad_y.options());
+      gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
+          grad_y.data_ptr<scalar_t>(), ord, k, d, gyg.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto dA = at::_grouped_mm(gyg, src.w2, ends);  // (P, h): dL/da before the gate
+      col_tiles = 1;
+      dotpart = need_grad_gates ? at::empty({P, 1}, opts_acc) : at::Tensor();
+      const int warps = 8;
+      gelu_grad_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(P, warps)), warps * kWarpSize, 0,
+                                               stream>>>(
+          dA.data_ptr<scalar_t>(), hid.data_ptr<scalar_t>(), ord, gates.data_ptr<scalar_t>(), h, P,
+          need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
+          need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_grad_x) {
+        const auto rows = at::_grouped_mm(grad_pre, src.w1, ends);  // (P, d)
+        xpair.zero_();
+        scatter_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
+            rows.data_ptr<scalar_t>(), ord, d, xpair.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    } else {
+      const auto tile_start = tile_schedule_cuda(off_t, N, Tile::kBM);
+      const int64_t row_tiles = max_row_tiles(P, N, Tile::kBM);
+      const int* ts = tile_start.data_ptr<int>();
+      col_tiles = ceil_div(h, Tile::kBN);
+      dotpart = need_grad_gates ? at::empty({P, col_tiles}, opts_acc) : at::Tensor();
+      const scalar_t* w1p = src.procedural() ? nullptr : src.w1.data_ptr<scalar_t>();
+      const scalar_t* w2p = src.procedural() ? nullptr : src.w2.data_ptr<scalar_t>();
+
+      // dA = grad_y[token] W2_e (before the gate), fused GELU' and row dots.
+      // (B = W2_e stored [d][h] = [K][ncols])
+      GemmArgs<scalar_t> da{grad_y.data_ptr<scalar_t>(), ord, k, w2p, d * h, static_cast<int>(d),
+                            static_cast<int>(h), off, ts, static_cast<int>(N), src.seed, src.layer,
+                            philox::kTensorW2, philox::bound(h)};
+      EpiGeluGrad<scalar_t> da_epi{hid.data_ptr<scalar_t>(), need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
+                                   gates.data_ptr<scalar_t>(),
+                                   need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr, h, col_tiles};
+      launch_grouped_gemm<true, false>(da, da_epi, row_tiles, stream);
+      if (need_grad_x && d > 0) {
+        // per-pair dL/dx = grad_pre W1_e     (B = W1_e stored [h][d] = [K][ncols])
+        GemmArgs<scalar_t> dx{h > 0 ? grad_pre.data_ptr<scalar_t>() : nullptr, ord, k, w1p, h * d,
+                              static_cast<int>(h), static_cast<int>(d), off, ts, static_cast<int>(N), src.seed,
+                              src.layer, philox::kTensorW1, philox::bound(d)};
+        EpiScatter<scalar_t> dx_epi{xpair.data_ptr<acc_t>(), d};
+        launch_grouped_gemm<false, false>(dx, dx_epi, row_tiles, stream);
+      }
+    }
 
     if (need_grad_gates) {
       const int warps_per_block = 8;
       gate_grad_kernel<scalar_t, acc_t>
           <<<static_cast<unsigned>(ceil_div(P, warps_per_block)), warps_per_block * kWarpSize, 0, stream>>>(
               h > 0 ? dotpart.data_ptr<acc_t>() : nullptr, h > 0 ? col_tiles : 0, ord, off,
-              static_cast<int>(N), indices.data_ptr<int64_t>(), grad_y.data_ptr<scalar_t>(),
-              b2.data_ptr<scalar_t>(), k, d, grad_gates.data_ptr<scalar_t>());
+              static_cast<int>(N), I, grad_y.data_ptr<scalar_t>(), src.b2.data_ptr<scalar_t>(), k, d,
+              grad_gates.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_grad_x && d > 0) {
-      auto xpair = at::empty({P, d}, opts_acc);
-      // per-pair dL/dx = grad_pre W1_e     (B = W1_e stored [h][d] = [K][ncols])
-      GemmArgs<scalar_t> dx{h > 0 ? grad_pre.data_ptr<scalar_t>() : nullptr, ord, k,
-                            w1.data_ptr<scalar_t>(), h * d, static_cast<int>(h),
-                            static_cast<int>(d), off, ts, static_cast<int>(N)};
-      EpiScatter<scalar_t> dx_epi{xpair.data_ptr<acc_t>(), d};
-      launch_grouped_gemm<false, false>(dx, dx_epi, row_tiles, stream);
       combine_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T), 128, 0, stream>>>(
-          xpair.data_ptr<acc_t>(), indices.data_ptr<int64_t>(), k, d, N,
-          grad_x.data_ptr<scalar_t>());
+          xpair.data_ptr<acc_t>(), I, k, d, N, grad_x.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (need_grad_x) {
+      grad_x.zero_();
     }
   });
   return {grad_x, grad_gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cuda(
+    const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  const char* op = "some.experts";
+  check_expert_inputs(op, x, indices, gates, w1, b1, w2, b2);
+  ExpertSource src{w1, b1, w2, b2};
+  return experts_forward_cuda(op, x, indices, gates, src, w1.size(0), w1.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& indices, const at::Tensor& gates,
+    const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& hidden,
+    const at::Tensor& order, const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const char* op = "some.experts_backward";
+  check_experts_backward_inputs(op, grad_y, indices, gates, w1, w2, b2, hidden, order, offsets);
+  ExpertSource src{w1, at::Tensor(), w2, b2};
+  return experts_backward_cuda_impl(op, grad_y, indices, gates, src, w1.size(0), w1.size(1), hidden, need_grad_x,
+                                    need_grad_gates);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> procedural_experts_cuda(
+    const at::Tensor& x, const at::Tensor& indices, const at::Tensor& gates, int64_t seed, int64_t layer,
+    int64_t num_experts, int64_t d_ffn) {
+  const char* op = "some.procedural_experts";
+  check_procedural_expert_inputs(op, x, indices, gates, seed, layer, num_experts, d_ffn);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto src = procedural_source(seed, layer, num_experts, x.size(1), d_ffn, x.options(),
+                                     c10::cuda::getCurrentCUDAStream());
+  return experts_forward_cuda(op, x, indices, gates, src, num_experts, d_ffn);
+}
+
+std::tuple<at::Tensor, at::Tensor> procedural_experts_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& indices, const at::Tensor& gates, int64_t seed, int64_t layer,
+    int64_t num_experts, int64_t d_ffn, const at::Tensor& hidden, const at::Tensor& order,
+    const at::Tensor& offsets, bool need_grad_x, bool need_grad_gates) {
+  const char* op = "some.procedural_experts_backward";
+  check_procedural_backward_inputs(op, grad_y, indices, gates, seed, layer, num_experts, d_ffn, hidden, order,
+                                   offsets);
+  c10::cuda::CUDAGuard guard(grad_y.device());
+  const auto src = procedural_source(seed, layer, num_experts, grad_y.size(1), d_ffn, grad_y.options(),
+                                     c10::cuda::getCurrentCUDAStream());
+  return experts_backward_cuda_impl(op, grad_y, indices, gates, src, num_experts, d_ffn, hidden, need_grad_x,
+                                    need_grad_gates);
+}
+
+void fill_expert_weights_cuda(at::Tensor& w1, at::Tensor& b1, at::Tensor& w2, at::Tensor& b2, int64_t seed,
+                              int64_t layer, int64_t first_expert) {
+  const char* op = "some.fill_expert_weights";
+  check_fill_expert_weights_inputs(op, w1, b1, w2, b2, seed, layer, first_expert);
+  c10::cuda::CUDAGuard guard(w1.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t h = w1.size(1), d = w1.size(2);
+  const auto s = static_cast<uint32_t>(seed), l = static_cast<uint32_t>(layer);
+  fill_expert_tensor(w1, first_expert, s, l, philox::kTensorW1, d, stream);
+  fill_expert_tensor(b1, first_expert, s, l, philox::kTensorB1, d, stream);
+  fill_expert_tensor(w2, first_expert, s, l, philox::kTensorW2, h, stream);
+  fill_expert_tensor(b2, first_expert, s, l, philox::kTensorB2, h, stream);
 }
 
 }  // namespace
@@ -917,6 +1224,9 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda(
 TORCH_LIBRARY_IMPL(some, CUDA, m) {
   m.impl("experts", &experts_cuda);
   m.impl("experts_backward", &experts_backward_cuda);
+  m.impl("procedural_experts", &procedural_experts_cuda);
+  m.impl("procedural_experts_backward", &procedural_experts_backward_cuda);
+  m.impl("fill_expert_weights", &fill_expert_weights_cuda);
 }
 
 }  // namespace gpu

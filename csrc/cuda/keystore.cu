@@ -24,6 +24,7 @@
 
 #include "../checks.h"
 #include "../op_checks.h"
+#include "../route_common.h"  // row_norm
 #include "common.cuh"
 
 namespace some {
@@ -114,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
                 P = T * k;
   const auto acc = stats_dtype(query.scalar_type());
   auto q = query.to(acc).contiguous();
-  q = q / q.norm(2, 1, true).clamp_min(kNormEps);
+  q = q / row_norm(q).clamp_min(kNormEps);
   const auto g = gates.to(acc).contiguous();
   const auto idx = indices.contiguous();
   at::Tensor order, offsets;
@@ -295,10 +296,10 @@ at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tens
 
   // Non-finite statistics (or a store already corrupted) leave everything
   // untouched: a device flag, read by commit_kernel.
-  const auto ok = at::isfinite(sum_q).all()
-                      .logical_and(at::isfinite(mass).all())
-                      .logical_and(at::isfinite(keys).all())
-                      .logical_and(at::isfinite(velocity).all());
+  auto ok = at::isfinite(sum_q).all()
+                .logical_and(at::isfinite(mass).all())
+                .logical_and(at::isfinite(keys).all())
+                .logical_and(at::isfinite(velocity).all());
   if (N == 0) return ok;
 
   const auto sq = sum_q.contiguous();
@@ -350,6 +351,8 @@ at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tens
                              new_v.data_ptr<scalar_t>()};
     update_kernel<scalar_t><<<static_cast<unsigned>(N), 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // an update that overflows would leave a non-finite store: not committed either
+    ok = ok.logical_and(at::isfinite(new_k).all()).logical_and(at::isfinite(new_v).all());
     const int64_t n_commit = std::max(N * d, N);
     commit_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(n_commit, 256)), 256, 0, stream>>>(
         ok.data_ptr<bool>(), new_k.data_ptr<scalar_t>(), new_v.data_ptr<scalar_t>(),

@@ -139,7 +139,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
       const acc_t mx = c.s / tau;
       acc_t part = 0;
       for (int e = lane; e < a.N; e += kWarpSize)
-        if (a.active == nullptr || a.active[e]) part += dev_exp(s[e] / tau - mx);
+        if ((a.active == nullptr || a.active[e]) && s[e] == s[e]) part += dev_exp(s[e] / tau - mx);  // no NaN
       const acc_t denom = warp_sum(part);
       acc_t cum = 0;
       while (true) {
@@ -247,13 +247,13 @@ template <typename acc_t>
 __global__ void route_backward_rows_kernel(const acc_t* __restrict__ gg, const acc_t* __restrict__ gs,
                                            const int64_t* __restrict__ idx,
                                            const acc_t* __restrict__ g, const acc_t* __restrict__ sc,
-                                           const acc_t* __restrict__ thr, int64_t T, int64_t k,
+                                           const acc_t* __restrict__ thr, int64_t T, int64_t k, int64_t N,
                                            Gating gating, acc_t tau, acc_t* __restrict__ grad_s,
                                            acc_t* __restrict__ coef_all, acc_t* __restrict__ grad_m) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const int64_t o = t * k;
-  route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, gating, tau, grad_s + o,
+  route_backward_token(gg + o, gs + o, idx + o, g + o, sc + o, thr, k, N, gating, tau, grad_s + o,
                        coef_all ? coef_all + t : nullptr, grad_m ? grad_m + o : nullptr);
 }
 
@@ -299,18 +299,10 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(
   const char* op = "some.route_backward";
   const Gating gating = parse_gating(op, gating_name);
   const bool cosine = parse_score_mode(op, score_mode);
-  check_dim(op, "indices", indices, 2);
-  check_dtype(op, "indices", indices, at::kLong);
-  const int64_t k = indices.size(1);
-  check_route_inputs(op, query, keys, k, temperature, gating, 0.5, thresholds, active);
-  const int64_t T = query.size(0), N = keys.size(0), d = query.size(1);
-  for (auto* pr : {&grad_gates, &grad_scores, &gates, &scores}) {
-    check_dim(op, "gates/scores", *pr, 2);
-    TORCH_CHECK_VALUE(pr->size(0) == T && pr->size(1) == k, op,
-                      ": gate/score tensors must have shape [T, k] = [", T, ", ", k, "], got ",
-                      shape_str(*pr));
-    check_same_device(op, "gates/scores", *pr, "query", query);
-  }
+  check_route_backward_inputs(op, grad_gates, grad_scores, query, keys, indices, gates, scores, temperature,
+                              gating, thresholds, active);
+  // (index values are not read on the host: out-of-range ones end a token's slots in the kernels)
+  const int64_t T = query.size(0), N = keys.size(0), d = query.size(1), k = indices.size(1);
   check_same_device(op, "indices", indices, "query", query);
   c10::cuda::CUDAGuard guard(query.device());
   const auto acc = stats_dtype(query.scalar_type());
@@ -335,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> route_backward_cuda(
       route_backward_rows_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(T, 128)), 128, 0, stream>>>(
           gg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
           g.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
-          thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, gating,
+          thr.defined() ? thr.data_ptr<scalar_t>() : nullptr, T, k, N, gating,
           static_cast<scalar_t>(temperature), grad_s.data_ptr<scalar_t>(),
           coef_all.defined() ? coef_all.data_ptr<scalar_t>() : nullptr,
           grad_m.defined() ? grad_m.data_ptr<scalar_t>() : nullptr);

@@ -12,6 +12,7 @@ experts the generator makes (``SoMELayer`` extra state) instead of the experts.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import warnings
@@ -24,17 +25,45 @@ import torch
 from ..errors import CheckpointError
 from ..files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "restore_rng_states", "rng_states", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "restore_rng_states", "rng_states", "save_checkpoint",
+           "state_digest"]
 
 CHECKPOINT_FORMAT = "some-checkpoint-v3"
 _V1 = "some-checkpoint-v1"
 _READABLE = (_V1, "some-checkpoint-v2", CHECKPOINT_FORMAT)
 
 
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and
+    every other value's repr, in a fixed order (dict keys sorted)."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically and durably: a crash leaves either the old or
-    the new file, never a torn one."""
-    return atomic_write(path, lambda f: torch.save(state, f), durable=True)
+    """Write ``state`` atomically and durably (a crash leaves either the old or
+    the new file, never a torn one), with the digest of its content."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return atomic_write(path, lambda f: torch.save({**body, "digest": state_digest(body)}, f), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -55,6 +84,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} has checkpoint format {state['format']!r}, which this version of some "
                               f"cannot read (it reads {', '.join(map(repr, _READABLE))}); "
                               f"use the version that wrote it")
+    if "digest" in state:  # (files of format v1 and v2 have none)
+        body = {k: v for k, v in state.items() if k != "digest"}
+        if state["digest"] != state_digest(body):
+            raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the digest written "
+                                  f"with it (flipped bits on disk or in transfer); use another checkpoint")
+        state = body
     if state["format"] == _V1:
         state = _upgrade_v1(state)
     state["format"] = CHECKPOINT_FORMAT  # v2 files carry every expert: nothing to convert

@@ -28,6 +28,9 @@ class StepResult:
     loss: float  # mean next-token loss over the real targets of the whole global batch
     grad_norm: float  # global gradient norm before clipping
     lr: float  # learning rate the step used
+    # GPUs: whether every key-store update was applied, as a device tensor not
+    # yet read (None where the verdicts were read at once: the CPU)
+    keys_applied: Tensor | None = None
 
 
 def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer, config: OptimConfig,
@@ -85,5 +88,8 @@ def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim
     # SPEC §4: self-organize the key stores after every optimizer step, from
     # the statistics of all tokens of the step (all micro-batches, all ranks)
     all_reduce_keystore_stats(dist, model.some_layers())
-    model.update_keys()
-    return StepResult(value, float(grad_norm), lr)
+    verdicts = [v for v in model.update_keys(wait=device.type == "cpu") if v is not None]
+    if any(v is False for v in verdicts):
+        raise TrainingDiverged("a key-store update was refused (non-finite statistics, keys or update)")
+    pending = [v for v in verdicts if isinstance(v, Tensor)]  # GPUs: read when the caller synchronizes anyway
+    return StepResult(value, float(grad_norm), lr, torch.stack(pending).all() if pending else None)

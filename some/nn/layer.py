@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..errors import TrainingDiverged
 from ..ops import ExpertSpec, KeystoreStats
 from ..ops.philox import GENERATOR, fill_expert_weights
 from .config import SoMELayerConfig
@@ -147,6 +148,8 @@ class SoMELayer(nn.Module):
             raise ValueError(f"SoMELayer: token_mask shape {tuple(token_mask.shape)} must be {tuple(x.shape[:2])}")
         B, S, d = x.shape
         q = self.router(x)  # (B, S, d)
+        if q.device.type == "cpu" and not bool(torch.isfinite(q).all()):  # (free on the CPU; a sync on GPUs)
+            raise TrainingDiverged(f"the router's output is not finite (NaN/Inf) in SoME layer {self.layer}")
 
         route_kwargs = dict(score_mode=cfg.score_mode, top_p=cfg.top_p, thresholds=self.thresholds,
                             active=self.expert_active, fallback_top1=not self.training)
@@ -261,11 +264,14 @@ class SoMELayer(nn.Module):
         return self._pending
 
     @torch.no_grad()
-    def update_keys(self) -> bool:
+    def update_keys(self, wait: bool | None = None) -> bool | Tensor | None:
         """Apply SPEC §4 with the statistics gathered since the last call.
 
-        Returns True when the store was updated, False when there was nothing
-        to apply or the statistics were non-finite (then the store is untouched).
+        Returns True when the store was updated, False when the statistics (or
+        the update) were not finite and the store was left untouched, None when
+        there was nothing to apply. With ``wait=False`` (the default on GPUs) the
+        verdict is a 0-dim bool tensor on the device, to be read when the caller
+        synchronizes anyway.
         """
         cfg = self.config
         stats, self._pending = self._pending, None
@@ -276,12 +282,12 @@ class SoMELayer(nn.Module):
                     _uniform_(mod.weight, bound, self._router_gen)
                     _uniform_(mod.bias, bound, self._router_gen)
         if stats is None:
-            return False
+            return None
         sum_q, mass, counts, coselect = stats
         applied = ops.keystore_update(
             self.keys, self.key_velocity, self.key_usage, sum_q.to(self.keys.dtype), mass.to(self.keys.dtype),
             counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
-            normalize=cfg.score_mode == "cosine",
+            normalize=cfg.score_mode == "cosine", wait=self.keys.device.type == "cpu" if wait is None else wait,
         )
         if cfg.adaptive:  # after the step's self-organization, which used this step's experts
             self._adapt(counts)
@@ -339,7 +345,7 @@ class SoMELayer(nn.Module):
         if self._digest is None:
             h = hashlib.sha256()
             for t in (self.w1, self.b1, self.w2, self.b2):
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._digest = h.hexdigest()
         return self._digest
 

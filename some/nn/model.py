@@ -145,10 +145,10 @@ class CausalLM(nn.Module):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, SoMELayer)]
 
     @torch.no_grad()
-    def update_keys(self) -> list[bool]:
+    def update_keys(self, wait: bool | None = None) -> list:
         """Self-organize every SoME layer's key store (SPEC §4); call after every
-        optimizer step. Returns, per layer, whether its store was updated."""
-        return [layer.update_keys() for layer in self.some_layers()]
+        optimizer step. Returns, per layer, :meth:`SoMELayer.update_keys`'s verdict."""
+        return [layer.update_keys(wait) for layer in self.some_layers()]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable) parameters; total includes the frozen experts,

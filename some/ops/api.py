@@ -185,11 +185,16 @@ def keystore_update(
     theta_percentile: float,
     ema_decay: float,
     normalize: bool = True,
-) -> bool:
+    *,
+    wait: bool = True,
+) -> bool | Tensor:
     """Apply one self-organization step (SPEC §4) to ``keys``, ``velocity`` and ``usage`` in place.
 
-    Returns ``True`` when applied. Non-finite statistics (or an already
-    non-finite store) leave all three tensors untouched, warn, and return ``False``.
+    Returns ``True`` when applied. Non-finite statistics, an already non-finite
+    store, or an update that would overflow leave all three tensors untouched,
+    warn, and return ``False``. With ``wait=False`` the verdict is returned as
+    the 0-dim bool tensor the kernel wrote (no host synchronization on a GPU,
+    no warning): the caller reads it when it synchronizes anyway.
     """
     for name, t in (("keys", keys), ("velocity", velocity), ("usage", usage), ("sum_q", sum_q),
                     ("mass", mass), ("counts", counts), ("coselect", coselect)):
@@ -201,7 +206,12 @@ def keystore_update(
         if backend_for(keys.device) == "torch":
             ok = torch_backend.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args)
         else:
-            ok = bool(torch.ops.some.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args))
+            flag = torch.ops.some.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args)
+            if not wait:
+                return flag
+            ok = bool(flag)
+    if not wait:
+        return torch.tensor(ok, device=keys.device)
     if not ok:
         warnings.warn("some.keystore_update: non-finite key-store statistics; the key store was left untouched",
                       RuntimeWarning, stacklevel=2)

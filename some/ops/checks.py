@@ -11,11 +11,12 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .types import FLOAT_DTYPES, GATINGS, SCORE_MODES
 
-__all__ = ["check_experts", "check_keystore_stats", "check_keystore_update", "check_procedural_experts", "check_route",
-           "stats_dtype"]
+__all__ = ["check_experts", "check_experts_backward", "check_grouping", "check_keystore_stats", "check_keystore_update",
+           "check_procedural_experts", "check_route", "check_route_backward", "stats_dtype"]
 
 _FLOAT_NAMES = "float32, float64 or bfloat16"
 # The smallest positive normal float32: below it s/τ overflows in the kernels' precision.
@@ -102,6 +103,8 @@ def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float
     _size(op, "keys", keys, 1, query.shape[1], "the query width d")
     if not 1 <= k <= N:
         raise ValueError(f"{op}: k must be in 1..N = 1..{N}, got k = {k}")
+    if not (isinstance(k, int) and not isinstance(k, bool)):
+        raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
     if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
         raise ValueError(f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE:.6g} (the smallest normal "
                          f"float32), got {temperature}")
@@ -122,7 +125,7 @@ def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float
 
 
 def check_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-                  b2: Tensor) -> None:
+                  b2: Tensor, *, values: bool = True) -> None:
     _dim(op, "x", x, 2)
     _floating(op, "x", x)
     _dim(op, "indices", indices, 2)
@@ -150,11 +153,12 @@ def check_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor
         _same_dtype(op, name, t, "x", x)
         _same_device(op, name, t, "x", x)
     _same_device(op, "indices", indices, "x", x)
-    check_indices(op, indices, N)
+    if values:
+        check_indices(op, indices, N)
 
 
 def check_procedural_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, seed: int, layer: int,
-                             num_experts: int, d_ffn: int) -> None:
+                             num_experts: int, d_ffn: int, *, values: bool = True) -> None:
     _dim(op, "x", x, 2)
     _floating(op, "x", x)
     _dim(op, "indices", indices, 2)
@@ -173,10 +177,12 @@ def check_procedural_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor,
         raise ValueError(f"{op}: num_experts must be in 1..2^31-1, got {num_experts}")
     if not 1 <= d_ffn < 2**31:
         raise ValueError(f"{op}: d_ffn must be in 1..2^31-1, got {d_ffn}")
-    check_indices(op, indices, num_experts)
+    if values:
+        check_indices(op, indices, num_experts)
 
 
-def check_keystore_stats(op: str, query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> None:
+def check_keystore_stats(op: str, query: Tensor, indices: Tensor, gates: Tensor, num_experts: int, *,
+                         values: bool = True) -> None:
     _dim(op, "query", query, 2)
     _floating(op, "query", query)
     _dim(op, "indices", indices, 2)
@@ -190,7 +196,59 @@ def check_keystore_stats(op: str, query: Tensor, indices: Tensor, gates: Tensor,
     _same_device(op, "gates", gates, "query", query)
     if num_experts < 1:
         raise ValueError(f"{op}: num_experts must be >= 1, got {num_experts}")
-    check_indices(op, indices, num_experts)
+    if values:
+        check_indices(op, indices, num_experts)
+
+
+def check_grouping(op: str, hidden: Tensor, order: Tensor, offsets: Tensor, P: int, N: int, h: int) -> None:
+    """Shapes and dtypes of the grouping a forward returns (hidden [P, h], order [P], offsets [N + 1])."""
+    if hidden.dim() != 2 or tuple(hidden.shape) != (P, h):
+        raise ValueError(f"{op}: 'hidden' must have shape [T*k, h] = [{P}, {h}], got {_shape(hidden)}")
+    if order.dim() != 1 or order.numel() != P or offsets.dim() != 1 or offsets.numel() != N + 1:
+        raise ValueError(f"{op}: 'order'/'offsets' do not match this call (expected shapes [{P}] and [{N + 1}], got "
+                         f"{_shape(order)} and {_shape(offsets)}); pass the tensors returned by the forward op")
+    _dtype(op, "order", order, torch.long)
+    _dtype(op, "offsets", offsets, torch.long)
+
+
+def check_route_backward(op: str, grad_gates: Tensor, grad_scores: Tensor, query: Tensor, keys: Tensor,
+                         indices: Tensor, gates: Tensor, scores: Tensor, temperature: float, gating: str,
+                         score_mode: str, thresholds: Tensor | None, active: Tensor | None) -> None:
+    _dim(op, "indices", indices, 2)
+    _dtype(op, "indices", indices, torch.long)
+    check_route(op, query, keys, indices.shape[1], temperature, gating, score_mode, 0.5, thresholds, active)
+    _size(op, "indices", indices, 0, query.shape[0], "the number of tokens T (rows of query)")
+    _same_device(op, "indices", indices, "query", query)
+    for name, t in (("grad_gates", grad_gates), ("grad_scores", grad_scores), ("gates", gates), ("scores", scores)):
+        if t.shape != indices.shape:
+            raise ValueError(f"{op}: '{name}' must have shape [T, k] = {_shape(indices)}, got {_shape(t)}")
+        _floating(op, name, t)
+        _same_device(op, name, t, "query", query)
+
+
+def check_experts_backward(op: str, grad_y: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, w2: Tensor,
+                           b2: Tensor, hidden: Tensor, order: Tensor, offsets: Tensor) -> None:
+    _dim(op, "grad_y", grad_y, 2)
+    _dim(op, "indices", indices, 2)
+    _dim(op, "w1", w1, 3)
+    _floating(op, "w1", w1)
+    (T, k), (N, h, d) = indices.shape, w1.shape
+    if tuple(grad_y.shape) != (T, d):
+        raise ValueError(f"{op}: 'grad_y' must have shape [T, d] = [{T}, {d}], got {_shape(grad_y)}")
+    if gates.shape != indices.shape:
+        raise ValueError(f"{op}: 'gates' has shape {_shape(gates)} but 'indices' has shape {_shape(indices)}; "
+                         f"both must be [T, k]")
+    if w2.dim() != 3 or tuple(w2.shape) != (N, d, h):
+        raise ValueError(f"{op}: 'w2' must have shape [N, d, h] = [{N}, {d}, {h}], got {_shape(w2)}")
+    if b2.dim() != 2 or tuple(b2.shape) != (N, d):
+        raise ValueError(f"{op}: 'b2' must have shape [N, d] = [{N}, {d}], got {_shape(b2)}")
+    check_grouping(op, hidden, order, offsets, T * k, N, h)
+    _dtype(op, "indices", indices, torch.long)
+    for name, t in (("grad_y", grad_y), ("gates", gates), ("w2", w2), ("b2", b2), ("hidden", hidden)):
+        _same_dtype(op, name, t, "w1", w1)
+    for name, t in (("indices", indices), ("gates", gates), ("w1", w1), ("w2", w2), ("b2", b2),
+                    ("hidden", hidden), ("order", order), ("offsets", offsets)):
+        _same_device(op, name, t, "grad_y", grad_y)
 
 
 def check_keystore_update(op: str, keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor, mass: Tensor,
@@ -216,9 +274,10 @@ def check_keystore_update(op: str, keys: Tensor, velocity: Tensor, usage: Tensor
     for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass), ("counts", counts),
                     ("coselect", coselect)):
         _same_device(op, name, t, "keys", keys)
-    for name, t in (("velocity", velocity), ("usage", usage)):
-        if t.data_ptr() == keys.data_ptr() and t.numel() and keys.numel():
-            raise ValueError(f"{op}: '{name}' aliases 'keys'; the three updated tensors must be distinct")
+    if not is_fake(keys) and keys.device.type != "meta":  # (fake tensors have no storage to compare)
+        storages = [t.untyped_storage().data_ptr() for t in (keys, velocity, usage)]
+        if len(set(storages)) < 3 and all(t.numel() for t in (keys, velocity, usage)):
+            raise ValueError(f"{op}: 'keys', 'velocity' and 'usage' are updated in place and must not share memory")
     for name, v in (("alpha", alpha), ("beta", beta), ("delta", delta)):
         if not math.isfinite(v):
             raise ValueError(f"{op}: {name} must be finite, got {v}")

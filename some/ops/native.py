@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import checks
+
 __all__ = ["AVAILABLE", "IMPORT_ERROR", "build_info", "built_for"]
 
 try:
@@ -57,19 +59,25 @@ def built_for(device: torch.device) -> bool:
 
 def _route_fake(query, keys, k, temperature, gating="softmax", score_mode="cosine", top_p=0.4,
                 thresholds=None, active=None, fallback_top1=False):
-    torch._check(query.dim() == 2, lambda: f"some.route: 'query' must be 2-D, got {tuple(query.shape)}")
-    torch._check(keys.dim() == 2, lambda: f"some.route: 'keys' must be 2-D, got {tuple(keys.shape)}")
-    torch._check(keys.shape[1] == query.shape[1], lambda: "some.route: keys and query widths differ")
-    torch._check(query.device == keys.device, lambda: "some.route: query and keys on different devices")
-    torch._check(1 <= k <= keys.shape[0], lambda: f"some.route: k must be in 1..N = 1..{keys.shape[0]}, got {k}")
+    checks.check_route("some.route", query, keys, k, temperature, gating, score_mode, top_p, thresholds, active)
     T = query.shape[0]
     return (query.new_empty((T, k)), query.new_empty((T, k)), query.new_empty((T, k), dtype=torch.long))
 
 
 def _route_backward_fake(grad_gates, grad_scores, query, keys, indices, gates, scores, temperature,
                          gating, score_mode, thresholds, active):
+    checks.check_route_backward("some.route_backward", grad_gates, grad_scores, query, keys, indices, gates, scores,
+                                temperature, gating, score_mode, thresholds, active)
     grad_thr = thresholds.new_empty(thresholds.shape) if thresholds is not None else query.new_empty((0,))
     return torch.empty_like(query), grad_thr
+
+
+def _no_double_backward(op: str, *grads) -> None:
+    """The backward kernels are not differentiable: under create_graph=True say so instead
+    of returning second derivatives that are silently None or zero."""
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+        raise RuntimeError(f"{op}: double backward (create_graph=True, higher-order gradients) is not supported "
+                           f"by the SoME ops")
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -82,6 +90,7 @@ def _route_setup_context(ctx, inputs, output):
 
 
 def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
+    _no_double_backward("some.route", grad_gates, grad_scores)
     query, keys, indices, gates, scores, thresholds, active = ctx.saved_tensors
     temperature, gating, score_mode = ctx.route_args
     need_query = ctx.needs_input_grad[0]
@@ -99,12 +108,9 @@ def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
 
 
 def _experts_fake(x, indices, gates, w1, b1, w2, b2):
-    torch._check(x.dim() == 2 and indices.dim() == 2 and w1.dim() == 3,
-                 lambda: "some.experts: expected x (T, d), indices (T, k), w1 (N, h, d)")
-    torch._check(indices.shape[0] == x.shape[0], lambda: "some.experts: indices and x have different T")
-    torch._check(gates.shape == indices.shape, lambda: "some.experts: gates and indices shapes differ")
-    torch._check(w1.shape[2] == x.shape[1], lambda: "some.experts: w1 width differs from x")
-    torch._check(indices.dtype == torch.long, lambda: "some.experts: indices must be int64")
+    # the fake kernels check what the C++ kernels check, with the same exception
+    # types, except the index values (a fake tensor has none)
+    checks.check_experts("some.experts", x, indices, gates, w1, b1, w2, b2, values=False)
     T, d = x.shape
     k = indices.shape[1]
     N, h = w1.shape[0], w1.shape[1]
@@ -112,6 +118,7 @@ def _experts_fake(x, indices, gates, w1, b1, w2, b2):
 
 
 def _experts_backward_fake(grad_y, indices, gates, w1, w2, b2, hidden, order, offsets, need_grad_x, need_grad_gates):
+    checks.check_experts_backward("some.experts_backward", grad_y, indices, gates, w1, w2, b2, hidden, order, offsets)
     gx = grad_y.new_empty(grad_y.shape) if need_grad_x else grad_y.new_empty((0,))
     gg = gates.new_empty(gates.shape) if need_grad_gates else gates.new_empty((0,))
     return gx, gg
@@ -128,6 +135,7 @@ def _experts_setup_context(ctx, inputs, output):
 
 
 def _experts_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
+    _no_double_backward("some.experts", grad_y)
     indices, gates, w1, w2, b2, hidden, order, offsets = ctx.saved_tensors
     need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if grad_y is None or not (need_x or need_gates):
@@ -139,11 +147,8 @@ def _experts_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
 
 
 def _procedural_experts_fake(x, indices, gates, seed, layer, num_experts, d_ffn):
-    torch._check(x.dim() == 2 and indices.dim() == 2,
-                 lambda: "some.procedural_experts: expected x (T, d), indices (T, k)")
-    torch._check(indices.shape[0] == x.shape[0], lambda: "some.procedural_experts: indices and x have different T")
-    torch._check(gates.shape == indices.shape, lambda: "some.procedural_experts: gates and indices shapes differ")
-    torch._check(indices.dtype == torch.long, lambda: "some.procedural_experts: indices must be int64")
+    checks.check_procedural_experts("some.procedural_experts", x, indices, gates, seed, layer, num_experts, d_ffn,
+                                    values=False)
     T, d = x.shape
     k = indices.shape[1]
     return (x.new_empty((T, d)), x.new_empty((T * k, d_ffn)), indices.new_empty((T * k,)),
@@ -152,6 +157,9 @@ def _procedural_experts_fake(x, indices, gates, seed, layer, num_experts, d_ffn)
 
 def _procedural_experts_backward_fake(grad_y, indices, gates, seed, layer, num_experts, d_ffn, hidden, order, offsets,
                                       need_grad_x, need_grad_gates):
+    op = "some.procedural_experts_backward"
+    checks.check_procedural_experts(op, grad_y, indices, gates, seed, layer, num_experts, d_ffn, values=False)
+    checks.check_grouping(op, hidden, order, offsets, indices.numel(), num_experts, d_ffn)
     gx = grad_y.new_empty(grad_y.shape) if need_grad_x else grad_y.new_empty((0,))
     gg = gates.new_empty(gates.shape) if need_grad_gates else gates.new_empty((0,))
     return gx, gg
@@ -167,6 +175,7 @@ def _procedural_setup_context(ctx, inputs, output):
 
 
 def _procedural_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
+    _no_double_backward("some.procedural_experts", grad_y)
     indices, gates, hidden, order, offsets = ctx.saved_tensors
     need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if grad_y is None or not (need_x or need_gates):
@@ -177,19 +186,24 @@ def _procedural_backward(ctx, grad_y, grad_hidden, grad_order, grad_offsets):
 
 
 def _fill_expert_weights_fake(w1, b1, w2, b2, seed, layer, first_expert):
+    for name, t, dims in (("w1", w1, 3), ("b1", b1, 2), ("w2", w2, 3), ("b2", b2, 2)):
+        if t.dim() != dims:
+            raise ValueError(f"some.fill_expert_weights: '{name}' must be {dims}-D, got shape {list(t.shape)}")
     return None
 
 
 def _keystore_stats_fake(query, indices, gates, num_experts):
-    torch._check(num_experts >= 1, lambda: "some.keystore_stats: num_experts must be >= 1")
+    checks.check_keystore_stats("some.keystore_stats", query, indices, gates, num_experts, values=False)
     N, d = num_experts, query.shape[1]
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = checks.stats_dtype(query.dtype)
     return (query.new_empty((N, d), dtype=acc), query.new_empty((N,), dtype=acc),
             indices.new_empty((N,)), indices.new_empty((N, N)))
 
 
 def _keystore_update_fake(keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
                           theta_percentile, ema_decay, normalize=True):
+    checks.check_keystore_update("some.keystore_update", keys, velocity, usage, sum_q, mass, counts, coselect,
+                                 alpha, beta, delta, theta_percentile, ema_decay)
     return keys.new_empty((), dtype=torch.bool)
 
 

@@ -44,7 +44,11 @@ REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (SPEC §4)
 
 
 def _unit_rows(t: Tensor) -> Tensor:
-    return t / t.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    """Rows scaled to unit L2 norm; the norm taken as max|x| * ||x / max|x||| so that
+    it neither overflows nor underflows (as the native kernels take it)."""
+    m = t.abs().amax(dim=1, keepdim=True)
+    norm = (t / torch.where(m > 0, m, 1.0)).norm(dim=1, keepdim=True) * m
+    return t / norm.clamp_min(NORM_EPS)
 
 
 # --------------------------------------------------------------------------

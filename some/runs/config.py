@@ -28,7 +28,7 @@ from ..data import DataConfig
 from ..engine.optim import OptimConfig
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
-from ..files import atomic_write
+from ..files import atomic_write, load_yaml_text, read_text_file
 from ..nn.config import ModelConfig, check_size
 from ..ops.backend import BACKENDS
 
@@ -141,15 +141,7 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> SoMEConfig:
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = load_yaml_text(read_text_file(path, "config file"), f"config file {path}")
         return cls.from_dict(data or {}, source=str(path))
 
 

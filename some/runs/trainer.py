@@ -120,6 +120,38 @@ class Checkpointer:
         if self.run_dir.is_main:
             save_checkpoint(self.run_dir.checkpoint, self.state(progress))
 
+    def check(self, state: dict[str, Any], train_samples: int) -> None:
+        """The schema of a checkpoint: the keys, types and ranges a resume relies on,
+        and finite values (a diverged state is never resumed)."""
+        path = self.run_dir.checkpoint
+        for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("rng", dict),
+                          ("position", dict), ("history", list)):
+            if not isinstance(state.get(key), kind):
+                raise CheckpointError(f"checkpoint {path} has no valid '{key}' ({kind.__name__} expected); it is "
+                                      f"damaged or was not written by some")
+        pos, spe = state["position"], self.steps_per_epoch
+        ints = {name: pos.get(name) for name in ("epoch", "step", "tokens")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
+            raise CheckpointError(f"checkpoint {path}: position {ints} must hold integers")
+        if not (0 <= pos["epoch"] <= self.config.epochs and 0 <= pos["step"] <= spe and pos["tokens"] >= 0):
+            raise CheckpointError(f"checkpoint {path}: position epoch {pos['epoch']}, step {pos['step']} is outside "
+                                  f"this run ({self.config.epochs} epochs x {spe} steps)")
+        if state["scheduler"].get("global_step") != pos["epoch"] * spe + pos["step"]:
+            raise CheckpointError(f"checkpoint {path}: scheduler step {state['scheduler'].get('global_step')} does "
+                                  f"not match the position (epoch {pos['epoch']}, step {pos['step']})")
+        if len(state["history"]) != pos["epoch"]:
+            raise CheckpointError(f"checkpoint {path}: {len(state['history'])} epoch records for epoch "
+                                  f"{pos['epoch']}")
+        order = pos.get("order")
+        if order is not None and (not isinstance(order, torch.Tensor) or order.numel() != train_samples):
+            raise CheckpointError(f"checkpoint {path}: the epoch's sample order does not fit the {train_samples} "
+                                  f"training samples")
+        for group in ("model", "optimizer"):
+            bad = _first_non_finite(state[group])
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} holds NaN or Inf in {group} '{bad}': the run had "
+                                      f"diverged; it cannot be resumed from this state")
+
     def restore(self, state: dict[str, Any]) -> Progress:
         """Load ``state`` into the model and optimizer, set the RNGs; the progress it holds."""
         path = self.run_dir.checkpoint
@@ -142,6 +174,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} was written for {saved_total} steps, "
                                   f"this run has {self.total_steps} (did the data change?)")
         return progress
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The name of the first floating tensor in ``obj`` (nested dicts/lists) holding NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 class EpochEvaluator:
@@ -178,14 +222,21 @@ class Trainer:
         self.progress_bar = progress
         self.echo = echo
         self.faults = faults if faults is not None else Faults.from_env()
+        self._pending_checks: list[tuple[int, torch.Tensor]] = []
         # torchrun: join the process group (a no-op for a single process)
         self.parallel = DataParallel.from_env(self.device, config.dist_timeout if config is not None else 600.0)
         self.device = self.parallel.device
         self.run_dir = RunDirectory(out_dir, is_main=self.parallel.is_main)
         self.run_dir.check(resume)
         self.parallel.barrier()  # every rank has looked at the run directory before rank 0 writes to it
-        self.run_dir.create()
+        self.run_dir.create()  # and holds its lock until the run ends
+        try:
+            self._setup(config, resume)
+        except BaseException:
+            self.run_dir.release()
+            raise
 
+    def _setup(self, config: SoMEConfig | None, resume: bool) -> None:
         state = load_checkpoint(self.run_dir.checkpoint) if resume else None  # RNG states must stay on the CPU
         self.config = config = self._run_config(config, state)
         seed_everything(config.seed)
@@ -204,7 +255,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.middle = config.n_layers // 2
 
-        with self.run_dir.logging(echo):  # expert construction logs what it does
+        with self.run_dir.logging(self.echo):  # expert construction logs what it does
             self.model, construction = build_model(config, self.device, data=self.data if state is None else None)
         if construction is not None:
             self.run_dir.write_json("dense.json", construction)
@@ -215,6 +266,7 @@ class Trainer:
                                          self.steps_per_epoch, self.total_steps)
         self.evaluator = EpochEvaluator(config, self.data, self.device, self.parallel, self.middle)
         if state is not None:
+            self.checkpointer.check(state, len(self.data.train))
             self.progress = self.checkpointer.restore(state)
             # metrics.jsonl may have lines from after the checkpoint: rewrite it from the checkpoint
             self.run_dir.write_metrics(self.progress.history)
@@ -269,14 +321,21 @@ class Trainer:
     # -------------------------------------------------------------- training
     def run(self, make_plots: bool = True) -> RunResult:
         """Train to the end (or continue to it), then write the analysis, pictures and report."""
-        with self.run_dir.logging(self.echo), self.parallel.peer_errors(), self._ops_backend():
-            self._announce()
-            while self.progress.epoch < self.config.epochs:
-                timing = self._train_epoch()
-                self._end_epoch(timing)
-            analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
-                                  make_plots=make_plots)
+        try:
+            with self.run_dir.logging(self.echo), self.parallel.peer_errors(), self._ops_backend():
+                self._announce()
+                while self.progress.epoch < self.config.epochs:
+                    timing = self._train_epoch()
+                    self._end_epoch(timing)
+                analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
+                                      make_plots=make_plots)
+        finally:
+            self.run_dir.release()  # the directory is free for the next run (or a resume)
         return RunResult(self.out, self.history, analysis)
+
+    def close(self) -> None:
+        """Release the run directory without running (a Trainer built only to inspect)."""
+        self.run_dir.release()
 
     def _ops_backend(self) -> contextlib.AbstractContextManager:
         """The ops backend of the run: ``ops_backend`` when it forces one, else the process's choice."""
@@ -328,12 +387,28 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(pos.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9):,.0f}")
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
                     and pos.step < self.steps_per_epoch:  # the epoch's end saves anyway
+                self._check_pending()
                 self.checkpointer.save(pos)
                 log.info(f"Saved checkpoint at step {self.global_step}")
             self.faults.after_step(self.global_step, self.parallel.rank, self.run_dir.checkpoint)
         bar.close()
         seconds = time.perf_counter() - t0
         return {"epoch_seconds": seconds, "train_tokens_per_s": (pos.tokens - tokens0) / max(seconds, 1e-9)}
+
+    def _diverged(self, what: str, step: int) -> TrainingDiverged:
+        # Nothing is saved: the checkpoint on disk is the last good state.
+        ckpt = self.run_dir.checkpoint
+        kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint had been written yet"
+        epoch, batch_no = divmod(step - 1, self.steps_per_epoch)
+        return TrainingDiverged(f"training diverged: {what} at step {step} (epoch {epoch + 1}, batch {batch_no + 1}); "
+                                f"stopped without saving; {kept}")
+
+    def _check_pending(self) -> None:
+        """Read the key-store verdicts that GPU steps left on the device (before a checkpoint)."""
+        pending, self._pending_checks = self._pending_checks, []
+        for step, applied in pending:
+            if not bool(applied):
+                raise self._diverged("a key-store update was refused (non-finite statistics, keys or update)", step)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:
         step = self.global_step + 1  # 1-based number of the step being taken
@@ -343,12 +418,9 @@ class Trainer:
                                 trainable=self.trainable, ddp=self.ddp, dist=self.parallel.ctx,
                                 loss_hook=self.faults.loss_hook if self.faults.nan_step else None)
         except TrainingDiverged as e:
-            # Nothing is saved: the checkpoint on disk is the last good state.
-            ckpt = self.run_dir.checkpoint
-            kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint had been written yet"
-            epoch, batch_no = divmod(step - 1, self.steps_per_epoch)
-            raise TrainingDiverged(f"training diverged: {e} at step {step} (epoch {epoch + 1}, batch {batch_no + 1}); "
-                                   f"stopped without saving; {kept}") from None
+            raise self._diverged(str(e), step) from None
+        if result.keys_applied is not None:
+            self._pending_checks.append((step, result.keys_applied))
         layers = self.model.some_layers()
         self.faults.write_digest(self.out, step, self.parallel.rank,
                                  (t for layer in layers for t in (layer.keys, layer.key_velocity, layer.key_usage)),
@@ -374,6 +446,7 @@ class Trainer:
         pos.history.append(record)
         pos.last_usage = usage
         pos.next_epoch()
+        self._check_pending()
         self.checkpointer.save(pos)  # before metrics.jsonl: a crash in between is repaired on resume
         self.run_dir.write_metrics(pos.history)
 

@@ -31,6 +31,7 @@ from typing import Any
 from ..data import CorpusUnavailableError, load_documents, load_tinystories, parse_source
 from ..errors import ConfigError, StudyError
 from ..fields import check_key, field_names, parse_value
+from ..files import load_yaml_text, read_text_file
 from ..runs import PRESETS, SoMEConfig
 
 __all__ = ["Dataset", "Measure", "Run", "Study", "Variant", "load_study", "plural"]
@@ -43,6 +44,8 @@ DATASET_KEYS = ("name", "data_source", "ood_source", "set")
 RESERVED = {"seed": "seeds are the study's 'seeds'", "data_source": "corpora are the study's 'datasets'",
             "ood_source": "corpora are the study's 'datasets'"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # variant / dataset names are directory names
+MAX_NAME = 100  # a directory name with room for the rest of the path
+MAX_SEED = 2**32 - 1  # as the config's seed
 
 
 def plural(n: int, what: str) -> str:
@@ -126,15 +129,13 @@ def load_study(path: str | Path, smoke: bool = False, *, check_corpora: bool = T
     Every run's configuration is built and validated, and (``check_corpora``)
     every corpus is loaded once, so that nothing fails after training starts.
     """
-    import yaml
-
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise StudyError(f"study file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise StudyError(f"study file {path} is not valid YAML: {e}") from None
+        raw = load_yaml_text(read_text_file(path, "study file"), f"study file {path}")
+    except StudyError:
+        raise
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: a study file is a mapping (study, preset, set, datasets, seeds, variants, ...), "
                          f"got {type(raw).__name__}")
@@ -242,16 +243,18 @@ def _fields(mapping: Any, where: str) -> dict[str, Any]:
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
-        raise StudyError(f"{where}: expected a non-empty list of non-negative integers, got {value!r}")
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value):
+        raise StudyError(f"{where}: expected a non-empty list of integers in 0..{MAX_SEED}, got {value!r}")
     if len(set(value)) != len(value):
         raise StudyError(f"{where}: a seed is listed twice: {value}")
     return tuple(value)
 
 
 def _check_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise StudyError(f"{where}: name {name!r} must be letters, digits and _.+- (it names a directory)")
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME:
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
+        raise StudyError(f"{where}: name {shown!r} must be 1..{MAX_NAME} letters, digits and _.+- (it names a "
+                         f"directory)")
     return name
 
 
