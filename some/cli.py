@@ -33,6 +33,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="some", description="Self-Organizing Mixture of Experts")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a SoME language model into a run directory",
@@ -156,10 +157,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# Errors from the user's files and machine, reported in one line (with --debug: the traceback).
+_USER_ENVIRONMENT_ERRORS = (OSError, UnicodeDecodeError, MemoryError, RecursionError, ValueError)
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) and e.filename:  # from open(): "[Errno 2] ..." is noise
         return f"file not found: {e.filename}"
-    return str(e)
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, MemoryError):
+        return "out of memory (a size in the configuration is too large for this machine)"
+    if isinstance(e, RecursionError):
+        return "a file is nested too deeply to read"
+    return str(e) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,9 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate, "selftest": _selftest}
     try:
         return handlers[args.command](args)
-    except (SomeError, FileNotFoundError) as e:
+    except SomeError as e:
+        if args.debug:
+            raise
         print(f"some: error: {_describe(e)}", file=sys.stderr)
-        return e.exit_code if isinstance(e, SomeError) else 1
+        return e.exit_code
+    except _USER_ENVIRONMENT_ERRORS as e:
+        if args.debug or (isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError)):
+            raise  # a ValueError that is no SomeError is a bug: show it
+        print(f"some: error: {_describe(e)}", file=sys.stderr)
+        return 2
     finally:
         logger.removeHandler(console)
 

@@ -84,11 +84,15 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
     if not ok:
-        left = "any" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
-        right = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
-        where = f"in {left}, {right}" if hi is not None and lo is not None else (
-            f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else f"{'<' if hi_open else '<='} {hi:g}")
-        raise ConfigError(f"config field '{name}' must be a finite number {where}, got {value!r}")
+        if lo is not None and hi is not None:
+            where = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            where = f" {'>' if lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            where = f" {'<' if hi_open else '<='} {hi:g}"
+        else:
+            where = ""
+        raise ConfigError(f"config field '{name}' must be a finite number{where}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

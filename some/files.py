@@ -111,6 +111,9 @@ def load_yaml_text(text: str, source: str):
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML: {problem}{where}") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML is nested too deeply") from None

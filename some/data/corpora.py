@@ -259,6 +259,15 @@ def load_bible(verses_per_doc: int | None = BIBLE_VERSES_PER_DOC, *, key: str = 
 # ---- local files
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
+    try:
+        return _read_jsonl_lines(path, docs)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: a JSON line is nested too deeply") from None
+
+
+def _read_jsonl_lines(path: Path, docs: list[str]) -> list[str]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -11,7 +11,8 @@ from typing import Any
 
 from ..analysis import entropy_bits, experts_used, gini, max_entropy_bits
 from ..analysis.plots import keystore_umap, usage_histogram
-from ..files import atomic_write
+from ..errors import RunDirError
+from ..files import atomic_write, read_text_file
 from .config import SoMEConfig
 from .rundir import RunDirectory
 
@@ -66,10 +67,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    history = []
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    history = _read_jsonl(run_dir / "metrics.jsonl")
     return {
         "config": SoMEConfig.load_yaml(config_path),
         "info": _read_json(run_dir / "run.json"),
@@ -177,4 +175,23 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(read_text_file(path, "run file"))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the run directory is damaged") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for lineno, line in enumerate(read_text_file(path, "run file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}:{lineno}: not valid JSON ({e.msg}); the run directory is damaged") from None
+    return records
