@@ -67,7 +67,8 @@ inline void add_top_p_coupling(at::Tensor& grad_qhat, const at::Tensor& q, const
   if (active.has_value() && active->defined())
     S = S.masked_fill(active->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
   S = S.masked_fill(at::isnan(S), -std::numeric_limits<double>::infinity());  // never selected, not in P
-  grad_qhat.add_(at::mm(at::softmax(S, 1) * coef_all.unsqueeze(1), kk));
+  // a token with no eligible expert (all masked) has P = 0, not softmax's NaN
+  grad_qhat.add_(at::mm(at::softmax(S, 1).nan_to_num(0.0) * coef_all.unsqueeze(1), kk));
 }
 
 // dL/dq from dL/dq̂. Cosine: q̂ = q / max(||q||, eps), so project out the

@@ -55,6 +55,22 @@ def test_route_top_any_threshold_gradient(backend):
     torch.testing.assert_close(q1.grad, q2.grad)
 
 
+def test_route_top_any_gradient_when_one_expert_fires(backend):
+    """A token with one fired expert has gate exactly 1 and no gate gradient (found by the
+    fuzzer: the torch backend's straight-through mask rounded to 1 - 2^-53)."""
+    q, K, thr = make_route_inputs(64, 3, 5, seed=0)
+    thr = thr / 0.3  # N(0, 1) thresholds: many tokens fire a single expert
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    got = ops.route(q1, K, 2, 0.8, "top_any", thresholds=thr)
+    ref = route_ref(q2, K, 2, 0.8, "top_any", thresholds=thr)
+    single = (got.indices >= 0).sum(1) == 1
+    assert single.sum() >= 5, "the case must have tokens that fire one expert"
+    assert (got.gates[single, 0] == 1).all()
+    got.gates.sum().backward()
+    ref[1].sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad, atol=1e-12, rtol=1e-9)
+
+
 def test_route_top_any_fallback_and_empty_slots(backend):
     q, K, _ = make_route_inputs(10, 6, 5)
     high = torch.full((5,), 100.0, dtype=torch.float64)  # nothing can fire
@@ -90,6 +106,18 @@ def test_route_active_mask_excludes_experts(backend):
     # fewer active experts than k: the remaining slots are empty
     r = ops.route(q, K, 6, 0.8, active=active)
     assert (r.indices[:, 5] == -1).all() and (r.gates[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("gating", GATINGS)
+def test_route_with_every_expert_inactive_has_finite_gradients(gating, backend):
+    """Found by the fuzzer: top_p's backward took a softmax over no eligible expert (NaN)."""
+    q, K, thr = make_route_inputs(3, 4, 2)
+    q.requires_grad_()
+    r = ops.route(q, K, 1, 0.8, gating, thresholds=thr if gating == "top_any" else None,
+                  active=torch.zeros(2, dtype=torch.bool), fallback_top1=True)
+    assert (r.indices == -1).all() and (r.gates == 0).all()
+    (r.gates.sum() + r.scores.sum()).backward()
+    assert torch.isfinite(q.grad).all() and (q.grad == 0).all()
 
 
 def test_route_ties_prefer_lower_index(backend):

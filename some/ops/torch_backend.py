@@ -46,7 +46,7 @@ REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (SPEC §4)
 def _unit_rows(t: Tensor) -> Tensor:
     """Rows scaled to unit L2 norm; the norm taken as max|x| * ||x / max|x||| so that
     it neither overflows nor underflows (as the native kernels take it)."""
-    m = t.abs().amax(dim=1, keepdim=True)
+    m = t.detach().abs().amax(dim=1, keepdim=True)  # a constant scale: ||x|| = m ||x / m|| exactly
     norm = (t / torch.where(m > 0, m, 1.0)).norm(dim=1, keepdim=True) * m
     return t / norm.clamp_min(NORM_EPS)
 
@@ -116,8 +116,9 @@ def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str =
         gates = P
     else:  # top_any: straight-through mask m (1 forward, d(σ(s/τ) - σ(G)) backward), gates m / Σ m
         surrogate = torch.sigmoid(s_sel / tau) - torch.sigmoid(thresholds.to(acc)[idx])
-        m = torch.where(valid, 1.0 + surrogate - surrogate.detach(), 0.0)
-        gates = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        m = torch.where(valid, 1.0 + (surrogate - surrogate.detach()), 0.0)  # exactly 1 forward
+        total = m.sum(dim=1, keepdim=True)
+        gates = m / torch.where(any_valid, total, torch.ones_like(total))  # (no clamp: it would cut the gradient)
         if fallback is not None:
             gates = torch.where(fallback.unsqueeze(1), torch.ones_like(gates), gates)  # no gradient there
     gates = torch.where(valid, gates, 0.0)
