@@ -164,14 +164,14 @@ def call_route_backward_raw(rng):
 
     gating = str(rng.choice(GATINGS))
     thr = torch.zeros(4) if gating == "top_any" else None
-    I, G, S = ops.route(q, K, 2, 0.8, gating, thresholds=thr)
-    I = I.clone()
+    idx, G, S = ops.route(q, K, 2, 0.8, gating, thresholds=thr)
+    idx = idx.clone()
     if rng.random() < 0.7:
-        I.view(-1)[rng.integers(0, I.numel())] = int(rng.choice([1 << 40, 4, 7, -2, -(1 << 50)]))
+        idx.view(-1)[rng.integers(0, idx.numel())] = int(rng.choice([1 << 40, 4, 7, -2, -(1 << 50)]))
     if rng.random() < 0.2:
-        I = I[:, :1]
+        idx = idx[:, :1]
     return "route_backward(raw)", lambda: torch.ops.some.route_backward(
-        torch.ones_like(G), torch.ones_like(S), q, K, I, G, S, 0.8, gating, "cosine", thr, None), None
+        torch.ones_like(G), torch.ones_like(S), q, K, idx, G, S, 0.8, gating, "cosine", thr, None), None
 
 
 def call_keystore(rng, raw: bool):

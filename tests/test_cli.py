@@ -36,7 +36,8 @@ def test_unknown_preset_lists_the_presets(capsys, tmp_path):
     code, _, err = run_main(capsys, "train", "--preset", "tiny-tset", "--out", str(tmp_path / "r"))
     line = _one_line_error(err)
     assert code == 2
-    assert "unknown preset 'tiny-tset' (did you mean tiny-test" in line and "A4, B1, B2, B3, tiny, tiny-test" in line
+    assert "unknown preset 'tiny-tset' (did you mean tiny-test" in line
+    assert "A4, B1, B2, B3, tiny, small, small-B1, small-B2, small-B3, tiny-test" in line
     assert not (tmp_path / "r").exists()
 
 

@@ -39,17 +39,17 @@ def _one_line_error(capsys, argv, code=None):
 
 def test_1_route_backward_checks_its_indices():
     q, K = torch.randn(4, 8), torch.randn(6, 8)
-    I, G, S = ops.route(q, K, 2, 0.8)
+    routed, G, S = ops.route(q, K, 2, 0.8)
     thr = torch.zeros(6)
     for bad in (1 << 40, 7, -2):
-        idx = I.clone()
+        idx = routed.clone()
         idx[0, 0] = bad
         for gating, th in (("softmax", None), ("top_any", thr)):
             with pytest.raises(IndexError, match=r"indices must be in -1\.\.N-1 = -1\.\.5"):
                 torch.ops.some.route_backward(torch.ones_like(G), torch.ones_like(S), q, K, idx, G, S, 0.8,
                                               gating, "cosine", th, None)
     with pytest.raises(ValueError, match="'indices' has shape"):
-        torch.ops.some.route_backward(torch.ones_like(G), torch.ones_like(S), q, K, I[:2], G, S, 0.8,
+        torch.ops.some.route_backward(torch.ones_like(G), torch.ones_like(S), q, K, routed[:2], G, S, 0.8,
                                       "softmax", "cosine", None, None)
     # the heap is intact: a valid call afterwards works
     x = torch.randn(10, 8)
@@ -333,7 +333,8 @@ def test_10_corrupt_metrics_and_devices_are_one_line(finished, tmp_path, capsys)
     (copy / "metrics.jsonl").write_text('{"epoch": 1}\n{not json\n')
     line = _one_line_error(capsys, ["report", str(copy)])
     assert "metrics.jsonl:2: not valid JSON" in line
-    line = _one_line_error(capsys, ["train", "--preset", "tiny-test", "--device", "tpu:7", "--out", str(tmp_path / "x")])
+    line = _one_line_error(capsys, ["train", "--preset", "tiny-test", "--device", "tpu:7",
+                                    "--out", str(tmp_path / "x")])
     assert "tpu:7" in line
 
 

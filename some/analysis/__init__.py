@@ -1,5 +1,13 @@
 """What a run or a study measures: usage metrics, FLOPs, latency, memory,
 specialization, statistics across variants, and the pictures."""
+from .dynamics import (
+    DYNAMICS_FIELDS,
+    collapse_threshold,
+    dynamics_records,
+    dynamics_summary,
+    layer_record,
+    mean_pairwise_cosine,
+)
 from .measure import (
     RoutingPass,
     analytic_flops_per_token,
@@ -26,21 +34,27 @@ from .specialization import TOKEN_CLASSES, mutual_information_bits, specializati
 from .stats import FriedmanResult, friedman
 
 __all__ = [
+    "DYNAMICS_FIELDS",
     "TOKEN_CLASSES",
     "ExpertsUsed",
     "FriedmanResult",
     "RoutingPass",
     "analytic_flops_per_token",
     "as_counts",
+    "collapse_threshold",
     "count_flops",
     "current_rss_mb",
+    "dynamics_records",
+    "dynamics_summary",
     "entropy_bits",
     "experts_used",
     "format_experts_used",
     "friedman",
     "gini",
     "inference_latency",
+    "layer_record",
     "max_entropy_bits",
+    "mean_pairwise_cosine",
     "memory_kind",
     "mutual_information_bits",
     "peak_memory_mb",

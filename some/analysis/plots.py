@@ -27,8 +27,8 @@ from .metrics import as_counts, entropy_bits, experts_used, gini, max_entropy_bi
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["COLOR_BEST", "COLOR_UNUSED", "COLOR_USED", "MIN_UMAP_POINTS", "comparison_bars", "keystore_umap",
-           "new_figure", "perplexity_plot", "save_figure", "umap_2d", "usage_grid", "usage_histogram"]
+__all__ = ["COLOR_BEST", "COLOR_UNUSED", "COLOR_USED", "MIN_UMAP_POINTS", "comparison_bars",
+           "keystore_umap", "new_figure", "perplexity_plot", "save_figure", "umap_2d", "usage_grid", "usage_histogram"]
 
 MIN_UMAP_POINTS = 8  # below this a 2-D UMAP of a k-NN graph says nothing; PCA is shown instead
 COLOR_USED = "#3b6fb6"

@@ -113,12 +113,21 @@ def all_reduce_sum(ctx: DistContext, tensors: Sequence[torch.Tensor], what: str 
 def all_reduce_keystore_stats(ctx: DistContext, layers) -> None:
     """Sum every SoME layer's pending key-store statistics over the ranks, in
     place, so that each rank's ``update_keys()`` sees the statistics of the
-    whole global batch. A rank without statistics (e.g. an all-padding shard)
+    whole global batch (and, with revival on, gather every rank's candidate
+    queries). A rank without statistics (e.g. an all-padding shard)
     contributes zeros."""
     if not ctx.enabled:
         return
     tensors = [t for layer in layers for t in layer.pending_reducibles()]
     all_reduce_sum(ctx, tensors, what="all-reduce of the key-store statistics")
+    # dead-key revival draws from the routed tokens of all ranks: gather each rank's candidates
+    for layer in layers:
+        local = layer.pending_candidates()
+        if local is not None:
+            gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+            _collective(ctx, lambda g=gathered, t=local: dist.all_gather(g, t.contiguous()),
+                        "all-gather of the revival candidates")
+            layer.set_pending_candidates(torch.cat(gathered))
 
 
 def shard_range(n: int, ctx: DistContext) -> range:

@@ -75,6 +75,12 @@ class SoMELayerConfig:
     adaptive_window: int = 100  # key-store updates per window
     adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
     initial_experts: int | None = None  # experts active at the start (None: all N)
+    # Dead-expert revival (a research knob, VQ-VAE style; 0 = off): a key that
+    # no token selected in the last `revive_after` key-store updates moves to
+    # the normalized query of a token routed in the current step (drawn with a
+    # generator seeded by seed, layer and step: the same on every rank), with
+    # its velocity and usage reset.
+    revive_after: int = 0
 
     def validate(self) -> SoMELayerConfig:
         """Check every field; raise :class:`~some.errors.ConfigError` naming the field."""
@@ -99,6 +105,7 @@ class SoMELayerConfig:
         for name in ("alpha", "beta", "delta", "theta_percentile", "ema_decay"):
             check_range(name, getattr(self, name), 0, 1)
         check_range("adaptive_threshold", self.adaptive_threshold)
+        check_size("revive_after", self.revive_after, 0)
         if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
             raise ConfigError(f"config field 'initial_experts' must be in top_k..num_experts = "
                               f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")

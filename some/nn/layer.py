@@ -18,6 +18,8 @@ from ..errors import TrainingDiverged
 from ..ops import ExpertSpec, KeystoreStats
 from ..ops.philox import GENERATOR, fill_expert_weights
 from .config import SoMELayerConfig
+from .revival import draw_candidates, revive_dead_keys
+from .telemetry import RoutingTelemetry
 
 __all__ = ["SoMELayer", "autocast_off"]
 
@@ -100,6 +102,11 @@ class SoMELayer(nn.Module):
         self.track_usage = False
         self._pending: KeystoreStats | None = None
         self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
+        # revive_after > 0: queries of this step's routed tokens (N rows of [q̂, real]; all ranks' after the
+        # data-parallel gather) from which dead keys are revived
+        self._pending_candidates: Tensor | None = None
+        # routing dynamics since the last report (some.analysis.dynamics reads them)
+        self.telemetry = RoutingTelemetry(N, device=device, dtype=kdt)
         self.seed, self.layer = int(seed), int(layer)
         self.reset_parameters()
 
@@ -183,6 +190,15 @@ class SoMELayer(nn.Module):
         if self.training:
             stats = ops.keystore_stats(q_tok.detach(), indices, gates.detach(), cfg.num_experts)
             self._pending = stats if self._pending is None else self._pending + stats
+            scores = r.scores if cfg.routing_level == "token" else \
+                r.scores.unsqueeze(1).expand(B, S, -1).reshape(B * S, -1)
+            self.telemetry.observe_routing(indices, scores.detach())
+            if cfg.revive_after and self._pending_candidates is None:  # the step's first micro-batch
+                if cfg.routing_level == "sequence":
+                    real = None if token_mask is None else token_mask.any(dim=1)
+                    self._gather_candidates(q_seq.detach(), real)
+                else:
+                    self._gather_candidates(q_tok.detach(), None if token_mask is None else token_mask.reshape(-1))
             if cfg.adaptive:  # r was routed from q_seq (sequence level) or q_tok (token level)
                 if cfg.routing_level == "sequence":
                     self._gather_unmatched(q_seq.detach(), r, None)
@@ -208,6 +224,31 @@ class SoMELayer(nn.Module):
         qn = torch.nn.functional.normalize(q.to(self.window_unmatched.dtype), dim=-1)
         add = torch.cat([qn[unmatched].sum(0), unmatched.sum().to(qn.dtype).reshape(1)])
         self._pending_unmatched = add if self._pending_unmatched is None else self._pending_unmatched + add
+
+    def _step_generator(self, salt: int) -> torch.Generator:
+        """A generator seeded by (seed, layer, key update, salt): the draws of revival are a
+        pure function of where the run is (so a resumed run and every rank draw the same)."""
+        mixed = (self.seed * 0x9E3779B1 + self.layer * 0x85EBCA77 + self.telemetry.steps_taken * 0xC2B2AE3D
+                 + salt) % 2**63
+        return torch.Generator(device=self.keys.device).manual_seed(mixed)
+
+    def _gather_candidates(self, q: Tensor, real: Tensor | None) -> None:
+        self._pending_candidates = draw_candidates(q, real, self.config.num_experts, self._step_generator(0),
+                                                   self.keys.dtype)
+
+    def pending_candidates(self) -> Tensor | None:
+        """This rank's revival candidates of the step, ``(N, d + 1)`` (zeros if it routed
+        nothing); None when revival is off. Data-parallel training all-gathers them."""
+        if not self.config.revive_after:
+            return None
+        if self._pending_candidates is None:
+            self._pending_candidates = torch.zeros(self.config.num_experts, self.config.d_model + 1,
+                                                   device=self.keys.device, dtype=self.keys.dtype)
+        return self._pending_candidates
+
+    def set_pending_candidates(self, candidates: Tensor) -> None:
+        """The candidates of every rank (rows of all ranks in rank order)."""
+        self._pending_candidates = candidates
 
     @torch.no_grad()
     def _adapt(self, counts: Tensor) -> None:
@@ -282,13 +323,20 @@ class SoMELayer(nn.Module):
                     _uniform_(mod.weight, bound, self._router_gen)
                     _uniform_(mod.bias, bound, self._router_gen)
         if stats is None:
+            self._pending_candidates = None
             return None
         sum_q, mass, counts, coselect = stats
+        keys_before = self.keys.clone()
         applied = ops.keystore_update(
             self.keys, self.key_velocity, self.key_usage, sum_q.to(self.keys.dtype), mass.to(self.keys.dtype),
             counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
             normalize=cfg.score_mode == "cosine", wait=self.keys.device.type == "cpu" if wait is None else wait,
         )
+        self.telemetry.observe_update(counts, keys_before, self.keys)
+        if cfg.revive_after and self._pending_candidates is not None:  # after the step's self-organization
+            revive_dead_keys(self.keys, self.key_velocity, self.key_usage, self.expert_active, self.telemetry,
+                             self._pending_candidates, cfg.revive_after, self._step_generator(1))
+        self._pending_candidates = None
         if cfg.adaptive:  # after the step's self-organization, which used this step's experts
             self._adapt(counts)
         self._pending_unmatched = None

@@ -60,7 +60,11 @@ def _top(scores: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``k`` best eligible entries per row, descending, ties to
     the lower index (a stable sort), and which of the ``k`` slots hold one."""
     masked = scores.masked_fill(~eligible, -math.inf)
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    # then the eligible entries first, in that order: an eligible -inf score ties with the
+    # masked ones and must still come before them (a stable sort keeps the score order)
+    first = torch.sort(eligible.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, first)[:, :k]
     n_eligible = eligible.sum(dim=1, keepdim=True)
     valid = torch.arange(k, device=scores.device).unsqueeze(0) < n_eligible
     return order, valid

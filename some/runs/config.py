@@ -65,6 +65,15 @@ class RunFields:
     # native kernels where built for the device, else plain PyTorch; auto
     # leaves $SOME_OPS_BACKEND in charge
     ops_backend: str = "auto"  # auto | native | torch
+    # routing dynamics (dynamics.jsonl): optimizer steps per record; 0 = about
+    # 250 records per run
+    log_every: int = 0
+    dead_after: int = 100  # a key is "dead" in the dynamics after this many updates without a selection
+    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard (pip install some[tensorboard])
+
+    def dynamics_interval(self, total_steps: int) -> int:
+        """Optimizer steps between two dynamics records."""
+        return self.log_every if self.log_every else max(1, round(total_steps / 250))
 
 
 @dataclass
@@ -83,6 +92,8 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
         check_size("val_subset_size", self.val_subset_size)
         check_range("dist_timeout", self.dist_timeout, 0, 7 * 24 * 3600, lo_open=True)
         check_choice("ops_backend", self.ops_backend, BACKENDS)
+        check_size("log_every", self.log_every, 0)
+        check_size("dead_after", self.dead_after, 1)
         if self.dense_source == "pretrained" and self.expert_init != "cluster":
             raise ConfigError("dense_source = 'pretrained' needs expert_init = 'cluster' (the experts are cut "
                               "from the dense model's FFNs)")
@@ -162,6 +173,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_subset_size=2000, val_subset_size=200, data_source="fortunes", ood_source="bible",
         checkpoint_every=50,
     ),
+    # CPU-scale runs with the seed's ratios (k = 4, h = 2d, 4 epochs; SPEC §6) on
+    # the offline corpus with OOD: about 5 minutes at N = 64 on 2 cores; the
+    # -B1/-B2/-B3 variants scale N as the seed's B series does.
+    **{name: dict(
+        vocab_size=1024, d_model=128, n_layers=4, n_heads=4, seq_len=128, num_experts=n, d_ffn=256, top_k=4,
+        epochs=4, batch_size=16, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20,
+        train_subset_size=2000, val_subset_size=200, data_source="fortunes", ood_source="bible",
+        checkpoint_every=100,
+    ) for name, n in (("small", 64), ("small-B1", 128), ("small-B2", 256), ("small-B3", 512))},
     # For the test suite: seconds per run on the synthetic source.
     "tiny-test": dict(
         vocab_size=320, d_model=32, n_layers=2, n_heads=2, seq_len=32, num_experts=8, d_ffn=32, top_k=2,

@@ -1,5 +1,5 @@
 """``report.md`` of a run directory, built only from the files in it
-(``config.yaml``, ``run.json``, ``metrics.jsonl``, ``analysis.json``, the PNGs),
+(``config.yaml``, ``run.json``, ``metrics.jsonl``, ``dynamics.jsonl``, ``analysis.json``, the PNGs),
 so ``some report RUN_DIR`` can rebuild it at any time, also for an unfinished run.
 """
 from __future__ import annotations
@@ -10,26 +10,34 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import entropy_bits, experts_used, gini, max_entropy_bits
+from ..analysis.dynamics_plots import dynamics_curves, usage_heatmap
 from ..analysis.plots import keystore_umap, usage_histogram
 from ..errors import RunDirError
 from ..files import atomic_write, read_text_file
 from .config import SoMEConfig
+from .dynamics import read_dynamics
 from .rundir import RunDirectory
 
-__all__ = ["build_report", "finish_run", "read_run", "utilization_analysis", "write_report"]
+__all__ = ["build_report", "dynamics_pictures", "finish_run", "read_run", "utilization_analysis", "write_report"]
 
 log = logging.getLogger(__name__)
 
 
-def utilization_analysis(counts, layer: int) -> dict[str, Any]:
-    """The aggregate utilization analysis of SPEC §6 from a layer's validation usage counts."""
+def utilization_analysis(counts, layer: int, used_in_training=None) -> dict[str, Any]:
+    """The aggregate utilization analysis of SPEC §6 from a layer's validation usage counts
+    (and, given the layer's ``ever_used`` flags, the experts used at least once in training)."""
     used = experts_used(counts)
     n = len(counts)
+    training = {}
+    if used_in_training is not None:
+        k = int(sum(bool(u) for u in used_in_training))
+        training = {"experts_used_training": k, "experts_used_training_text": f"{k}/{n} ({100 * k / n:.2f}%)"}
     return {
         "middle_layer": layer,
         "num_experts": n,
         "experts_used": used.used,
         "experts_used_text": str(used),  # '64/64 (100.00%)'
+        **training,
         "gini": float(gini(counts)),
         "entropy": float(entropy_bits(counts)),
         "max_entropy": float(max_entropy_bits(n)),
@@ -40,11 +48,13 @@ def utilization_analysis(counts, layer: int) -> dict[str, Any]:
 def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True) -> dict[str, Any]:
     """The end of a run: log and write the middle layer's analysis, its pictures and ``report.md``."""
     n_layers = len(model.blocks)
-    analysis = utilization_analysis(counts, middle)
+    layer = model.some_layers()[middle]
+    analysis = utilization_analysis(counts, middle, layer.telemetry.ever_used.cpu().tolist())
     log.info(f"Aggregate utilization analysis (middle layer {middle} of {n_layers}, validation set):")
-    log.info(f"Experts used: {analysis['experts_used_text']}")
+    log.info(f"Experts used: {analysis['experts_used_text']}")  # the seed's lines, as they were
     log.info(f"Final Gini: {analysis['gini']:.3f}")
     log.info(f"Final Entropy: {analysis['entropy']:.3f} (Max: {analysis['max_entropy']:.3f})")
+    log.info(f"Experts used at least once during training: {analysis['experts_used_training_text']}")
     if not run_dir.is_main:  # rank 0 writes the analysis, pictures and report
         return analysis
     out = run_dir.path
@@ -53,20 +63,35 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
         n = analysis["num_experts"]
         usage_histogram(counts, out / "usage_histogram.png",
                         title=f"Expert usage, layer {middle} (N = {n}, validation set)", unit="selections")
-        keystore_umap(model.some_layers()[middle].keys.detach().float().cpu(), counts, out / "keystore_umap.png",
+        keystore_umap(layer.keys.detach().float().cpu(), counts, out / "keystore_umap.png",
                       title=f"Key store (UMAP), layer {middle}, colored by usage")
+        dynamics_pictures(out, middle)
     log.info(f"Report: {write_report(out)}")
     return analysis
+
+
+def dynamics_pictures(run_dir: str | Path, middle: int) -> list[Path]:
+    """``usage_heatmap.png`` (the middle layer's experts x steps) and ``dynamics.png``
+    (curves of every layer) from ``dynamics.jsonl``; none without records."""
+    run_dir = Path(run_dir)
+    records = read_dynamics(run_dir)
+    mid = [r for r in records if r["layer"] == middle]
+    if not mid:
+        return []
+    heat = usage_heatmap([r["step"] for r in mid], [r["counts"] for r in mid], run_dir / "usage_heatmap.png",
+                         title=f"Expert usage per logging window, layer {middle} (training batches)")
+    curves = dynamics_curves(records, run_dir / "dynamics.png", title="Routing dynamics per SoME layer")
+    return [heat, curves]
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The parsed files of a run directory: config, run info, history, analysis."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
+        raise RunDirError(f"run directory not found: {run_dir}")
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
     history = _read_jsonl(run_dir / "metrics.jsonl")
     return {
         "config": SoMEConfig.load_yaml(config_path),
@@ -152,8 +177,10 @@ def build_report(run_dir: str | Path) -> str:
                  f"validation tokens after the last epoch.")
         entropy = (f"- Final entropy: {analysis['entropy']:.3f} bits (Max: log2 {analysis['num_experts']} = "
                    f"{analysis['max_entropy']:.3f})")
+        training = analysis.get("experts_used_training_text")
         lines += [where, "",
-                  f"- Experts used: {analysis['experts_used_text']}",
+                  f"- Experts used: {analysis['experts_used_text']} on the validation set after the last epoch"
+                  + (f"; {training} at least once during training" if training else ""),
                   f"- Final Gini: {analysis['gini']:.3f}",
                   entropy, ""]
     else:
@@ -163,10 +190,47 @@ def build_report(run_dir: str | Path) -> str:
                           ("keystore_umap.png", "UMAP projection of the key store")):
         if (run_dir / name).is_file():
             lines += [f"![{caption}]({name})", ""]
+    lines += _dynamics_section(run_dir, cfg, analysis["middle_layer"] if analysis else cfg.n_layers // 2)
 
     # ---- configuration
     lines += ["## Configuration", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _dynamics_section(run_dir: Path, cfg: SoMEConfig, middle: int) -> list[str]:
+    records = read_dynamics(run_dir)
+    if not records:
+        return []
+    lines = ["## Routing dynamics during training", ""]
+    steps = sorted({r["step"] for r in records})
+    lines += [f"{len(steps)} records per SoME layer in `dynamics.jsonl` (every "
+              f"{steps[1] - steps[0] if len(steps) > 1 else steps[0]} optimizer steps, from the training batches' "
+              f"routing; dead = not selected in the last {cfg.dead_after} key updates"
+              + (f"; revival of dead keys after {cfg.revive_after} updates" if cfg.revive_after else "") + ").", ""]
+    head = ["Layer", "Step", "Used (window)", "Used (total)", "Dead", "Effective", "Gini", "Top-1 score",
+            "Key move", "Key cos", "Top-set share"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
+    layers = sorted({r["layer"] for r in records})
+    for layer in layers:
+        rs = [r for r in records if r["layer"] == layer]
+        picks = {0: rs[0], len(rs) // 4: rs[len(rs) // 4], len(rs) // 2: rs[len(rs) // 2], len(rs) - 1: rs[-1]}
+        for r in (picks[i] for i in sorted(picks)):  # first, a quarter, half way, last
+            lines.append("| " + " | ".join([
+                str(layer), str(r["step"]), str(r["experts_used"]), str(r["experts_used_total"]), str(r["dead"]),
+                f"{r['effective_experts']:.1f}", f"{r['gini']:.3f}", fmt(r["top1_score"], ".3f"),
+                f"{r['key_move_mean']:.2e}", f"{r['key_cosine']:.3f}", fmt(r["top_set_share"], ".3f")]) + " |")
+    lines += ["", "Window = the steps since the previous record; effective experts = 2^entropy of the window's "
+              "selections; key move = mean per-key ||ΔK|| per update; top-set share = share of one batch's tokens "
+              "routed to its most common top-k set.", ""]
+    for name, caption in (("usage_heatmap.png", f"Usage heat map, layer {middle}"),
+                          ("dynamics.png", "Routing dynamics curves")):
+        if (run_dir / name).is_file():
+            lines += [f"![{caption}]({name})", ""]
+    return lines
 
 
 def write_report(run_dir: str | Path) -> Path:

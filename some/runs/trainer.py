@@ -55,6 +55,7 @@ from ..nn import SoMEForCausalLM, format_parameter_counts
 from ..version import __version__
 from .build import build_model
 from .config import SoMEConfig
+from .dynamics import DynamicsLog
 from .faults import Faults
 from .report import finish_run
 from .rundir import RunDirectory
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may differ between a run and its resumption: they change how the
 # run is executed, not what it computes.
-RESUMABLE_CHANGES = ("dist_timeout", "ops_backend")
+RESUMABLE_CHANGES = ("dist_timeout", "ops_backend", "tensorboard")
 
 
 @dataclass
@@ -275,6 +276,10 @@ class Trainer:
             if self.run_dir.is_main:
                 config.save_yaml(self.run_dir.path / "config.yaml")
         self.ddp = self.parallel.wrap(self.model, find_unused_parameters=config.gating in ("avg_k", "top_any"))
+        self.dynamics = DynamicsLog(self.run_dir, self.model, interval=config.dynamics_interval(self.total_steps),
+                                    total_steps=self.total_steps, dead_after=config.dead_after,
+                                    dist=self.parallel.ctx, tensorboard=config.tensorboard)
+        self.dynamics.resume(self.global_step)  # records after the checkpoint are redone (none for a new run)
         total, trainable = self.model.parameter_counts()
         self.run_info = {
             "parameters": {"total": total, "trainable": trainable},
@@ -330,11 +335,13 @@ class Trainer:
                 analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
                                       make_plots=make_plots)
         finally:
+            self.dynamics.close()
             self.run_dir.release()  # the directory is free for the next run (or a resume)
         return RunResult(self.out, self.history, analysis)
 
     def close(self) -> None:
         """Release the run directory without running (a Trainer built only to inspect)."""
+        self.dynamics.close()
         self.run_dir.release()
 
     def _ops_backend(self) -> contextlib.AbstractContextManager:
@@ -412,6 +419,7 @@ class Trainer:
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:
         step = self.global_step + 1  # 1-based number of the step being taken
+        self.dynamics.before_step(step)
         try:
             result = train_step(self.model, batch, self.optimizer, self.config, step=step,
                                 total_steps=self.total_steps, grad_accum=self.config.grad_accum,
@@ -421,6 +429,7 @@ class Trainer:
             raise self._diverged(str(e), step) from None
         if result.keys_applied is not None:
             self._pending_checks.append((step, result.keys_applied))
+        self.dynamics.after_step(step)
         layers = self.model.some_layers()
         self.faults.write_digest(self.out, step, self.parallel.rank,
                                  (t for layer in layers for t in (layer.keys, layer.key_velocity, layer.key_usage)),

@@ -31,6 +31,7 @@ from ..analysis import (
     analytic_flops_per_token,
     count_flops,
     current_rss_mb,
+    dynamics_summary,
     entropy_bits,
     experts_used,
     gini,
@@ -49,6 +50,7 @@ from ..engine import autocast, pick_device, seed_everything
 from ..errors import RunsFailed, StudyError
 from ..files import write_json
 from ..runs import CHECKPOINT, SoMEConfig, Trainer
+from ..runs.dynamics import read_dynamics
 from .schema import Measure, Run, Study, plural
 from .summary import RESULT, summarize
 
@@ -267,6 +269,8 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
         "max_entropy_bits": max_entropy_bits(cfg.num_experts),
         "usage_counts": counts.tolist(), "val_tokens": rp.real_tokens,
         **{f"spec_{k}": v for k, v in spec.items()},
+        # the middle layer's routing dynamics during training (dynamics.jsonl)
+        **{f"dyn_{k}": v for k, v in dynamics_summary(read_dynamics(trainer.out), rp.layer).items()},
         "parameters": trainer.run_info["parameters"],
         "torch": torch.__version__,
     }

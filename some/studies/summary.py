@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis import friedman
+from ..analysis.dynamics_plots import dynamics_comparison, usage_heatmap_grid
 from ..analysis.plots import comparison_bars, perplexity_plot, usage_grid
 from ..files import atomic_write
 from .schema import Run, Study, plural
@@ -36,6 +37,11 @@ _COLUMNS = [
     ("entropy_bits", "Entropy (bits)", "{:.3f}", 1),
     ("spec_mi_class_bits", "MI(expert; token class) (bits)", "{:.3f}", 1),
     ("spec_mi_token_excess_bits", "MI(expert; token) excess (bits)", "{:.3f}", 1),
+    ("dyn_experts_used_training", "Used in training", "{:.4g}", 1),
+    ("dyn_effective_final", "Effective (end of training)", "{:.3g}", 1),
+    ("dyn_dead_final", "Dead (end of training)", "{:.3g}", 1),
+    ("dyn_collapse_step", "Collapse step", "{:.0f}", 1),
+    ("dyn_revived_total", "Keys revived", "{:.4g}", 1),
 ]
 
 
@@ -206,7 +212,7 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
                 cells.append(_cell(row[f"{metric}[{ds.name}]"], row[f"{metric}_std[{ds.name}]"], "{:.2f}"))
         for key, _, fmt, scale in _COLUMNS:
             cell = _cell(row[key], fmt=fmt, scale=scale)
-            if key in ("experts_used", "active_experts") and cell != "n/a":
+            if key in ("experts_used", "active_experts", "dyn_experts_used_training") and cell != "n/a":
                 cell += f" / {row['num_experts']}"  # of N (scale studies vary N)
             cells.append(cell)
         for metric in ("id_perplexity", "ood_perplexity"):
@@ -250,6 +256,11 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
               "(token, selected expert) pairs of the middle layer on the validation set. **MI(expert; token) "
               "excess**: the same with the token id, minus its value with the token ids shuffled across pairs (the "
               "finite-sample bias of the plug-in estimate).",
+              "- **Used in training / Effective / Dead (end of training)**: the middle layer's routing dynamics "
+              "(`dynamics.jsonl`, the training batches): experts selected at least once during training; 2^entropy "
+              "of the last logging window's selections; experts not selected in the last `dead_after` key updates. "
+              "**Collapse step**: the first logged step at which the window's effective experts fell to N/4 or "
+              "fewer (mean over the runs that collapsed; n/a: none did). **Keys revived**: by `revive_after`.",
               "- **Friedman rank**: average rank of the variant (1 = lowest perplexity) over the dataset × seed "
               "blocks; the Friedman test's p-value is under the table.", ""]
 
@@ -286,6 +297,19 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
         usage_grid(counts, out / "usage.png",
                    title=f"{study.name}: expert usage of the middle layer on the validation set ({ds0}, seed {seed0})")
         pics.append(("usage.png", "Expert usage per variant"))
+    series = {}
+    for v, rs in by_variant.items():
+        first = sorted(rs, key=lambda r: (r["dataset"] != study.datasets[0].name, r["seed"]))
+        if first and first[0].get("dyn_series"):
+            series[v] = first[0]["dyn_series"]
+    if series:
+        ds0, seed0 = study.datasets[0].name, study.seeds[0]
+        dynamics_comparison(series, out / "dynamics.png",
+                            title=f"{study.name}: routing dynamics of the middle layer during training "
+                                  f"({ds0}, seed {seed0})")
+        usage_heatmap_grid({v: (s["step"], s["counts"]) for v, s in series.items()}, out / "usage_heatmaps.png",
+                           title=f"{study.name}: middle-layer expert usage per logging window ({ds0}, seed {seed0})")
+        pics += [("dynamics.png", "Routing dynamics per variant"), ("usage_heatmaps.png", "Usage heat maps")]
     mi = {row["variant"]: row["spec_mi_class_bits"] for row in table}
     if any(math.isfinite(x) for x in mi.values()):
         comparison_bars(mi, out / "specialization.png", ylabel="bits", fmt="{:.3f}",

@@ -1,0 +1,94 @@
+"""What a SoME layer's routing and key store did since the last report (SPEC §10).
+
+:class:`RoutingTelemetry` is a submodule of every :class:`~some.nn.SoMELayer`
+that accumulates, on the device and without host synchronization, sums the
+routing and the key-store update produce anyway: selections per expert,
+top-1 and selected scores, key movement, when each expert was last selected.
+:func:`some.analysis.dynamics.dynamics_records` turns them into the records of
+``dynamics.jsonl`` at each logging interval. The buffers are saved with the
+model, so a resumed run continues its window exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RoutingTelemetry"]
+
+
+class RoutingTelemetry(nn.Module):
+    """Window sums of one layer's routing dynamics (reset at each report)."""
+
+    def __init__(self, num_experts: int, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        N = num_experts
+        # the current window
+        self.register_buffer("counts", torch.zeros(N, device=device, dtype=torch.long))  # selections per expert
+        # Σ top-1 score, Σ selected scores, selected slots, routed tokens
+        self.register_buffer("scores", torch.zeros(4, device=device, dtype=dtype))
+        self.register_buffer("move", torch.zeros(2, device=device, dtype=dtype))  # Σ mean ‖ΔK‖, max ‖ΔK‖
+        self.register_buffer("updates", torch.zeros((), device=device, dtype=torch.long))  # key updates
+        self.register_buffer("probe", torch.zeros(2, device=device, dtype=dtype))  # top-set mode count, tokens
+        self.register_buffer("revived", torch.zeros((), device=device, dtype=torch.long))  # keys revived
+        # since the start
+        self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))  # key updates so far
+        self.register_buffer("last_used", torch.full((N,), -1, device=device, dtype=torch.long))  # update step
+        self.register_buffer("ever_used", torch.zeros(N, device=device, dtype=torch.bool))
+        self.probe_next = False  # measure the top-set share on the next training batch (a sync on GPUs)
+        self.steps_taken = 0  # = step, kept on the host (reading the buffer would synchronize a GPU)
+
+    @torch.no_grad()
+    def observe_routing(self, indices: Tensor, scores: Tensor) -> None:
+        """A training forward's routing: ``indices`` / ``scores`` ``(T, k)`` of the real tokens
+        (-1 / 0 in empty slots)."""
+        valid = indices >= 0
+        routed = valid[:, 0]
+        self.scores += torch.stack([
+            torch.where(routed, scores[:, 0], 0).sum().to(self.scores.dtype),
+            torch.where(valid, scores, 0).sum().to(self.scores.dtype),
+            valid.sum().to(self.scores.dtype),
+            routed.sum().to(self.scores.dtype),
+        ])
+        if self.probe_next:
+            self.probe_next = False
+            rows = torch.sort(indices[routed], dim=1).values  # the top-k set of each routed token
+            if rows.shape[0]:
+                _, counts = torch.unique(rows, dim=0, return_counts=True)
+                self.probe.copy_(torch.stack([counts.max().to(self.probe.dtype),
+                                              torch.tensor(float(rows.shape[0]), device=self.probe.device)]))
+
+    @torch.no_grad()
+    def observe_update(self, counts: Tensor, keys_before: Tensor, keys_after: Tensor) -> None:
+        """A key-store update: the step's selections per expert and the keys' movement."""
+        self.counts += counts
+        used = counts > 0
+        self.last_used.copy_(torch.where(used, self.step, self.last_used))
+        self.ever_used |= used
+        moved = (keys_after - keys_before).norm(dim=1)
+        self.move.copy_(torch.stack([self.move[0] + moved.mean().to(self.move.dtype),
+                                     torch.maximum(self.move[1], moved.max().to(self.move.dtype))]))
+        self.updates += 1
+        self.step += 1
+        self.steps_taken += 1
+
+    def dead(self, after: int) -> Tensor:
+        """(N,) bool: experts not selected in any of the last ``after`` key updates."""
+        return (self.step - 1 - self.last_used) >= after
+
+    def reset_window(self) -> None:
+        for buf in (self.counts, self.scores, self.move, self.updates, self.probe, self.revived):
+            buf.zero_()
+
+    def window_reducibles(self) -> list[Tensor]:
+        """The sums of the forward passes, which data-parallel ranks add before a report
+        (the update sums come from statistics that are already all-reduced)."""
+        return [self.scores, self.probe]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        absent = [k for k in self._buffers if prefix + k not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(absent) == len(self._buffers):  # a checkpoint from before the telemetry: start it afresh
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+        self.steps_taken = int(self.step)
