@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from some import data as D
-from some.data import corpora
+from some.data import bible
 
 HAVE_FORTUNES = (D.FORTUNES_DIR / "fortunes").is_file()
 HAVE_DIATHEKE = shutil.which("diatheke") is not None and Path("/usr/share/sword/mods.d/engWEB2015eb.conf").is_file()
@@ -145,7 +145,7 @@ def test_osis_parser_drops_leaked_titles_glossary_and_glues_words():
 
 
 def test_missing_diatheke_names_the_fix(monkeypatch, cache):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bible.shutil, "which", lambda name: None)
     with pytest.raises(D.CorpusUnavailableError, match=r"diatheke.*install_corpus.sh"):
         D.load_documents("bible")
 

@@ -30,7 +30,16 @@ from .metrics import (
     usage_counts,
     usage_summary,
 )
-from .specialization import TOKEN_CLASSES, mutual_information_bits, specialization, token_classes
+from .specialization import (
+    TOKEN_CLASSES,
+    label_matrix,
+    label_specialization,
+    layer_specialization,
+    mutual_information_bits,
+    sequence_pairs,
+    specialization,
+    token_classes,
+)
 from .stats import FriedmanResult, friedman
 
 __all__ = [
@@ -52,13 +61,17 @@ __all__ = [
     "friedman",
     "gini",
     "inference_latency",
+    "label_matrix",
+    "label_specialization",
     "layer_record",
+    "layer_specialization",
     "max_entropy_bits",
     "mean_pairwise_cosine",
     "memory_kind",
     "mutual_information_bits",
     "peak_memory_mb",
     "routing_pass",
+    "sequence_pairs",
     "specialization",
     "token_batch",
     "token_classes",

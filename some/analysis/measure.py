@@ -22,7 +22,7 @@ import resource
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -136,8 +136,11 @@ class RoutingPass:
     ``usage_counts[l]`` ``(N,)`` selections of each expert in layer ``l``;
     ``experts_per_token[l]`` mean selected experts per real token;
     ``active_experts[l]`` experts routing may select (the adaptive process
-    masks some out); ``experts``/``tokens``: for layer ``layer``, one entry per
-    (real token, selected expert) pair: the expert id and the input token id.
+    masks some out). Per real token of the dataset, in order: ``token_ids``,
+    ``sequence_ids`` (its sample), ``topic_ids`` (its document's topic, None
+    without topics) and, per layer, ``assignments[l]`` ``(T, k)`` the experts
+    it went to (-1 in empty slots). ``experts``/``tokens``: for layer
+    ``layer``, one entry per (real token, selected expert) pair.
     """
 
     layer: int
@@ -147,14 +150,17 @@ class RoutingPass:
     experts: np.ndarray
     tokens: np.ndarray
     real_tokens: int
+    assignments: list[np.ndarray] = field(default_factory=list)
+    token_ids: np.ndarray | None = None
+    sequence_ids: np.ndarray | None = None
+    topic_ids: np.ndarray | None = None
 
 
 @torch.no_grad()
 def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
                  layer: int | None = None) -> RoutingPass:
     """Run ``model`` over ``dataset`` (eval mode) recording every SoME layer's
-    usage and, for ``layer`` (default: the middle one, ``L // 2``), which
-    expert each real token went to."""
+    usage and which experts each real token went to."""
     layers = model.some_layers()
     layer = len(layers) // 2 if layer is None else layer
     was_training = model.training
@@ -162,29 +168,41 @@ def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
     for lay in layers:
         lay.reset_usage()
         lay.track_usage = True
-    experts, tokens, real_total = [], [], 0
+    per_layer: list[list[np.ndarray]] = [[] for _ in layers]
+    token_ids, sequence_ids, topic_ids = [], [], []
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate(dataset, range(start, min(start + batch_size, len(dataset))), device)
             model(batch["input_ids"], batch["attention_mask"])
-            idx = layers[layer].last_indices  # (B·S, k), -1 at padding and empty slots
-            tok = batch["input_ids"].reshape(-1, 1).expand_as(idx)
-            keep = idx >= 0
-            experts.append(idx[keep].cpu().numpy())
-            tokens.append(tok[keep].cpu().numpy())
-            real_total += int(batch["attention_mask"].sum())
+            real = batch["attention_mask"].reshape(-1)
+            for out, lay in zip(per_layer, layers, strict=True):
+                out.append(lay.last_indices[real].to(torch.int32).cpu().numpy())  # (real tokens, k)
+            B, S = batch["input_ids"].shape
+            token_ids.append(batch["input_ids"].reshape(-1)[real].cpu().numpy())
+            seq = torch.arange(start, start + B, device=real.device).unsqueeze(1).expand(B, S).reshape(-1)
+            sequence_ids.append(seq[real].cpu().numpy())
+            if "topic_ids" in batch:
+                topic_ids.append(batch["topic_ids"].reshape(-1)[real].cpu().numpy())
     finally:
         for lay in layers:
             lay.track_usage = False
         model.train(was_training)
+    assignments = [np.concatenate(a) if a else np.empty((0, 1), np.int32) for a in per_layer]
+    tokens = np.concatenate(token_ids) if token_ids else np.empty(0, np.int64)
+    mid = assignments[layer]
+    keep = mid >= 0
     return RoutingPass(
         layer=layer,
         usage_counts=[lay.usage_counts.detach().cpu().clone() for lay in layers],
         experts_per_token=[lay.experts_per_token for lay in layers],
         active_experts=[lay.active_experts for lay in layers],
-        experts=np.concatenate(experts) if experts else np.empty(0, np.int64),
-        tokens=np.concatenate(tokens) if tokens else np.empty(0, np.int64),
-        real_tokens=real_total,
+        experts=mid[keep].astype(np.int64),
+        tokens=np.broadcast_to(tokens[:, None], mid.shape)[keep].astype(np.int64),
+        real_tokens=int(tokens.size),
+        assignments=assignments,
+        token_ids=tokens,
+        sequence_ids=np.concatenate(sequence_ids) if sequence_ids else np.empty(0, np.int64),
+        topic_ids=np.concatenate(topic_ids) if topic_ids else None,
     )
 
 

@@ -13,6 +13,7 @@ matplotlib and (for :func:`keystore_umap`) umap-learn are imported lazily: ``imp
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["COLOR_BEST", "COLOR_UNUSED", "COLOR_USED", "MIN_UMAP_POINTS", "comparison_bars",
-           "keystore_umap", "new_figure", "perplexity_plot", "save_figure", "umap_2d", "usage_grid", "usage_histogram"]
+           "keystore_umap", "label_heatmap", "new_figure", "perplexity_plot", "save_figure", "umap_2d", "usage_grid",
+           "usage_histogram"]
 
 MIN_UMAP_POINTS = 8  # below this a 2-D UMAP of a k-NN graph says nothing; PCA is shown instead
 COLOR_USED = "#3b6fb6"
@@ -390,4 +392,44 @@ def usage_grid(counts: dict[str, np.ndarray], path: str | Path, title: str = "")
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"{title}\n(dashed: balanced routing, Σc / N)", fontsize=10)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------- specialization
+def label_heatmap(matrix, labels: list[str], path: PathLike, title: str = "", *, what: str = "topic") -> Path:
+    """Experts x labels (topics, token classes): each expert's row normalized to the
+    share of its pairs per label, experts sorted by their dominant label (then by
+    that share), so specialized experts form a staircase. Experts with no pairs are
+    left out (their number is in the title)."""
+    m = _to_numpy(matrix)
+    if m.ndim != 2 or m.shape[1] != len(labels):
+        raise ValueError(f"label_heatmap: matrix must be (experts, {len(labels)} labels), got {m.shape}")
+    rows = m.sum(axis=1)
+    used = np.nonzero(rows > 0)[0]
+    share = m[used] / rows[used, None] if used.size else np.zeros((0, len(labels)))
+    dominant = share.argmax(axis=1) if used.size else np.zeros(0, dtype=np.int64)
+    order = np.lexsort((-share.max(axis=1) if used.size else np.zeros(0), dominant))
+    share, experts = share[order], used[order]
+    n_rows, n_cols = max(len(experts), 1), len(labels)
+    width = max(7.5, min(4.5 + 0.22 * n_cols, 16))
+    fig = new_figure(width, min(3.6 + 0.09 * n_rows, 10))
+    ax = fig.subplots()
+    mesh = ax.imshow(share if len(experts) else np.zeros((1, n_cols)), aspect="auto", cmap="magma_r", vmin=0,
+                     vmax=1, interpolation="nearest")
+    fig.colorbar(mesh, ax=ax, pad=0.01).set_label("share of the expert's pairs", fontsize=8)
+    ax.set_xticks(range(n_cols), labels, rotation=90 if n_cols > 8 else 0, fontsize=7 if n_cols > 20 else 8)
+    ax.set_xlabel(what)
+    ax.set_ylabel("expert", fontsize=9)
+    if len(experts) <= 40:
+        ax.set_yticks(range(len(experts)), [str(e) for e in experts], fontsize=6)
+    else:
+        ax.set_yticks([])
+    unused = m.shape[0] - used.size
+    col = m.sum(axis=0)
+    base = col / col.sum() if col.sum() else col
+    purity = float(m.max(axis=1).sum() / m.sum()) if m.sum() else 0.0
+    note = (f"rows: experts sorted by dominant {what}; {used.size} with pairs ({unused} without); purity "
+            f"{purity:.2f} (largest {what}: {100 * base.max() if base.size else 0:.0f}% of all pairs)")
+    wrap = int(width * 13)  # characters per line at this font size
+    ax.set_title("\n".join(textwrap.wrap(title, wrap) + textwrap.wrap(note, wrap)), fontsize=9)
     return save_figure(fig, path)

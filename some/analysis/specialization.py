@@ -1,12 +1,15 @@
 """How specialized the experts are: mutual information between the expert a
-token goes to and what the token is (its id, or its class in the text)."""
+token goes to and what the token is (its id, or its class in the text: a
+syntax proxy) or where it comes from (its document's topic), as Fan et al.
+(2024) compare token- and sequence-level routing."""
 from __future__ import annotations
 
 import unicodedata
 
 import numpy as np
 
-__all__ = ["TOKEN_CLASSES", "mutual_information_bits", "specialization", "token_classes"]
+__all__ = ["TOKEN_CLASSES", "label_matrix", "label_specialization", "layer_specialization", "mutual_information_bits",
+           "sequence_pairs", "specialization", "token_classes"]
 
 
 # A partition of the vocabulary by what a token *is* in the text, for
@@ -91,3 +94,85 @@ def specialization(experts: np.ndarray, tokens: np.ndarray, classes: np.ndarray,
         "mi_token_excess_bits": mi_token - mi_shuffled,
         "pairs": int(experts.size),
     }
+
+
+def _entropy_bits(labels: np.ndarray) -> float:
+    p = np.bincount(labels) / labels.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def label_matrix(experts: np.ndarray, labels: np.ndarray, num_experts: int, num_labels: int) -> np.ndarray:
+    """``(num_experts, num_labels)`` counts of (expert, label) pairs."""
+    experts, labels = np.asarray(experts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    return np.bincount(experts * num_labels + labels, minlength=num_experts * num_labels).reshape(
+        num_experts, num_labels)
+
+
+def label_specialization(experts: np.ndarray, labels: np.ndarray, *, seed: int = 0, name: str = "topic"
+                         ) -> dict[str, float]:
+    """How much an expert's id tells about a label of what it receives (a topic, a
+    token class), over (item, selected expert) pairs:
+
+    - ``mi_{name}_bits``: plug-in ``I(expert; label)``; ``{name}_entropy_bits`` = ``H(label)``
+      (its upper bound, reached when every expert receives one label only);
+    - ``mi_{name}_shuffled_bits``: the same with the labels shuffled across the pairs
+      (independence with the same marginals: the plug-in estimate's finite-sample bias), and
+      ``mi_{name}_excess_bits`` = the difference, the bias-corrected value;
+    - ``{name}_purity``: the share of each expert's pairs from its most common label,
+      averaged over experts weighted by their pairs (1 = every expert sees one label).
+    """
+    experts, labels = np.asarray(experts, dtype=np.int64).ravel(), np.asarray(labels, dtype=np.int64).ravel()
+    if experts.shape != labels.shape:
+        raise ValueError(f"experts and labels must pair up, got {experts.size} and {labels.size}")
+    if experts.size == 0:
+        raise ValueError(f"{name} specialization of zero pairs is undefined")
+    mi = mutual_information_bits(experts, labels)
+    shuffled = mutual_information_bits(experts, np.random.default_rng(seed).permutation(labels))
+    m = label_matrix(experts, labels, int(experts.max()) + 1, int(labels.max()) + 1)
+    return {
+        f"mi_{name}_bits": mi,
+        f"{name}_entropy_bits": _entropy_bits(labels),
+        f"mi_{name}_shuffled_bits": shuffled,
+        f"mi_{name}_excess_bits": mi - shuffled,
+        f"{name}_purity": float(m.max(axis=1).sum() / m.sum()),
+    }
+
+
+def sequence_pairs(assignment: np.ndarray, sequence_ids: np.ndarray, topics: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(expert, topic) pairs per sequence for sequence-level routing: each sequence's
+    experts (those of its first real token; every token of it has the same) with the
+    sequence's topic (the most common topic of its tokens: a packed sample may span two)."""
+    seqs, first = np.unique(sequence_ids, return_index=True)
+    inverse = np.searchsorted(seqs, sequence_ids)
+    n_topics = int(topics.max()) + 1
+    votes = np.bincount(inverse * n_topics + topics, minlength=seqs.size * n_topics).reshape(seqs.size, n_topics)
+    seq_topic = votes.argmax(axis=1)
+    experts = assignment[first]  # (sequences, k)
+    keep = experts >= 0
+    return experts[keep].astype(np.int64), np.broadcast_to(seq_topic[:, None], experts.shape)[keep]
+
+
+def layer_specialization(assignment: np.ndarray, token_ids: np.ndarray, classes: np.ndarray, *,
+                         topics: np.ndarray | None = None, sequence_ids: np.ndarray | None = None,
+                         sequence_level: bool = False, seed: int = 0) -> dict[str, float]:
+    """Every specialization measure of one SoME layer from its per-token assignment
+    ``(T, k)``: by token id and token class (:func:`specialization`), by topic over
+    (token, expert) pairs and, for sequence-level routing, by topic over (sequence,
+    expert) pairs (keys with ``_seq``)."""
+    keep = assignment >= 0
+    experts = assignment[keep].astype(np.int64)
+    if experts.size == 0:
+        return {}
+    pair_tokens = np.broadcast_to(np.asarray(token_ids)[:, None], assignment.shape)[keep]
+    out: dict[str, float] = dict(specialization(experts, pair_tokens, classes, seed=seed))
+    if topics is not None:
+        pair_topics = np.broadcast_to(np.asarray(topics)[:, None], assignment.shape)[keep]
+        out.update(label_specialization(experts, pair_topics, seed=seed, name="topic"))
+        if sequence_level and sequence_ids is not None:
+            e, t = sequence_pairs(assignment, np.asarray(sequence_ids), np.asarray(topics))
+            seq = label_specialization(e, t, seed=seed, name="topic")
+            out.update({k.replace("topic", "topic_seq", 1): v for k, v in seq.items()})
+            out["sequences"] = int(np.unique(sequence_ids).size)
+    return out

@@ -4,7 +4,9 @@ One call builds everything a training run needs::
 
     from some.data import DataConfig, build_data
     data = build_data(DataConfig(source="fortunes", ood_source="bible", seq_len=256, vocab_size=4096))
-    data.train[0]        # {"input_ids": (S,) int64, "labels": (S,) int64, "attention_mask": (S,) bool}
+    data.train[0]        # {"input_ids": (S,) int64, "labels": (S,) int64, "attention_mask": (S,) bool,
+                         #  "topic_ids": (S,) int64 where the corpus has topics}
+    data.topic_names     # ["art", "ascii-art", "computers", ...]: the fortune file of each topic id
     print(data.description)
 
 The sources (``fortunes``, ``bible``, ``tinystories``, ``files:PATH``,
@@ -18,7 +20,10 @@ from .corpora import (
     FORTUNES_DIR,
     OFFLINE_CHOICES,
     SOURCES,
+    Corpus,
+    bible_testament,
     load_bible,
+    load_corpus,
     load_documents,
     load_files,
     load_fortunes,
@@ -26,6 +31,7 @@ from .corpora import (
     parse_diatheke_osis,
     parse_source,
     split_documents,
+    split_indices,
     synthetic_documents,
 )
 from .dataset import IGNORE_INDEX, DocumentDataset
@@ -39,15 +45,18 @@ __all__ = [
     "PAD_TOKEN",
     "SOURCES",
     "SPECIAL_TOKENS",
+    "Corpus",
     "CorpusUnavailableError",
     "DataConfig",
     "DocumentDataset",
     "LMData",
+    "bible_testament",
     "build_data",
     "collate",
     "count_targets",
     "epoch_order",
     "load_bible",
+    "load_corpus",
     "load_documents",
     "load_files",
     "load_fortunes",
@@ -56,6 +65,7 @@ __all__ = [
     "parse_source",
     "resolve_cache_dir",
     "split_documents",
+    "split_indices",
     "synthetic_documents",
     "tokenizer_cache_key",
     "train_tokenizer",

@@ -17,7 +17,8 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 def collate(dataset, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
     """Stack the items ``dataset[i]`` (dicts of ``(S,)`` tensors) into a batch of ``(B, S)``."""
     items = [dataset[int(i)] for i in indices]
-    batch = {key: torch.stack([item[key] for item in items]) for key in ("input_ids", "labels", "attention_mask")}
+    keys = ("input_ids", "labels", "attention_mask") + (("topic_ids",) if items and "topic_ids" in items[0] else ())
+    batch = {key: torch.stack([item[key] for item in items]) for key in keys}
     batch["attention_mask"] = batch["attention_mask"].bool()
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

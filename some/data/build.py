@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .corpora import load_documents, load_tinystories, parse_source, split_documents
+from .corpora import NO_TOPICS, load_corpus, load_documents, load_tinystories, parse_source, split_indices
 from .dataset import DocumentDataset
 from .tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -74,6 +74,9 @@ class LMData:
     eot_id: int
     description: str
     config: DataConfig
+    # the topic of each topic id of train/val's ``topic_ids`` (None: the corpus has no topics)
+    topic_names: list[str] | None = None
+    topic_kind: str | None = None  # what a topic is ("fortune file", "book", ...) or why there are none
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of a token sequence, without padding or special tokens."""
@@ -81,11 +84,23 @@ class LMData:
         return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
 
 
-def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir) -> tuple[list[str], list[str]]:
+def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir):
+    """(train docs, val docs, train topic ids, val topic ids, topic names, topic kind)."""
     if parse_source(source)[0] == "tinystories":
         # The official splits: train documents from "train", validation from "validation".
-        return load_tinystories("train", n_train, seed), load_tinystories("validation", n_val, seed)
-    return split_documents(load_documents(source, cache_dir=cache_dir), n_train, n_val, seed, name=repr(source))
+        return (load_tinystories("train", n_train, seed), load_tinystories("validation", n_val, seed), None, None,
+                None, NO_TOPICS["tinystories"])
+    corpus = load_corpus(source, cache_dir=cache_dir)
+    train, val = split_indices(len(corpus.documents), n_train, n_val, seed, name=repr(source))
+    docs = corpus.documents
+    if corpus.topics is None:
+        return [docs[i] for i in train], [docs[i] for i in val], None, None, None, corpus.topic_kind
+    # topic ids over the whole corpus (sorted names): the same id means the same topic in train and val
+    names = sorted(set(corpus.topics))
+    ids = {name: i for i, name in enumerate(names)}
+    topic = [ids[t] for t in corpus.topics]
+    return ([docs[i] for i in train], [docs[i] for i in val], [topic[i] for i in train], [topic[i] for i in val],
+            names, corpus.topic_kind)
 
 
 def _select_ood(source: str, n: int, seed: int, cache_dir) -> list[str]:
@@ -105,13 +120,14 @@ def build_data(cfg: DataConfig) -> LMData:
     fix), ``ValueError`` for a bad configuration.
     """
     cfg.validate()
-    train_docs, val_docs = _select(cfg.source, cfg.train_subset_size, cfg.val_subset_size, cfg.seed, cfg.cache_dir)
+    train_docs, val_docs, train_topics, val_topics, topic_names, topic_kind = _select(
+        cfg.source, cfg.train_subset_size, cfg.val_subset_size, cfg.seed, cfg.cache_dir)
     if not val_docs:
         raise ValueError(f"no validation documents from {cfg.source!r}")
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cache_dir=cfg.cache_dir,
                                 min_frequency=cfg.tokenizer_min_frequency)
-    train = DocumentDataset.from_texts(train_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
-    val = DocumentDataset.from_texts(val_docs, tokenizer, cfg.seq_len, packed=cfg.packed)
+    train = DocumentDataset.from_texts(train_docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=train_topics)
+    val = DocumentDataset.from_texts(val_docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=val_topics)
     ood = None
     if cfg.ood_source is not None:
         n_ood = cfg.ood_subset_size or cfg.val_subset_size
@@ -124,8 +140,9 @@ def build_data(cfg: DataConfig) -> LMData:
         parts.append(f"OOD {cfg.ood_source}: {ood.num_documents} documents ({ood.num_tokens:,} tokens)")
     parts.append(f"byte-level BPE V={cfg.vocab_size} ({tokenizer.get_vocab_size()} learned), "
                  f"seq_len {cfg.seq_len}, {mode}, seed {cfg.seed}")
+    parts.append(f"topics: {len(topic_names)} ({topic_kind})" if topic_names else f"topics: {topic_kind}")
     description = "; ".join(parts)
     log.info("data: %s", description)
     return LMData(train=train, val=val, ood=ood, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
                   pad_id=train.pad_id, eot_id=train.eot_id, description=description,
-                  config=dataclasses.replace(cfg))
+                  config=dataclasses.replace(cfg), topic_names=topic_names, topic_kind=topic_kind)

@@ -12,55 +12,53 @@ Sources (``DataConfig.source`` / ``ood_source``):
 - ``"tinystories"``: HuggingFace ``roneneldan/TinyStories`` (needs ``datasets`` and the
   network, or a populated HuggingFace cache), the reference corpus of SPEC §6;
 - ``"fortunes"`` / ``"fortunes:NAME[,NAME]"``: the fortune-cookie files of the Debian packages
-  ``fortunes-min`` and ``fortunes`` (one fortune per document), offline, in-domain;
+  ``fortunes-min`` and ``fortunes`` (one fortune per document), offline, in-domain; a document's
+  topic is its file (``art``, ``computers``, ``science``, ...);
 - ``"bible"`` / ``"bible:chapter"`` / ``"bible:verses=N"``: the World English Bible (Debian
   ``sword-text-web``, read with ``diatheke``), passages of 8 verses (default), whole chapters,
-  or N verses per document; offline, the out-of-domain corpus;
+  or N verses per document; offline, the out-of-domain corpus; topic: the book, or with
+  ``,topic=testament`` (e.g. ``"bible:verses=2,topic=testament"``) the Old Testament /
+  Deuterocanon / New Testament;
 - ``"files:PATH[,PATH]"``: local ``.txt`` files (documents separated by blank lines), ``.jsonl``
   files (one JSON object per line with a ``text`` field), or directories (every ``.txt`` file
-  is one document, every ``.jsonl`` file is read as above);
+  is one document, every ``.jsonl`` file is read as above); ``,topic_field=NAME`` takes each
+  JSONL document's topic from its field ``NAME`` (every document must then have one);
 - ``"synthetic"`` / ``"synthetic:N"``: N documents of pseudo-words from a fixed random Markov
   chain, for fast tests and benchmarks.
+
+TinyStories and the synthetic source have no topics. :func:`load_corpus` returns the documents
+with their topics; :func:`load_documents` the documents alone.
 
 ``scripts/install_corpus.sh`` installs the Debian corpora. Every document list is
 deterministic (sorted files, fixed order) and is split into train/val by ``DataConfig.seed``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import CorpusUnavailableError
-from ..files import atomic_write
-from .cache import resolve_cache_dir
+from .bible import bible_testament, load_bible, load_bible_passages, parse_bible_options, parse_diatheke_osis
+from .hints import INSTALL_HINT, OFFLINE_CHOICES
 
 __all__ = [
-    "FORTUNES_DIR", "OFFLINE_CHOICES", "SOURCES", "load_bible", "load_documents", "load_files", "load_fortunes",
-    "load_tinystories", "parse_diatheke_osis", "parse_source", "split_documents", "synthetic_documents",
+    "FORTUNES_DIR", "OFFLINE_CHOICES", "SOURCES", "Corpus", "bible_testament", "load_bible", "load_corpus",
+    "load_documents", "load_files", "load_fortunes", "load_tinystories", "parse_diatheke_osis", "parse_source",
+    "split_documents", "split_indices", "synthetic_documents",
 ]
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("tinystories", "fortunes", "bible", "files:PATH[,PATH]", "synthetic")
-OFFLINE_CHOICES = ("'fortunes' (in-domain) and 'bible' (out-of-domain), installed by "
-                   "scripts/install_corpus.sh; 'files:PATH[,PATH]' (.txt/.jsonl); 'synthetic'")
-INSTALL_HINT = "run scripts/install_corpus.sh (installs the Debian packages fortunes-min, fortunes, " \
-               "sword-text-web and diatheke with apt-get)"
-
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-BIBLE_MODULE = "engWEB2015eb"  # the World English Bible module of Debian's sword-text-web
-BIBLE_VERSES_PER_DOC = 8  # ~250 words, about the length of a TinyStories story
 TINYSTORIES = "roneneldan/TinyStories"
 SYNTHETIC_DOCS = 12000  # enough for the reference subset sizes (10000 + 2000)
 
@@ -80,8 +78,39 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, arg
 
 
-def load_documents(source: str, *, cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """All documents of an offline source, in a fixed order (see the module docstring).
+@dataclass
+class Corpus:
+    """The documents of a source and, where the corpus has them, one topic per document."""
+
+    documents: list[str]
+    topics: list[str] | None = None  # one per document, or None
+    topic_kind: str | None = None  # what a topic is ("fortune file", "book", ...), or why there are none
+
+    def __post_init__(self) -> None:
+        if self.topics is not None and len(self.topics) != len(self.documents):
+            raise ValueError(f"{len(self.topics)} topics for {len(self.documents)} documents")
+
+
+NO_TOPICS = {"synthetic": "none (pseudo-words of one Markov chain)",
+             "tinystories": "none (TinyStories has no topic labels)",
+             "files": "none (give ,topic_field=NAME for JSONL files)"}
+
+
+def _options(arg: str, allowed: Sequence[str], source: str) -> tuple[list[str], dict[str, str]]:
+    """Split ``a,b,key=value`` into the plain items and the ``key=value`` options."""
+    items, opts = [], {}
+    for part in (p for p in arg.split(",") if p):
+        key, eq, value = part.partition("=")
+        if eq and key in allowed:
+            opts[key] = value
+        else:
+            items.append(part)
+    return items, opts
+
+
+def load_corpus(source: str, *, cache_dir: str | os.PathLike | None = None) -> Corpus:
+    """All documents of an offline source, in a fixed order, with their topics (see the
+    module docstring).
 
     ``"tinystories"`` is too large to load whole: use :func:`load_tinystories`.
     Raises :class:`CorpusUnavailableError` when the corpus is not installed or a file is missing,
@@ -89,23 +118,38 @@ def load_documents(source: str, *, cache_dir: str | os.PathLike | None = None) -
     """
     kind, arg = parse_source(source)
     if kind == "fortunes":
-        docs = load_fortunes(names=[a for a in arg.split(",") if a] or None)
+        docs, topics = _fortunes(FORTUNES_DIR, [a for a in arg.split(",") if a] or None)
+        corpus = Corpus(docs, topics, "fortune file")
     elif kind == "bible":
-        docs = load_bible(**_parse_bible_arg(arg), cache_dir=cache_dir)
+        opts = parse_bible_options(arg)
+        topic = opts.pop("topic", "book")
+        docs, books = load_bible_passages(**opts, cache_dir=cache_dir)
+        topics = books if topic == "book" else [bible_testament(b) for b in books]
+        corpus = Corpus(docs, topics, topic)
     elif kind == "files":
-        docs = load_files([p for p in arg.split(",") if p])
+        paths, opts = _options(arg, ("topic_field",), source)
+        if not paths:
+            raise ValueError(f"data source {source!r} names no files")
+        field = opts.get("topic_field")
+        docs, topics = _files(paths, field)
+        corpus = Corpus(docs, topics, f"field '{field}'") if field else Corpus(docs, None, NO_TOPICS["files"])
     elif kind == "synthetic":
         try:
             n = int(arg) if arg else SYNTHETIC_DOCS
         except ValueError:
             raise ValueError(f"data source 'synthetic:N' needs an integer N, got {source!r}") from None
-        docs = synthetic_documents(n)
+        corpus = Corpus(synthetic_documents(n), None, NO_TOPICS["synthetic"])
     else:
         raise ValueError("load_documents cannot load 'tinystories' whole; use load_tinystories(split, n, seed) "
                          "or build_data(DataConfig(source='tinystories'))")
-    if not docs:
+    if not corpus.documents:
         raise CorpusUnavailableError(f"data source {source!r} holds no (non-empty) documents")
-    return docs
+    return corpus
+
+
+def load_documents(source: str, *, cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """The documents of :func:`load_corpus` (without their topics)."""
+    return load_corpus(source, cache_dir=cache_dir).documents
 
 
 # ---- fortunes
@@ -118,6 +162,12 @@ def load_fortunes(fortunes_dir: str | os.PathLike = FORTUNES_DIR,
     ``fortunes-off``) live in the ``off/`` subfolder, which is skipped. ``names`` selects files
     (e.g. ``["cookie", "literature"]``). Files in sorted order, fortunes in file order.
     """
+    return _fortunes(fortunes_dir, names)[0]
+
+
+def load_fortune_files(fortunes_dir: str | os.PathLike = FORTUNES_DIR,
+                       names: Sequence[str] | None = None) -> list[Path]:
+    """The fortune files :func:`load_fortunes` reads, in its order."""
     root = Path(fortunes_dir)
     if not root.is_dir():
         raise CorpusUnavailableError(
@@ -134,140 +184,32 @@ def load_fortunes(fortunes_dir: str | os.PathLike = FORTUNES_DIR,
         files = [by_name[n] for n in names]
     if not files:
         raise CorpusUnavailableError(f"no fortune files in {root}; {INSTALL_HINT}")
-    docs = []
-    for path in files:
+    return files
+
+
+def _fortunes(root, names) -> tuple[list[str], list[str]]:
+    docs, topics = [], []
+    for path in load_fortune_files(root, names):
         # Debian ships them as UTF-8; `replace` keeps one stray byte from failing a whole run.
         text = path.read_text(encoding="utf-8", errors="replace")
-        docs.extend(d.strip("\n") for d in re.split(r"(?m)^%[ \t]*$", text) if d.strip())
-    return docs
-
-
-# ---- World English Bible via diatheke
-_BIBLE_PARSER_VERSION = 2
-# A verse line of `diatheke -f OSIS`: "<Book> <chapter>:<verse>: <OSIS body>". diatheke sometimes
-# prints a leaked section/psalm title before the reference (a SWORD quirk: the last title seen
-# sticks to later verses, even in other books), so the reference may follow two spaces or a tag;
-# book names are words separated by single spaces (e.g. "II Kings", "Esther (Greek)").
-_VERSE_RE = re.compile(r"(?:^|(?<=\s\s)|(?<=>))(?P<book>[A-Z][A-Za-z()]*(?: [A-Za-z()]+)*) "
-                       r"(?P<chapter>\d+):(?P<verse>\d+): (?P<body>.*)$")
-
-
-def _parse_bible_arg(arg: str) -> dict[str, Any]:
-    if not arg:
-        return {}
-    if arg == "chapter":
-        return {"verses_per_doc": None}
-    m = re.fullmatch(r"verses=(\d+)", arg)
-    if m and int(m.group(1)) >= 1:
-        return {"verses_per_doc": int(m.group(1))}
-    raise ValueError(f"bad 'bible' option {arg!r}; expected 'bible', 'bible:chapter' or 'bible:verses=N' (N >= 1)")
-
-
-# diatheke appends the module's glossary to the last verse (Revelation 22:21); it is not Bible text.
-_GLOSSARY_RE = re.compile(r"\s*The following words used in the World English Bible.*$", re.S)
-
-
-def _osis_to_text(body: str) -> str:
-    body = _GLOSSARY_RE.sub("", body)
-    # The module's OSIS wraps words in <w>; in ~120 places two words touch ("<w>God</w><w>created</w>")
-    # and plain-text output glues them ("Godcreated"), so separate them before dropping the tags.
-    body = body.replace("</w><w>", "</w> <w>")
-    body = re.sub(r"<[^>]*>", "", body)
-    return " ".join(body.split())
-
-
-def parse_diatheke_osis(output: str) -> list[tuple[str, int, int, str]]:
-    """``(book, chapter, verse, text)`` for each non-empty verse of ``diatheke -f OSIS`` output.
-
-    Leaked titles before a reference are dropped, and so are genuine psalm titles: diatheke
-    does not let us tell them apart. Lines without a reference (the module name, the
-    glossary appended after Revelation) are skipped.
-    """
-    verses = []
-    for line in output.splitlines():
-        m = _VERSE_RE.search(line)
-        if m is None:
-            continue
-        text = _osis_to_text(m.group("body"))
-        if text:
-            verses.append((m.group("book"), int(m.group("chapter")), int(m.group("verse")), text))
-    return verses
-
-
-def _bible_verses(key: str, cache_dir: str | os.PathLike | None) -> list[tuple[str, int, int, str]]:
-    """The verses of the WEB module in the diatheke range ``key``, parsed once and cached
-    (diatheke takes ~10 s for the whole text)."""
-    exe = shutil.which("diatheke")
-    if exe is None:
-        raise CorpusUnavailableError(
-            f"the 'bible' corpus needs the program diatheke (Debian package 'diatheke'); {INSTALL_HINT}. "
-            f"Other offline choices: {OFFLINE_CHOICES}")
-    listing = subprocess.run([exe, "-b", "system", "-k", "modulelist"], capture_output=True, text=True,
-                             timeout=60).stdout
-    if BIBLE_MODULE not in listing:
-        raise CorpusUnavailableError(
-            f"the 'bible' corpus needs the SWORD module {BIBLE_MODULE} (Debian package 'sword-text-web'), "
-            f"which diatheke does not list; {INSTALL_HINT}")
-    # Key the cache by the module's files, so that an upgraded package is parsed again.
-    fingerprint = hashlib.sha256(f"{_BIBLE_PARSER_VERSION}|{key}|{listing}".encode())
-    for root in ("/usr/share/sword", os.path.expanduser("~/.sword")):
-        for conf in sorted(Path(root, "mods.d").glob("*.conf")) if Path(root, "mods.d").is_dir() else []:
-            fingerprint.update(conf.read_bytes())
-        data = Path(root, "modules", "texts", "ztext", BIBLE_MODULE)
-        for f in sorted(data.glob("*")) if data.is_dir() else []:
-            st = f.stat()
-            fingerprint.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    cache = resolve_cache_dir(cache_dir) / "corpora" / f"bible-{BIBLE_MODULE}-{fingerprint.hexdigest()[:16]}.json"
-    if cache.is_file():
-        try:
-            return [tuple(v) for v in json.loads(cache.read_text(encoding="utf-8"))]
-        except (OSError, ValueError) as e:  # a damaged cache is rebuilt, not fatal
-            log.warning("ignoring unreadable corpus cache %s (%s)", cache, e)
-    log.info("reading the World English Bible with diatheke (once; cached in %s)", cache.parent)
-    proc = subprocess.run([exe, "-b", BIBLE_MODULE, "-f", "OSIS", "-k", key],
-                          capture_output=True, text=True, timeout=600)
-    verses = parse_diatheke_osis(proc.stdout)
-    if proc.returncode != 0 or not verses:
-        raise CorpusUnavailableError(
-            f"diatheke gave no verses of the module {BIBLE_MODULE} for the range {key!r} (exit code "
-            f"{proc.returncode}, stderr: {proc.stderr.strip()[:300]!r}); check the range (e.g. 'Gen-Rev', "
-            f"'Ruth') or reinstall: {INSTALL_HINT}")
-    atomic_write(cache, json.dumps(verses, ensure_ascii=False))
-    return verses
-
-
-def load_bible(verses_per_doc: int | None = BIBLE_VERSES_PER_DOC, *, key: str = "Gen-Rev",
-               cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """The World English Bible (with Deuterocanon) as documents, in canonical order.
-
-    A document is ``verses_per_doc`` consecutive verses of one chapter (the last passage of a
-    chapter may be shorter), or a whole chapter when ``verses_per_doc`` is None. ``key`` is a
-    diatheke range: the whole text by default, e.g. ``"Matthew-Revelation"`` or ``"Ruth"``.
-    """
-    if verses_per_doc is not None and verses_per_doc < 1:
-        raise ValueError(f"verses_per_doc must be >= 1 or None, got {verses_per_doc}")
-    chapters: dict[tuple[str, int], list[str]] = {}  # insertion order = canonical order
-    for book, chapter, _verse, text in _bible_verses(key, cache_dir):
-        chapters.setdefault((book, chapter), []).append(text)
-    docs = []
-    for verses in chapters.values():
-        step = verses_per_doc or len(verses)
-        docs.extend(" ".join(verses[i:i + step]) for i in range(0, len(verses), step))
-    return docs
+        found = [d.strip("\n") for d in re.split(r"(?m)^%[ \t]*$", text) if d.strip()]
+        docs.extend(found)
+        topics.extend([path.name] * len(found))
+    return docs, topics
 
 
 # ---- local files
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def _read_jsonl(path: Path, topic_field: str | None = None) -> tuple[list[str], list[str]]:
     try:
-        return _read_jsonl_lines(path, docs)
+        return _read_jsonl_lines(path, topic_field)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise ValueError(f"{path}: a JSON line is nested too deeply") from None
 
 
-def _read_jsonl_lines(path: Path, docs: list[str]) -> list[str]:
+def _read_jsonl_lines(path: Path, topic_field: str | None) -> tuple[list[str], list[str]]:
+    docs, topics = [], []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -278,9 +220,16 @@ def _read_jsonl_lines(path: Path, docs: list[str]) -> list[str]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+            if topic_field is not None:
+                topic = record.get(topic_field)
+                if isinstance(topic, bool) or not isinstance(topic, (str, int)) or str(topic) == "":
+                    raise ValueError(f"{path}:{lineno}: topic_field '{topic_field}' must be a non-empty string or "
+                                     f"integer in every record, got {topic!r}")
             if record["text"].strip():
                 docs.append(record["text"].strip())
-    return docs
+                if topic_field is not None:
+                    topics.append(str(record[topic_field]))
+    return docs, topics
 
 
 def _read_txt(path: Path) -> list[str]:
@@ -295,9 +244,25 @@ def load_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     A directory: each ``.txt`` file (recursively) is one whole document; ``.jsonl`` files in it are
     read as above; other files are ignored.
     """
+    return _files(paths, None)[0]
+
+
+def _files(paths: Sequence[str | os.PathLike], topic_field: str | None) -> tuple[list[str], list[str] | None]:
     if not paths:
         raise ValueError("load_files needs at least one path")
     docs: list[str] = []
+    topics: list[str] = []
+
+    def add_jsonl(p: Path) -> None:
+        d, t = _read_jsonl(p, topic_field)
+        docs.extend(d)
+        topics.extend(t)
+
+    def add_text(p: Path, found: list[str]) -> None:
+        if topic_field is not None and found:
+            raise ValueError(f"{p}: topic_field '{topic_field}' needs JSONL files; a .txt file has no fields")
+        docs.extend(found)
+
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
@@ -306,19 +271,19 @@ def load_files(paths: Sequence[str | os.PathLike]) -> list[str]:
                 raise CorpusUnavailableError(f"directory {path} holds no .txt or .jsonl files")
             for p in found:
                 if p.suffix == ".jsonl":
-                    docs.extend(_read_jsonl(p))
+                    add_jsonl(p)
                 elif (text := p.read_text(encoding="utf-8", errors="replace").strip()):
-                    docs.append(text)
+                    add_text(p, [text])
         elif path.is_file():
             if path.suffix == ".jsonl":
-                docs.extend(_read_jsonl(path))
+                add_jsonl(path)
             elif path.suffix == ".txt":
-                docs.extend(_read_txt(path))
+                add_text(path, _read_txt(path))
             else:
                 raise ValueError(f"unsupported file type {path.suffix!r} for {path}; expected .txt or .jsonl")
         else:
             raise CorpusUnavailableError(f"data file or directory not found: {path}")
-    return docs
+    return docs, (topics if topic_field is not None else None)
 
 
 # ---- synthetic
@@ -392,15 +357,22 @@ def split_documents(docs: Sequence[str], n_train: int, n_val: int, seed: int,
     corpus has fewer than ``n_train + n_val`` documents, all of them are used, shared in the
     ratio ``n_train : n_val`` (at least one each), and a warning says so.
     """
+    train, val = split_indices(len(docs), n_train, n_val, seed, name)
+    return [docs[i] for i in train], [docs[i] for i in val]
+
+
+def split_indices(total: int, n_train: int, n_val: int, seed: int,
+                  name: str = "corpus") -> tuple[list[int], list[int]]:
+    """The document indices :func:`split_documents` takes for train and val (so that
+    per-document labels such as topics follow their documents)."""
     if n_train < 1 or n_val < 0:
         raise ValueError(f"split_documents: need n_train >= 1 and n_val >= 0, got {n_train}, {n_val}")
-    total = len(docs)
     if total < 1 + (n_val > 0):
         raise ValueError(f"{name} has {total} documents; need at least {1 + (n_val > 0)} for a train/val split")
     if total < n_train + n_val:
         v = min(n_val, max(1 if n_val else 0, round(total * n_val / (n_train + n_val))))
         warnings.warn(f"{name} has only {total} documents, fewer than train_subset_size + val_subset_size = "
-                      f"{n_train} + {n_val}; using all of them: {total - v} train, {v} val", stacklevel=2)
+                      f"{n_train} + {n_val}; using all of them: {total - v} train, {v} val", stacklevel=3)
         n_train, n_val = total - v, v
     perm = np.random.default_rng(seed).permutation(total)
-    return [docs[i] for i in perm[n_val:n_val + n_train]], [docs[i] for i in perm[:n_val]]
+    return perm[n_val:n_val + n_train].tolist(), perm[:n_val].tolist()

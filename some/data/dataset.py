@@ -31,27 +31,40 @@ class DocumentDataset(Dataset):
       chunk is padded.
 
     A sample is a dict of ``input_ids`` (S,) int64 (padding = ``pad_id``), ``labels`` (S,) int64
-    (``input_ids`` shifted by one; :data:`IGNORE_INDEX` = -100 where the target is padding) and
-    ``attention_mask`` (S,) bool (True at real input tokens; also the mask for routing statistics).
+    (``input_ids`` shifted by one; :data:`IGNORE_INDEX` = -100 where the target is padding),
+    ``attention_mask`` (S,) bool (True at real input tokens; also the mask for routing statistics)
+    and, when the documents have topics, ``topic_ids`` (S,) int64 (the topic of each input
+    token's document, -1 at padding; a packed sample may span several topics).
     Samples have a fixed length, so the default ``DataLoader`` collation stacks them.
     """
 
     def __init__(self, token_ids: Sequence[Sequence[int]], seq_len: int, *, pad_id: int, eot_id: int,
-                 packed: bool = False):
+                 packed: bool = False, topics: Sequence[int] | None = None):
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         if len(token_ids) == 0:
             raise ValueError("DocumentDataset needs at least one document")
+        if topics is not None and len(topics) != len(token_ids):
+            raise ValueError(f"DocumentDataset: {len(topics)} topics for {len(token_ids)} documents")
         self.seq_len, self.pad_id, self.eot_id, self.packed = seq_len, pad_id, eot_id, packed
         self.num_documents = len(token_ids)
         width = seq_len + 1
+        # each token's document topic (the <|endoftext|> before a document counts as the document's)
+        doc_topic = None if topics is None else [np.full(len(ids) + 1, t, dtype=np.int64)
+                                                 for ids, t in zip(token_ids, topics, strict=True)]
+        topic_rows = None
         if packed:  # eot d1 eot d2 eot ...: one <|endoftext|> between neighbours
             eot = np.asarray([eot_id], dtype=np.int64)
             stream = np.concatenate([eot] + [a for ids in token_ids for a in (np.asarray(ids, dtype=np.int64), eot)])
             n = max(1, math.ceil((len(stream) - 1) / seq_len))
             rows = [stream[i * seq_len: i * seq_len + width] for i in range(n)]
+            if doc_topic is not None:  # the final <|endoftext|> ends the last document
+                topic_stream = np.concatenate(doc_topic + [doc_topic[-1][-1:]])
+                topic_rows = [topic_stream[i * seq_len: i * seq_len + width] for i in range(n)]
         else:
             rows = [np.asarray([eot_id, *ids, eot_id], dtype=np.int64)[:width] for ids in token_ids]
+            if doc_topic is not None:
+                topic_rows = [np.full(len(r), t, dtype=np.int64) for r, t in zip(rows, topics, strict=True)]
         tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
         lengths = np.empty(len(rows), dtype=np.int64)
         for i, r in enumerate(rows):
@@ -60,16 +73,23 @@ class DocumentDataset(Dataset):
         # int32 halves the memory of the reference runs' 10000 x 769 table; ids are < 2^31.
         self.tokens = torch.from_numpy(tokens.astype(np.int32))
         self.lengths = torch.from_numpy(lengths)
+        self.topics: torch.Tensor | None = None  # (rows, seq_len + 1) int32 topic ids, -1 at padding
+        if topic_rows is not None:
+            table = np.full((len(rows), width), -1, dtype=np.int32)
+            for i, r in enumerate(topic_rows):
+                table[i, : len(r)] = r
+            self.topics = torch.from_numpy(table)
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
-                   packed: bool = False) -> DocumentDataset:
-        """Tokenize ``texts`` (fast batch encode) with a tokenizer from :func:`train_tokenizer`."""
+                   packed: bool = False, topics: Sequence[int] | None = None) -> DocumentDataset:
+        """Tokenize ``texts`` (fast batch encode) with a tokenizer from :func:`train_tokenizer`;
+        ``topics``: a topic id per text (each sample then carries ``topic_ids``)."""
         pad_id, eot_id = tokenizer.token_to_id(PAD_TOKEN), tokenizer.token_to_id(EOT_TOKEN)
         if pad_id is None or eot_id is None:
             raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}; build it with train_tokenizer")
         encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return cls([e.ids for e in encodings], seq_len, pad_id=pad_id, eot_id=eot_id, packed=packed)
+        return cls([e.ids for e in encodings], seq_len, pad_id=pad_id, eot_id=eot_id, packed=packed, topics=topics)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -79,8 +99,10 @@ class DocumentDataset(Dataset):
         n = int(self.lengths[index])
         labels = row[1:].clone()
         labels[max(n - 1, 0):] = IGNORE_INDEX  # target j is real iff j + 1 < n
-        return {"input_ids": row[:-1], "labels": labels,
-                "attention_mask": torch.arange(self.seq_len) < n}
+        item = {"input_ids": row[:-1], "labels": labels, "attention_mask": torch.arange(self.seq_len) < n}
+        if self.topics is not None:  # the topic of each input token's document (-1 at padding)
+            item["topic_ids"] = self.topics[index, :-1].long()
+        return item
 
     @property
     def num_tokens(self) -> int:

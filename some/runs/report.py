@@ -17,6 +17,7 @@ from ..files import atomic_write, read_text_file
 from .config import SoMEConfig
 from .dynamics import read_dynamics
 from .rundir import RunDirectory
+from .specialization import SPECIALIZATION_FILE, specialization_analysis, specialization_pictures
 
 __all__ = ["build_report", "dynamics_pictures", "finish_run", "read_run", "utilization_analysis", "write_report"]
 
@@ -45,8 +46,10 @@ def utilization_analysis(counts, layer: int, used_in_training=None) -> dict[str,
     }
 
 
-def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True) -> dict[str, Any]:
-    """The end of a run: log and write the middle layer's analysis, its pictures and ``report.md``."""
+def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True, data=None,
+               config: SoMEConfig | None = None, device=None) -> dict[str, Any]:
+    """The end of a run: log and write the middle layer's analysis, its pictures, the experts'
+    specialization (given the run's ``data``, ``config`` and ``device``) and ``report.md``."""
     n_layers = len(model.blocks)
     layer = model.some_layers()[middle]
     analysis = utilization_analysis(counts, middle, layer.telemetry.ever_used.cpu().tolist())
@@ -59,6 +62,15 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
         return analysis
     out = run_dir.path
     run_dir.write_json("analysis.json", analysis)
+    spec = None
+    if data is not None and config is not None:
+        spec = specialization_analysis(model, data, batch_size=config.batch_size // config.grad_accum,
+                                       device=device, routing_level=config.routing_level, seed=config.seed)
+        run_dir.write_json(SPECIALIZATION_FILE, spec)
+        m = spec["layers"][middle]
+        topic = (f", I(expert; topic) = {m['mi_topic_bits']:.3f} bits (excess {m['mi_topic_excess_bits']:.3f}, "
+                 f"H(topic) = {m['topic_entropy_bits']:.2f})" if "mi_topic_bits" in m else "")
+        log.info(f"Specialization (layer {middle}): I(expert; token class) = {m['mi_class_bits']:.3f} bits{topic}")
     if make_plots:
         n = analysis["num_experts"]
         usage_histogram(counts, out / "usage_histogram.png",
@@ -66,6 +78,8 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
         keystore_umap(layer.keys.detach().float().cpu(), counts, out / "keystore_umap.png",
                       title=f"Key store (UMAP), layer {middle}, colored by usage")
         dynamics_pictures(out, middle)
+        if spec is not None:
+            specialization_pictures(spec, out)
     log.info(f"Report: {write_report(out)}")
     return analysis
 
@@ -191,6 +205,7 @@ def build_report(run_dir: str | Path) -> str:
         if (run_dir / name).is_file():
             lines += [f"![{caption}]({name})", ""]
     lines += _dynamics_section(run_dir, cfg, analysis["middle_layer"] if analysis else cfg.n_layers // 2)
+    lines += _specialization_section(run_dir, cfg)
 
     # ---- configuration
     lines += ["## Configuration", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
@@ -228,6 +243,43 @@ def _dynamics_section(run_dir: Path, cfg: SoMEConfig, middle: int) -> list[str]:
               "routed to its most common top-k set.", ""]
     for name, caption in (("usage_heatmap.png", f"Usage heat map, layer {middle}"),
                           ("dynamics.png", "Routing dynamics curves")):
+        if (run_dir / name).is_file():
+            lines += [f"![{caption}]({name})", ""]
+    return lines
+
+
+def _specialization_section(run_dir: Path, cfg: SoMEConfig) -> list[str]:
+    spec = _read_json(run_dir / SPECIALIZATION_FILE)
+    if not spec or not spec.get("layers"):
+        return []
+    has_topic = any("mi_topic_bits" in m for m in spec["layers"])
+    has_seq = any("mi_topic_seq_bits" in m for m in spec["layers"])
+    lines = ["## Expert specialization (validation set)", "",
+             f"Over (token, selected expert) pairs, {spec['routing_level']}-level routing; topics: "
+             + (f"{len(spec['topic_names'])} ({spec['topic_kind']})" if spec.get("topic_names")
+                else f"{spec.get('topic_kind') or 'none'}") + ".", ""]
+    head = ["Layer", "I(expert; class) (bits)", "H(class)", "I(expert; token) excess"]
+    if has_topic:
+        head += ["I(expert; topic)", "excess", "H(topic)", "Topic purity"]
+    if has_seq:
+        head += ["I(expert; topic) per sequence", "excess (seq)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in spec["layers"]:
+        if "mi_class_bits" not in m:
+            continue
+        row = [str(m["layer"]), f"{m['mi_class_bits']:.3f}", f"{m['class_entropy_bits']:.2f}",
+               f"{m['mi_token_excess_bits']:.3f}"]
+        if has_topic:
+            row += [f"{m['mi_topic_bits']:.3f}", f"{m['mi_topic_excess_bits']:.3f}", f"{m['topic_entropy_bits']:.2f}",
+                    f"{m['topic_purity']:.3f}"]
+        if has_seq:
+            row += [f"{m['mi_topic_seq_bits']:.3f}", f"{m['mi_topic_seq_excess_bits']:.3f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Excess = the plug-in value minus its value with the labels shuffled across the pairs (the "
+              "estimate's finite-sample bias). Topic purity: share of each expert's pairs from its most common "
+              "topic, weighted by pairs. Token classes: special / whitespace / punctuation / digits / word start / "
+              "word piece (a syntax proxy).", ""]
+    for name, caption in (("topic_heatmap.png", "Experts x topics"), ("class_heatmap.png", "Experts x token classes")):
         if (run_dir / name).is_file():
             lines += [f"![{caption}]({name})", ""]
     return lines

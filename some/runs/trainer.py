@@ -333,7 +333,7 @@ class Trainer:
                     timing = self._train_epoch()
                     self._end_epoch(timing)
                 analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
-                                      make_plots=make_plots)
+                                      make_plots=make_plots, data=self.data, config=self.config, device=self.device)
         finally:
             self.dynamics.close()
             self.run_dir.release()  # the directory is free for the next run (or a resume)

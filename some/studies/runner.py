@@ -40,9 +40,7 @@ from ..analysis import (
     memory_kind,
     peak_memory_mb,
     routing_pass,
-    specialization,
     token_batch,
-    token_classes,
 )
 from ..construction import dense_cache_path, load_or_pretrain_dense
 from ..data import build_data
@@ -51,6 +49,7 @@ from ..errors import RunsFailed, StudyError
 from ..files import write_json
 from ..runs import CHECKPOINT, SoMEConfig, Trainer
 from ..runs.dynamics import read_dynamics
+from ..runs.specialization import specialization_analysis
 from .schema import Measure, Run, Study, plural
 from .summary import RESULT, summarize
 
@@ -243,7 +242,10 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
     with autocast(device):  # as the model is evaluated (bf16 on CUDA)
         rp = routing_pass(model, data.val, cfg.batch_size // cfg.grad_accum, device)
     counts = rp.usage_counts[rp.layer]
-    spec = specialization(rp.experts, rp.tokens, token_classes(data.tokenizer, cfg.vocab_size), seed=cfg.seed)
+    # every layer's specialization by token class, token id and topic (some.runs.specialization)
+    full_spec = specialization_analysis(model, data, batch_size=cfg.batch_size // cfg.grad_accum, device=device,
+                                        routing_level=cfg.routing_level, seed=cfg.seed, rp=rp)
+    spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
 
     flops_ids = token_batch(data.val, measure.flops_rows, cfg.seq_len).to(device)
     counted = count_flops(model, flops_ids)
@@ -269,6 +271,8 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
         "max_entropy_bits": max_entropy_bits(cfg.num_experts),
         "usage_counts": counts.tolist(), "val_tokens": rp.real_tokens,
         **{f"spec_{k}": v for k, v in spec.items()},
+        "spec_by_layer": full_spec["layers"], "spec_topic_names": full_spec["topic_names"],
+        "spec_topic_matrix": full_spec.get("topic_matrix"), "spec_class_matrix": full_spec["class_matrix"],
         # the middle layer's routing dynamics during training (dynamics.jsonl)
         **{f"dyn_{k}": v for k, v in dynamics_summary(read_dynamics(trainer.out), rp.layer).items()},
         "parameters": trainer.run_info["parameters"],

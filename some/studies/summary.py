@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import friedman
+from ..analysis import TOKEN_CLASSES, friedman
 from ..analysis.dynamics_plots import dynamics_comparison, usage_heatmap_grid
-from ..analysis.plots import comparison_bars, perplexity_plot, usage_grid
+from ..analysis.plots import comparison_bars, label_heatmap, perplexity_plot, usage_grid
 from ..files import atomic_write
 from .schema import Run, Study, plural
 
@@ -37,6 +37,9 @@ _COLUMNS = [
     ("entropy_bits", "Entropy (bits)", "{:.3f}", 1),
     ("spec_mi_class_bits", "MI(expert; token class) (bits)", "{:.3f}", 1),
     ("spec_mi_token_excess_bits", "MI(expert; token) excess (bits)", "{:.3f}", 1),
+    ("spec_mi_topic_excess_bits", "MI(expert; topic) excess (bits)", "{:.3f}", 1),
+    ("spec_topic_purity", "Topic purity", "{:.3f}", 1),
+    ("spec_mi_topic_seq_excess_bits", "MI(expert; topic) per sequence, excess (bits)", "{:.3f}", 1),
     ("dyn_experts_used_training", "Used in training", "{:.4g}", 1),
     ("dyn_effective_final", "Effective (end of training)", "{:.3g}", 1),
     ("dyn_dead_final", "Dead (end of training)", "{:.3g}", 1),
@@ -256,6 +259,12 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
               "(token, selected expert) pairs of the middle layer on the validation set. **MI(expert; token) "
               "excess**: the same with the token id, minus its value with the token ids shuffled across pairs (the "
               "finite-sample bias of the plug-in estimate).",
+              "- **MI(expert; topic) excess**: the same over (token, selected expert) pairs with the topic of the "
+              "token's document (fortunes: its file; the Bible: its book), minus its shuffled-label value; **topic "
+              "purity**: the share of each expert's pairs from its most common topic, weighted by pairs; **per "
+              "sequence** (sequence-level routing only): over (sequence, selected expert) pairs with the sequence's "
+              "topic. Fan et al. (2024) expect sequence-level routing to specialize by topic and token-level "
+              "routing by syntax (the token class).",
               "- **Used in training / Effective / Dead (end of training)**: the middle layer's routing dynamics "
               "(`dynamics.jsonl`, the training batches): experts selected at least once during training; 2^entropy "
               "of the last logging window's selections; experts not selected in the last `dead_after` key updates. "
@@ -310,6 +319,20 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
         usage_heatmap_grid({v: (s["step"], s["counts"]) for v, s in series.items()}, out / "usage_heatmaps.png",
                            title=f"{study.name}: middle-layer expert usage per logging window ({ds0}, seed {seed0})")
         pics += [("dynamics.png", "Routing dynamics per variant"), ("usage_heatmaps.png", "Usage heat maps")]
+    for v, rs in by_variant.items():  # the first run's experts x topics / classes of each variant
+        first = sorted(rs, key=lambda r: (r["dataset"] != study.datasets[0].name, r["seed"]))
+        if not first:
+            continue
+        r0 = first[0]
+        where = f"{r0['dataset']}, seed {r0['seed']}, layer {r0['middle_layer']}"
+        if r0.get("spec_topic_matrix") is not None:
+            label_heatmap(r0["spec_topic_matrix"], r0["spec_topic_names"], out / f"topic_heatmap_{v}.png",
+                          title=f"{study.name} / {v}: experts x topics ({where})", what="topic")
+            pics.append((f"topic_heatmap_{v}.png", f"Experts x topics, {v}"))
+        if r0.get("spec_class_matrix") is not None:
+            label_heatmap(r0["spec_class_matrix"], list(TOKEN_CLASSES), out / f"class_heatmap_{v}.png",
+                          title=f"{study.name} / {v}: experts x token classes ({where})", what="token class")
+            pics.append((f"class_heatmap_{v}.png", f"Experts x token classes, {v}"))
     mi = {row["variant"]: row["spec_mi_class_bits"] for row in table}
     if any(math.isfinite(x) for x in mi.values()):
         comparison_bars(mi, out / "specialization.png", ylabel="bits", fmt="{:.3f}",
