@@ -4,6 +4,9 @@
     some train --preset A4 --set num_experts=96 --out runs/a4-96
     some train --out runs/tiny --resume                      # continue a run from its checkpoint
     some report runs/tiny                                    # rebuild report.md
+    some generate runs/tiny/model --prompt "Q: Why" [-n 3]   # sample text from a trained model
+    some eval runs/tiny/model [--data SOURCE] [--ood SOURCE] # perplexity and expert usage on a corpus
+    some export runs/tiny [OUT_DIR]                          # a run's model as a from_pretrained directory
     some ablate experiments/gating.yaml [--smoke]            # an ablation study (SPEC §7): every variant x seed
     some selftest [--device cuda] [--quick]                  # check the ops backends on this machine
     some info                                                # build info and presets
@@ -58,6 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtypes to check (default: float64 float32 bfloat16)")
     st.add_argument("--quick", action="store_true", help="the small shapes only (seconds)")
     st.add_argument("--full", action="store_true", help="also the A4-sized experts call on the CPU (minutes)")
+
+    g = sub.add_parser("generate", help="sample text from a trained model (RUN_DIR/model or a hub id)",
+                       description="Continue a prompt with a model saved by some (save_pretrained / RUN_DIR/model).")
+    g.add_argument("model", help="a model directory, e.g. runs/tiny/model, or a Hugging Face hub id")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("-n", "--num-samples", type=int, default=1, help="continuations to print (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
+    g.add_argument("--greedy", action="store_true", help="the most likely token each step (no sampling)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+    e = sub.add_parser("eval", help="perplexity and expert usage of a trained model on a corpus",
+                       description="Validation perplexity over real tokens and middle-layer usage; with the "
+                                   "model's own corpus (the default) the run's validation split.")
+    e.add_argument("model", help="a model directory, e.g. runs/tiny/model")
+    e.add_argument("--data", metavar="SOURCE", help="a data source (default: the run's own corpus)")
+    e.add_argument("--ood", metavar="SOURCE", help="also an out-of-domain corpus")
+    e.add_argument("--docs", type=int, help="validation documents (default: the run's val_subset_size)")
+    e.add_argument("--out", metavar="DIR", help="write eval.json, eval.md and the usage histogram here")
+    e.add_argument("--device", default="auto")
+
+    x = sub.add_parser("export", help="write a run's model as a from_pretrained directory",
+                       description="Runs export RUN_DIR/model when they finish; this exports an older run "
+                                   "(or to another place) from its checkpoint.")
+    x.add_argument("run_dir", help="a run directory with checkpoint.pt")
+    x.add_argument("out_dir", nargs="?", help="where to write (default RUN_DIR/model)")
 
     sub.add_parser("info", help="print how the extension was built and the presets")
     return parser
@@ -114,6 +146,40 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nsome: interrupted; continue with: some train --out {args.out} --resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .runs.export import generate_text
+
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    texts = generate_text(args.model, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k or None,
+                          top_p=None if args.top_p >= 1 else args.top_p, greedy=args.greedy, seed=args.seed,
+                          device=args.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .runs.export import eval_text, evaluate_model
+
+    result = evaluate_model(args.model, args.data, ood=args.ood, out_dir=args.out, device=args.device,
+                            val_docs=args.docs)
+    print(eval_text(result))
+    if args.out:
+        print(f"Wrote {Path(args.out) / 'eval.json'}, eval.md, usage_histogram.png")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .runs.export import export_run
+
+    print(export_run(args.run_dir, args.out_dir))
     return 0
 
 
@@ -184,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(console)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
-    handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate, "selftest": _selftest}
+    handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate, "selftest": _selftest,
+                "generate": _generate, "eval": _eval, "export": _export}
     try:
         return handlers[args.command](args)
     except SomeError as e:

@@ -14,7 +14,7 @@ The sources (``fortunes``, ``bible``, ``tinystories``, ``files:PATH``,
 """
 from ..errors import CorpusUnavailableError
 from .batches import collate, count_targets, epoch_order
-from .build import DataConfig, LMData, build_data
+from .build import DataConfig, EvalData, LMData, build_data, build_eval_data
 from .cache import resolve_cache_dir
 from .corpora import (
     FORTUNES_DIR,
@@ -49,9 +49,11 @@ __all__ = [
     "CorpusUnavailableError",
     "DataConfig",
     "DocumentDataset",
+    "EvalData",
     "LMData",
     "bible_testament",
     "build_data",
+    "build_eval_data",
     "collate",
     "count_targets",
     "epoch_order",

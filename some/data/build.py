@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .tokenizer import SPECIAL_TOKENS, train_tokenizer
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["DataConfig", "LMData", "build_data"]
+__all__ = ["DataConfig", "EvalData", "LMData", "build_data", "build_eval_data"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class DataConfig:
     seed: int = 0  # the train/val split and the subsets
     cache_dir: str | None = None  # cache root; None = $SOME_CACHE_DIR or ~/.cache/some
     tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
+    token_cache: bool = True  # keep the tokenized datasets on disk for later runs (some.data.token_cache)
 
     def validate(self) -> DataConfig:
         for name in ("seq_len", "vocab_size", "train_subset_size", "val_subset_size"):
@@ -77,6 +79,8 @@ class LMData:
     # the topic of each topic id of train/val's ``topic_ids`` (None: the corpus has no topics)
     topic_names: list[str] | None = None
     topic_kind: str | None = None  # what a topic is ("fortune file", "book", ...) or why there are none
+    token_seconds: float = 0.0  # time spent tokenizing (or loading tokens from the cache)
+    token_cache: str = "off"  # hit | miss | partial | off
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of a token sequence, without padding or special tokens."""
@@ -126,13 +130,27 @@ def build_data(cfg: DataConfig) -> LMData:
         raise ValueError(f"no validation documents from {cfg.source!r}")
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cache_dir=cfg.cache_dir,
                                 min_frequency=cfg.tokenizer_min_frequency)
-    train = DocumentDataset.from_texts(train_docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=train_topics)
-    val = DocumentDataset.from_texts(val_docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=val_topics)
+    t0 = time.perf_counter()
+    hits = []
+
+    def tokenized(docs, topics=None) -> DocumentDataset:
+        if not cfg.token_cache:
+            return DocumentDataset.from_texts(docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=topics)
+        dataset, hit = DocumentDataset.cached(docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=topics,
+                                              cache_dir=cfg.cache_dir)
+        hits.append(hit)
+        return dataset
+
+    train = tokenized(train_docs, train_topics)
+    val = tokenized(val_docs, val_topics)
     ood = None
     if cfg.ood_source is not None:
         n_ood = cfg.ood_subset_size or cfg.val_subset_size
-        ood = DocumentDataset.from_texts(_select_ood(cfg.ood_source, n_ood, cfg.seed, cfg.cache_dir), tokenizer,
-                                         cfg.seq_len, packed=cfg.packed)
+        ood = tokenized(_select_ood(cfg.ood_source, n_ood, cfg.seed, cfg.cache_dir))
+    token_seconds = time.perf_counter() - t0
+    cache_state = "off" if not cfg.token_cache else "hit" if all(hits) else "miss" if not any(hits) else "partial"
+    log.info("data: tokens %s in %.2f s (token cache: %s)", "loaded" if cache_state == "hit" else "prepared",
+             token_seconds, cache_state)
     mode = "packed" if cfg.packed else "one document per sample"
     parts = [f"{cfg.source}: {train.num_documents} train / {val.num_documents} val documents "
              f"({train.num_tokens:,} / {val.num_tokens:,} tokens)"]
@@ -145,4 +163,37 @@ def build_data(cfg: DataConfig) -> LMData:
     log.info("data: %s", description)
     return LMData(train=train, val=val, ood=ood, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
                   pad_id=train.pad_id, eot_id=train.eot_id, description=description,
-                  config=dataclasses.replace(cfg), topic_names=topic_names, topic_kind=topic_kind)
+                  config=dataclasses.replace(cfg), topic_names=topic_names, topic_kind=topic_kind,
+                  token_seconds=token_seconds, token_cache=cache_state)
+
+
+@dataclass
+class EvalData:
+    """The validation (and OOD) datasets of a corpus tokenized by a given tokenizer."""
+
+    val: DocumentDataset
+    ood: DocumentDataset | None
+
+
+def build_eval_data(cfg: DataConfig, tokenizer: Tokenizer, *, same_split: bool = True) -> EvalData:
+    """The validation split of ``cfg.source`` (and ``cfg.ood_source``) tokenized with
+    ``tokenizer`` (a trained model's): with the run's sizes and seed, the documents of the
+    run's own validation set (the split takes the validation documents first, so
+    ``same_split=False`` only sets the training size to 1)."""
+    cfg.validate()
+    n_train = cfg.train_subset_size if same_split else 1
+    _, val_docs, _, val_topics, _, _ = _select(cfg.source, n_train, cfg.val_subset_size, cfg.seed, cfg.cache_dir)
+    if not val_docs:
+        raise ValueError(f"no validation documents from {cfg.source!r}")
+
+    def tokenized(docs, topics=None) -> DocumentDataset:
+        if not cfg.token_cache:
+            return DocumentDataset.from_texts(docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=topics)
+        return DocumentDataset.cached(docs, tokenizer, cfg.seq_len, packed=cfg.packed, topics=topics,
+                                      cache_dir=cfg.cache_dir)[0]
+
+    ood = None
+    if cfg.ood_source is not None:
+        ood = tokenized(_select_ood(cfg.ood_source, cfg.ood_subset_size or cfg.val_subset_size, cfg.seed,
+                                    cfg.cache_dir))
+    return EvalData(val=tokenized(val_docs, val_topics), ood=ood)

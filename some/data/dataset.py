@@ -70,15 +70,38 @@ class DocumentDataset(Dataset):
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = r
             lengths[i] = len(r)
-        # int32 halves the memory of the reference runs' 10000 x 769 table; ids are < 2^31.
-        self.tokens = torch.from_numpy(tokens.astype(np.int32))
-        self.lengths = torch.from_numpy(lengths)
-        self.topics: torch.Tensor | None = None  # (rows, seq_len + 1) int32 topic ids, -1 at padding
+        table = None
         if topic_rows is not None:
             table = np.full((len(rows), width), -1, dtype=np.int32)
             for i, r in enumerate(topic_rows):
                 table[i, : len(r)] = r
-            self.topics = torch.from_numpy(table)
+        # int32 halves the memory of the reference runs' 10000 x 769 table; ids are < 2^31.
+        self._set_arrays(tokens.astype(np.int32), lengths, table)
+
+    def _set_arrays(self, tokens: np.ndarray, lengths: np.ndarray, topics: np.ndarray | None) -> None:
+        self.tokens = torch.from_numpy(tokens)  # (rows, seq_len + 1) int32
+        self.lengths = torch.from_numpy(lengths)  # (rows,) int64
+        self.topics: torch.Tensor | None = None if topics is None else torch.from_numpy(topics)  # -1 at padding
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The dataset's tables as numpy arrays (what the token cache stores)."""
+        out = {"tokens": self.tokens.numpy(), "lengths": self.lengths.numpy()}
+        if self.topics is not None:
+            out["topics"] = self.topics.numpy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], seq_len: int, *, pad_id: int, eot_id: int, packed: bool,
+                    num_documents: int) -> DocumentDataset:
+        """A dataset over tables made before (:meth:`arrays`; numpy memory maps work)."""
+        tokens, lengths = arrays["tokens"], arrays["lengths"]
+        if tokens.ndim != 2 or tokens.shape[1] != seq_len + 1 or lengths.shape != (tokens.shape[0],):
+            raise ValueError(f"token tables of shape {tokens.shape} / {lengths.shape} do not fit seq_len {seq_len}")
+        self = cls.__new__(cls)
+        self.seq_len, self.pad_id, self.eot_id, self.packed = seq_len, pad_id, eot_id, packed
+        self.num_documents = num_documents
+        self._set_arrays(tokens, lengths, arrays.get("topics"))
+        return self
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
@@ -90,6 +113,15 @@ class DocumentDataset(Dataset):
             raise ValueError(f"the tokenizer lacks the special tokens {SPECIAL_TOKENS}; build it with train_tokenizer")
         encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return cls([e.ids for e in encodings], seq_len, pad_id=pad_id, eot_id=eot_id, packed=packed, topics=topics)
+
+    @classmethod
+    def cached(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int, *, packed: bool = False,
+               topics: Sequence[int] | None = None, cache_dir=None) -> tuple[DocumentDataset, bool]:
+        """:meth:`from_texts` through the token cache (:mod:`some.data.token_cache`):
+        the dataset and whether it came from the cache."""
+        from .token_cache import load_or_build
+
+        return load_or_build(cls, texts, tokenizer, seq_len, packed=packed, topics=topics, cache_dir=cache_dir)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -36,7 +36,7 @@ class StepResult:
 def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer, config: OptimConfig,
                *, step: int, total_steps: int, grad_accum: int, trainable: list[nn.Parameter] | None = None,
                ddp: nn.Module | None = None, dist: DistContext = SINGLE_PROCESS,
-               loss_hook: LossHook | None = None) -> StepResult:
+               loss_hook: LossHook | None = None, forward: nn.Module | None = None) -> StepResult:
     """Take optimizer step number ``step`` (1-based) of ``total_steps`` on ``batch``.
 
     ``batch`` is this rank's share of the global batch; it is split into
@@ -51,7 +51,8 @@ def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim
     gradient norm is not finite, before the optimizer step: the parameters and
     key stores are those of the previous step.
     """
-    forward = ddp if ddp is not None else model
+    if forward is None:  # else: what runs the forward (e.g. torch.compile of ddp or model)
+        forward = ddp if ddp is not None else model
     device = batch["input_ids"].device
     params = trainable if trainable is not None else [p for p in model.parameters() if p.requires_grad]
     # the loss is a mean over the global batch's targets: count them over all ranks

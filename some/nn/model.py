@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from torch import Tensor, nn
 
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
 from .layer import SoMELayer
 
@@ -61,8 +63,8 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(d_model, device=device, dtype=dtype)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_attn(x))  # (B, S, d)
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_attn(x), cache)  # (B, S, d)
         return x + self.ffn(self.ln_ffn(x), token_mask).to(x.dtype)
 
 
@@ -126,19 +128,33 @@ class CausalLM(nn.Module):
             nn.init.zeros_(block.attn.out.bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> CausalLMOutput:
+                labels: Tensor | None = None, *, cache: list[KVCache] | None = None) -> CausalLMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
-        S = input_ids.shape[1]
+        S = input_ids.shape[1] + (cache[0].length if cache else 0)
         if S > self.config.seq_len:
             raise ValueError(f"sequence length {S} exceeds config.seq_len = {self.config.seq_len}")
         token_mask = None if attention_mask is None else attention_mask.bool()
         x = self.embed(input_ids)  # (B, S, d)
-        for block in self.blocks:
-            x = block(x, token_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, token_mask, None if cache is None else cache[i])
         logits = self.lm_head(self.ln_f(x))  # (B, S, V)
         loss = None if labels is None else lm_loss(logits, labels, attention_mask)
         return CausalLMOutput(logits, loss)
+
+    def new_cache(self, batch: int, capacity: int, device=None) -> list[KVCache]:
+        """Empty key/value caches of every attention layer for ``capacity`` positions (generation)."""
+        cfg = self.config
+        dtype = self.lm_head.weight.dtype
+        device = device if device is not None else self.lm_head.weight.device
+        return [KVCache(batch, cfg.n_heads, cfg.d_model // cfg.n_heads, capacity, device=device, dtype=dtype)
+                for _ in self.blocks]
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 50, **options) -> Tensor:
+        """Continue ``input_ids`` ``(B, S)``: see :func:`some.nn.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
     def some_layers(self) -> list[SoMELayer]:
         """The SoME layers of the model, in block order (none in a dense model)."""
@@ -159,10 +175,18 @@ class CausalLM(nn.Module):
         return total, trainable
 
 
-class SoMEForCausalLM(CausalLM):
+class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
+                      tags=["mixture-of-experts", "self-organizing-moe"]):
     """The SoME language model of SPEC §2: every feed-forward part is a
     :class:`SoMELayer`; layer ``i``'s experts are the generator's for
-    ``(config.seed, i)`` (SPEC §9), its keys drawn from seed ``config.seed + i``."""
+    ``(config.seed, i)`` (SPEC §9), its keys drawn from seed ``config.seed + i``.
+
+    ``save_pretrained(dir)`` / ``SoMEForCausalLM.from_pretrained(dir or hub id)``
+    (and ``push_to_hub``) store and load it as :mod:`some.nn.pretrained`
+    describes; ``model.tokenizer`` (a ``tokenizers.Tokenizer``, or None) and
+    ``model.card_info`` (a run's data and metrics for the model card) travel
+    with it.
+    """
 
     def __init__(self, config: ModelConfig, *, device=None, dtype=None):
         config.validate()
@@ -170,6 +194,39 @@ class SoMEForCausalLM(CausalLM):
         expert_dtype = getattr(torch, config.expert_dtype)
         super().__init__(config, lambda i: SoMELayer(layer, seed=config.seed, layer=i, device=device, dtype=dtype,
                                                      expert_dtype=expert_dtype), device=device, dtype=dtype)
+        self.tokenizer = None
+        self.card_info: dict | None = None
+        self.eos_token_id: int | None = None
+        self.pad_token_id: int | None = None
+
+    def _save_pretrained(self, save_directory) -> None:  # ModelHubMixin's hook
+        from .pretrained import save_model_files
+
+        save_model_files(self, save_directory, tokenizer=self.tokenizer, info=self.card_info)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token=None,
+                        cache_dir=None, local_files_only: bool = False, revision=None, device="cpu",
+                        dtype=None) -> SoMEForCausalLM:
+        """A saved model from a directory or a Hugging Face hub id (our own reading of
+        config.json, which checks it, rather than the mixin's)."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, device=device, dtype=dtype)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, device="cpu", dtype=None, **_):
+        from .pretrained import load_model_files
+
+        path = Path(model_id)
+        if not path.is_dir():  # a hub id: download the repository's files (where there is a network)
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                          force_download=force_download, local_files_only=local_files_only,
+                                          token=token))
+        return load_model_files(cls, path, device=device, dtype=dtype)
 
 
 class DenseLM(CausalLM):

@@ -70,6 +70,7 @@ class RunFields:
     log_every: int = 0
     dead_after: int = 100  # a key is "dead" in the dynamics after this many updates without a selection
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard (pip install some[tensorboard])
+    compile: bool = False  # train the forward through torch.compile (the SoME ops have fake kernels)
 
     def dynamics_interval(self, total_steps: int) -> int:
         """Optimizer steps between two dynamics records."""

@@ -56,6 +56,7 @@ from ..version import __version__
 from .build import build_model
 from .config import SoMEConfig
 from .dynamics import DynamicsLog
+from .export import MODEL_DIR, export_model
 from .faults import Faults
 from .report import finish_run
 from .rundir import RunDirectory
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may differ between a run and its resumption: they change how the
 # run is executed, not what it computes.
-RESUMABLE_CHANGES = ("dist_timeout", "ops_backend", "tensorboard")
+RESUMABLE_CHANGES = ("dist_timeout", "ops_backend", "tensorboard", "compile")
 
 
 @dataclass
@@ -276,6 +277,8 @@ class Trainer:
             if self.run_dir.is_main:
                 config.save_yaml(self.run_dir.path / "config.yaml")
         self.ddp = self.parallel.wrap(self.model, find_unused_parameters=config.gating in ("avg_k", "top_any"))
+        # compile = true: the forward (SoME ops included: they have fake kernels) through torch.compile
+        self.forward = torch.compile(self.ddp if self.ddp is not None else self.model) if config.compile else None
         self.dynamics = DynamicsLog(self.run_dir, self.model, interval=config.dynamics_interval(self.total_steps),
                                     total_steps=self.total_steps, dead_after=config.dead_after,
                                     dist=self.parallel.ctx, tensorboard=config.tensorboard)
@@ -288,6 +291,9 @@ class Trainer:
             "ood_samples": len(self.data.ood) if self.data.ood is not None else 0,
             "middle_layer": self.middle, "device": str(self.device),
             "torch": torch.__version__, "some": __version__, "world_size": self.parallel.world_size,
+            # data preparation: tokenizing, or loading the tokens of an earlier run (some.data.token_cache)
+            "data_token_seconds": self.data.token_seconds, "data_token_cache": self.data.token_cache,
+            "compile": config.compile,
         }
         self.run_dir.write_json("run.json", self.run_info)
 
@@ -334,6 +340,11 @@ class Trainer:
                     self._end_epoch(timing)
                 analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
                                       make_plots=make_plots, data=self.data, config=self.config, device=self.device)
+                if self.run_dir.is_main:  # the trained model alone, for from_pretrained / generate / eval
+                    model_dir = export_model(self.model, self.out / MODEL_DIR, tokenizer=self.data.tokenizer,
+                                             config=self.config, history=self.history,
+                                             description=self.data.description, run_name=self.out.name)
+                    log.info(f"Model: {model_dir} (SoMEForCausalLM.from_pretrained, some generate, some eval)")
         finally:
             self.dynamics.close()
             self.run_dir.release()  # the directory is free for the next run (or a resume)
@@ -423,7 +434,7 @@ class Trainer:
         try:
             result = train_step(self.model, batch, self.optimizer, self.config, step=step,
                                 total_steps=self.total_steps, grad_accum=self.config.grad_accum,
-                                trainable=self.trainable, ddp=self.ddp, dist=self.parallel.ctx,
+                                trainable=self.trainable, ddp=self.ddp, dist=self.parallel.ctx, forward=self.forward,
                                 loss_hook=self.faults.loss_hook if self.faults.nan_step else None)
         except TrainingDiverged as e:
             raise self._diverged(str(e), step) from None

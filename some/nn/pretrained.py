@@ -1,0 +1,178 @@
+"""A trained SoME model as a directory others can load (the Hugging Face layout):
+
+    config.json         the architecture (ModelConfig fields) and the tokenizer's special ids
+    model.safetensors   the weights; experts the generator can make again are not stored
+                        (each layer's record of how they were made is in the file's metadata)
+    tokenizer.json      the byte-level BPE tokenizer (``tokenizers``), when one is attached
+    README.md           a model card: architecture, parameter counts, data, final metrics
+
+:meth:`SoMEForCausalLM.save_pretrained` / :meth:`~SoMEForCausalLM.from_pretrained`
+(``huggingface_hub``'s ``ModelHubMixin``: also a hub id, and ``push_to_hub``)
+call :func:`save_model_files` / :func:`load_model_files`. Every file is written
+atomically; loading checks names, shapes and the experts' digest and names the
+file and the problem when something does not fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ModelFileError
+from ..files import atomic_write, read_text_file
+from ..version import __version__
+from .config import ModelConfig
+
+__all__ = ["CONFIG_FILE", "MODEL_CARD", "TOKENIZER_FILE", "WEIGHTS_FILE", "load_model_files", "model_card",
+           "save_model_files"]
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+TOKENIZER_FILE, MODEL_CARD = "tokenizer.json", "README.md"
+FORMAT = "some-model-1"
+# config.json keys besides the ModelConfig fields
+_META_KEYS = ("format", "architecture", "some_version", "eos_token_id", "pad_token_id")
+_EXTRA = "._extra_state"
+# training state that an exported model does not carry (a resumed run has it in checkpoint.pt)
+_TRAINING_ONLY = (".telemetry.", ".window_counts", ".window_unmatched", ".window_steps")
+
+
+def _weights(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, extra = {}, {}
+    for name, value in model.state_dict().items():
+        if name.endswith(_EXTRA):
+            extra[name] = value
+        elif not any(part in f".{name}" for part in _TRAINING_ONLY):
+            tensors[name] = value.detach().cpu().contiguous()
+    return tensors, {"format": FORMAT, "extra_state": json.dumps(extra)}
+
+
+def model_card(model, info: dict[str, Any] | None = None) -> str:
+    """The README.md of an exported model: what it is and, from ``info`` (a run's
+    ``data``, ``metrics``, ``run``), what it was trained on and how it did."""
+    cfg = model.config
+    total, trainable = model.parameter_counts()
+    info = info or {}
+    experts = ("regenerated from (seed, layer) by the Philox generator of some" if cfg.expert_init == "default"
+               else "stored in model.safetensors")
+    lines = ["---", "library_name: some", "tags: [mixture-of-experts, some, self-organizing-moe]", "---", "",
+             f"# SoME language model ({info.get('name', 'some')})", "",
+             f"SoME decoder LM: V = {cfg.vocab_size}, d = {cfg.d_model}, L = {cfg.n_layers}, {cfg.n_heads} heads, "
+             f"seq_len = {cfg.seq_len}; per layer N = {cfg.num_experts} frozen experts (h = {cfg.d_ffn}), "
+             f"top-{cfg.top_k} {cfg.gating} gating, {cfg.router} router at {cfg.routing_level} level.", "",
+             f"- Parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable; the frozen experts are "
+             f"{experts} (seed {cfg.seed}).", f"- Written by some {__version__}."]
+    if info.get("data"):
+        lines.append(f"- Data: {info['data']}")
+    metrics = info.get("metrics") or {}
+    if metrics:
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        lines.append(f"- Final metrics: {', '.join(parts)}")
+    lines += ["", "```python", "from some import SoMEForCausalLM", "model = SoMEForCausalLM.from_pretrained(\"PATH\")",
+              "```", "", "or `some generate PATH --prompt \"...\"`; `some eval PATH --data SOURCE`.", ""]
+    return "\n".join(lines)
+
+
+def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict[str, Any] | None = None) -> Path:
+    """Write the model directory (see the module docstring); returns it."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = _weights(model)
+    config = {"format": FORMAT, "architecture": type(model).__name__, "some_version": __version__,
+              **dataclasses.asdict(ModelConfig(**{f.name: getattr(model.config, f.name)
+                                                  for f in dataclasses.fields(ModelConfig)}))}
+    if tokenizer is not None:
+        config["eos_token_id"] = tokenizer.token_to_id("<|endoftext|>")
+        config["pad_token_id"] = tokenizer.token_to_id("<|pad|>")
+        atomic_write(directory / TOKENIZER_FILE, tokenizer.to_str())
+    atomic_write(directory / WEIGHTS_FILE, save(tensors, metadata=metadata))
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write(directory / MODEL_CARD, model_card(model, info))
+    return directory
+
+
+def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The :class:`ModelConfig` of a model directory and its other config.json keys."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{directory} is not a some model directory: no {CONFIG_FILE}")
+    try:
+        raw = json.loads(read_text_file(path, "model config"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path}: expected a JSON object of config fields")
+    if raw.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r} (not written by some, or by "
+                             f"an incompatible version)")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - fields - set(_META_KEYS))
+    if unknown:
+        raise ModelFileError(f"{path}: unknown config fields {unknown}")
+    try:
+        config = ModelConfig(**{k: v for k, v in raw.items() if k in fields}).validate()
+    except (ConfigError, TypeError) as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    return config, {k: raw[k] for k in _META_KEYS if k in raw}
+
+
+def load_model_files(cls, directory: str | Path, *, device="cpu", dtype=None):
+    """Build ``cls`` from a model directory, check and load its weights; attach the
+    tokenizer (``model.tokenizer``, None without tokenizer.json) and the config's
+    special token ids (``model.eos_token_id``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFileError(f"model directory not found: {directory}")
+    config, meta = read_model_config(directory)
+    if meta.get("architecture") not in (None, cls.__name__):
+        raise ModelFileError(f"{directory / CONFIG_FILE}: the model is a {meta['architecture']}, not a {cls.__name__}")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFileError(f"{directory} has no {WEIGHTS_FILE}")
+    data = weights.read_bytes()
+    try:
+        tensors = load(data)
+        from safetensors import safe_open  # the metadata (the header was just read whole)
+
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{weights}: not a readable safetensors file ({e}); it is truncated or damaged") from None
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(f"{weights}: metadata format {metadata.get('format')!r} is not {FORMAT!r}")
+    try:
+        extra = json.loads(metadata.get("extra_state", "{}"))
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{weights}: damaged metadata (extra_state is not JSON)") from None
+    model = cls(config, device=device, dtype=dtype)
+    state = {**tensors, **extra}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as e:
+        detail = " ".join(str(e).split())
+        raise ModelFileError(f"{weights} does not fit {CONFIG_FILE}: {detail[:600]}") from None
+    missing = [k for k in result.missing_keys if not any(part in f".{k}" for part in _TRAINING_ONLY)]
+    if missing or result.unexpected_keys:
+        raise ModelFileError(f"{weights} does not fit {CONFIG_FILE}: missing {missing[:8]}, unexpected "
+                             f"{result.unexpected_keys[:8]}")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelFileError(f"{weights} holds NaN or Inf in {bad[:4]}")
+    model.tokenizer = None
+    if (directory / TOKENIZER_FILE).is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            model.tokenizer = Tokenizer.from_str(read_text_file(directory / TOKENIZER_FILE, "tokenizer"))
+        except Exception as e:  # noqa: BLE001 -- the tokenizers library raises its own exception type
+            raise ModelFileError(f"{directory / TOKENIZER_FILE}: not a tokenizer file ({e})") from None
+    model.eos_token_id = meta.get("eos_token_id")
+    model.pad_token_id = meta.get("pad_token_id")
+    return model.eval()
