@@ -10,6 +10,8 @@ model, so a resumed run continues its window exactly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -41,35 +43,44 @@ class RoutingTelemetry(nn.Module):
     def observe_routing(self, indices: Tensor, scores: Tensor) -> None:
         """A training forward's routing: ``indices`` / ``scores`` ``(T, k)`` of the real tokens
         (-1 / 0 in empty slots)."""
-        valid = indices >= 0
-        routed = valid[:, 0]
-        self.scores += torch.stack([
-            torch.where(routed, scores[:, 0], 0).sum().to(self.scores.dtype),
-            torch.where(valid, scores, 0).sum().to(self.scores.dtype),
-            valid.sum().to(self.scores.dtype),
-            routed.sum().to(self.scores.dtype),
-        ])
+        valid = (indices >= 0).to(self.scores.dtype)
+        kept = scores.to(self.scores.dtype) * valid
+        # one reduction for the four sums (the step's per-op overhead is what this costs)
+        sums = torch.cat([kept[:, :1], kept, valid[:, :1], valid], dim=1).sum(0)
+        k = indices.shape[1]
+        self.scores += torch.stack([sums[0], sums[1:1 + k].sum(), sums[2 + k:].sum(), sums[1 + k]])
         if self.probe_next:
             self.probe_next = False
-            rows = torch.sort(indices[routed], dim=1).values  # the top-k set of each routed token
-            if rows.shape[0]:
-                _, counts = torch.unique(rows, dim=0, return_counts=True)
-                self.probe.copy_(torch.stack([counts.max().to(self.probe.dtype),
-                                              torch.tensor(float(rows.shape[0]), device=self.probe.device)]))
+            self._probe(indices)
+
+    def _probe(self, indices: Tensor) -> None:
+        """The count of the most common top-k set among the routed tokens (a host sync)."""
+        rows = torch.sort(indices[indices[:, 0] >= 0], dim=1).values  # each routed token's set, sorted
+        if not rows.shape[0]:
+            return
+        n, k = self.counts.shape[0] + 1, rows.shape[1]  # +1: an empty slot (-1) is a value too
+        if k * math.log2(n) < 62:  # one int64 code per set: a 1-D unique, far faster than unique(dim=0)
+            weights = n ** torch.arange(k - 1, -1, -1, device=rows.device, dtype=torch.long)
+            codes = ((rows + 1) * weights).sum(1)
+            counts = torch.unique(codes, return_counts=True)[1]
+        else:
+            counts = torch.unique(rows, dim=0, return_counts=True)[1]
+        self.probe.copy_(torch.stack([counts.max().to(self.probe.dtype),
+                                      torch.tensor(float(rows.shape[0]), device=self.probe.device)]))
 
     @torch.no_grad()
     def observe_update(self, counts: Tensor, keys_before: Tensor, keys_after: Tensor) -> None:
         """A key-store update: the step's selections per expert and the keys' movement."""
         self.counts += counts
         used = counts > 0
-        self.last_used.copy_(torch.where(used, self.step, self.last_used))
+        self.last_used.masked_fill_(used, self.steps_taken)  # (the host's copy of step: no sync)
         self.ever_used |= used
-        moved = (keys_after - keys_before).norm(dim=1)
-        self.move.copy_(torch.stack([self.move[0] + moved.mean().to(self.move.dtype),
-                                     torch.maximum(self.move[1], moved.max().to(self.move.dtype))]))
+        moved = torch.linalg.vector_norm(keys_after - keys_before, dim=1).to(self.move.dtype)
+        self.move[0] += moved.mean()
+        torch.maximum(self.move[1], moved.max(), out=self.move[1])
         self.updates += 1
-        self.step += 1
         self.steps_taken += 1
+        self.step.fill_(self.steps_taken)
 
     def dead(self, after: int) -> Tensor:
         """(N,) bool: experts not selected in any of the last ``after`` key updates."""
