@@ -36,6 +36,8 @@ def atomic_write(path: PathLike, data: bytes | str | Writer, *, durable: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file owner-only; give it the mode a plain open() would (0666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -55,6 +57,12 @@ def atomic_write(path: PathLike, data: bytes | str | Writer, *, durable: bool = 
         finally:
             os.close(dir_fd)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it (and set it back at once)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> Path:

@@ -390,3 +390,18 @@ def test_12_aliased_in_place_arguments_are_refused():
     for backend in ("native", "torch"):
         with ops.use_backend(backend), pytest.raises(ValueError, match="must not share memory"):
             ops.keystore_update(K, K, u, *stats, 0.1, 0.0, 0.0, 0.05, 0.5)
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    """mkstemp makes owner-only files; run files and exported models must be readable as plain
+    open() would make them (0666 & ~umask)."""
+    import os
+
+    from some.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
