@@ -28,6 +28,7 @@ from .errors import ConfigError, SomeError
 from .ops import build_info
 from .ops.selftest import run_selftest
 from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset, train, write_report
+from .runs.export import eval_text, evaluate_model, export_run, generate_text
 from .runs.rundir import LOGGER, ConsoleHandler
 from .studies import load_study, run_status, run_study, summarize
 
@@ -150,8 +151,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .runs.export import generate_text
-
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     texts = generate_text(args.model, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
@@ -166,8 +165,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .runs.export import eval_text, evaluate_model
-
     result = evaluate_model(args.model, args.data, ood=args.ood, out_dir=args.out, device=args.device,
                             val_docs=args.docs)
     print(eval_text(result))
@@ -177,8 +174,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .runs.export import export_run
-
     print(export_run(args.run_dir, args.out_dir))
     return 0
 

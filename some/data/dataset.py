@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .token_cache import load_or_build
 from .tokenizer import EOT_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -119,8 +120,6 @@ class DocumentDataset(Dataset):
                topics: Sequence[int] | None = None, cache_dir=None) -> tuple[DocumentDataset, bool]:
         """:meth:`from_texts` through the token cache (:mod:`some.data.token_cache`):
         the dataset and whether it came from the cache."""
-        from .token_cache import load_or_build
-
         return load_or_build(cls, texts, tokenizer, seq_len, packed=packed, topics=topics, cache_dir=cache_dir)
 
     def __len__(self) -> int:

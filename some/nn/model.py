@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
+from .generate import generate
 from .layer import SoMELayer
+from .pretrained import load_model_files, save_model_files
 
 __all__ = ["Block", "CausalLM", "CausalLMOutput", "DenseFFN", "DenseLM", "SoMEForCausalLM",
            "format_parameter_counts", "lm_loss", "seeded"]
@@ -152,8 +154,6 @@ class CausalLM(nn.Module):
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 50, **options) -> Tensor:
         """Continue ``input_ids`` ``(B, S)``: see :func:`some.nn.generate.generate`."""
-        from .generate import generate
-
         return generate(self, input_ids, max_new_tokens, **options)
 
     def some_layers(self) -> list[SoMELayer]:
@@ -200,8 +200,6 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
         self.pad_token_id: int | None = None
 
     def _save_pretrained(self, save_directory) -> None:  # ModelHubMixin's hook
-        from .pretrained import save_model_files
-
         save_model_files(self, save_directory, tokenizer=self.tokenizer, info=self.card_info)
 
     @classmethod
@@ -217,8 +215,6 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
                          local_files_only: bool = False, token=None, device="cpu", dtype=None, **_):
-        from .pretrained import load_model_files
-
         path = Path(model_id)
         if not path.is_dir():  # a hub id: download the repository's files (where there is a network)
             from huggingface_hub import snapshot_download

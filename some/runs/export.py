@@ -21,7 +21,7 @@ import torch
 
 from ..analysis import entropy_bits, experts_used, gini, max_entropy_bits
 from ..analysis.plots import usage_histogram
-from ..data import DataConfig, build_eval_data
+from ..data import DataConfig, build_data, build_eval_data
 from ..engine import evaluate, load_checkpoint, pick_device
 from ..errors import ModelFileError, RunDirError
 from ..files import atomic_write, read_text_file
@@ -74,8 +74,6 @@ def export_model(model: SoMEForCausalLM, out_dir: str | Path, *, tokenizer, conf
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Export a run's model from its checkpoint (runs of versions before the automatic
     export, or to another place): ``out_dir`` defaults to ``RUN_DIR/model``."""
-    from ..data import build_data
-
     run_dir = Path(run_dir)
     config_path, ckpt = run_dir / "config.yaml", run_dir / "checkpoint.pt"
     if not config_path.is_file():

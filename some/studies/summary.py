@@ -46,6 +46,9 @@ _COLUMNS = [
     ("dyn_collapse_step", "Collapse step", "{:.0f}", 1),
     ("dyn_revived_total", "Keys revived", "{:.4g}", 1),
 ]
+# Measured only where a dataset labels its documents with topics: left out of the
+# table (not shown as a column of n/a) when no run has them.
+_TOPIC_COLUMNS = {"spec_mi_topic_excess_bits", "spec_topic_purity", "spec_mi_topic_seq_excess_bits"}
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:
@@ -129,6 +132,8 @@ def summarize(study: Study, out: str | Path) -> Path:
         for key, *_ in _COLUMNS:
             vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = _mean_std(vals)[0] if vals else math.nan
+        # measured, and no run collapsed (rather than not measured)
+        row["no_collapse"] = bool(rs) and all("dyn_collapse_step" in r and r["dyn_collapse_step"] is None for r in rs)
         for metric in ("id_perplexity", "ood_perplexity"):
             fr = ranks[metric]
             row[f"rank_{metric}"] = fr.avg_ranks[v] if fr is not None else math.nan
@@ -200,11 +205,15 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
                f"({', '.join(map(str, study.seeds))}); {len(rows)} of {len(study.runs)} runs finished; "
                f"device {', '.join(devices) or 'n/a'}."), ""]
 
+    columns = [c for c in _COLUMNS if c[0] not in _TOPIC_COLUMNS
+               or any(not math.isnan(row[c[0]]) for row in table)]
+    if len(columns) < len(_COLUMNS):
+        lines += ["No dataset of this study labels its documents with topics: the topic columns are left out.", ""]
     head = ["Variant"]
     for ds in study.datasets:
         suffix = f" {ds.name}" if len(study.datasets) > 1 else ""
         head += [f"ID PPL{suffix}", f"OOD PPL{suffix}"]
-    for key, title, *_ in _COLUMNS:
+    for key, title, *_ in columns:
         head.append(f"Peak memory (MiB, {' / '.join(kinds) or 'n/a'})" if key == "peak_memory_mb" else title)
     head += ["Friedman rank (ID PPL)", "Friedman rank (OOD PPL)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -213,8 +222,10 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
         for ds in study.datasets:
             for metric in ("id_perplexity", "ood_perplexity"):
                 cells.append(_cell(row[f"{metric}[{ds.name}]"], row[f"{metric}_std[{ds.name}]"], "{:.2f}"))
-        for key, _, fmt, scale in _COLUMNS:
+        for key, _, fmt, scale in columns:
             cell = _cell(row[key], fmt=fmt, scale=scale)
+            if key == "dyn_collapse_step" and row["no_collapse"]:
+                cell = "none"
             if key in ("experts_used", "active_experts", "dyn_experts_used_training") and cell != "n/a":
                 cell += f" / {row['num_experts']}"  # of N (scale studies vary N)
             cells.append(cell)
@@ -269,7 +280,7 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
               "(`dynamics.jsonl`, the training batches): experts selected at least once during training; 2^entropy "
               "of the last logging window's selections; experts not selected in the last `dead_after` key updates. "
               "**Collapse step**: the first logged step at which the window's effective experts fell to N/4 or "
-              "fewer (mean over the runs that collapsed; n/a: none did). **Keys revived**: by `revive_after`.",
+              "fewer (mean over the runs that collapsed; none: no run did). **Keys revived**: by `revive_after`.",
               "- **Friedman rank**: average rank of the variant (1 = lowest perplexity) over the dataset × seed "
               "blocks; the Friedman test's p-value is under the table.", ""]
 
