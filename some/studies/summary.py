@@ -208,7 +208,8 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
     columns = [c for c in _COLUMNS if c[0] not in _TOPIC_COLUMNS
                or any(not math.isnan(row[c[0]]) for row in table)]
     if len(columns) < len(_COLUMNS):
-        lines += ["No dataset of this study labels its documents with topics: the topic columns are left out.", ""]
+        lines += ["No run of this study measured topic specialization (no dataset labels its documents with topics, "
+                  "or the runs predate the measure): the topic columns are left out.", ""]
     head = ["Variant"]
     for ds in study.datasets:
         suffix = f" {ds.name}" if len(study.datasets) > 1 else ""
