@@ -143,6 +143,21 @@ def test_keystore_real_umap_n64_is_deterministic(tmp_path):
     assert a.shape == (64, 2) and np.array_equal(a, b)
 
 
+@pytest.mark.slow
+def test_umap_leaves_the_torch_thread_count_alone(monkeypatch):
+    """numba's OpenMP layer resets the OpenMP thread count; a training after a picture in the same
+    process must run on the threads it had (or it no longer reproduces bit for bit)."""
+    pytest.importorskip("umap")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        P.umap_2d(unit_keys(32, d=16).numpy(), 5, 0.1, 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- comparison bars
 def test_comparison_bars(tmp_path):
     values = {"softmax": 12.1, "sigmoid": 12.9, "relu": float("nan"), "avg_k": 13.4, "top_p": 12.5}

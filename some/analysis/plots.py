@@ -247,6 +247,17 @@ def keystore_umap(keys, usage, path: PathLike, title: str = "Key store", *, n_ne
 
 
 def umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int) -> np.ndarray:
+    # numba's OpenMP layer resets the process's OpenMP thread count (OMP_NUM_THREADS=1 becomes
+    # the core count): PyTorch's thread count is restored, or training after a picture in the
+    # same process would run on other threads and no longer reproduce bit for bit.
+    threads = torch.get_num_threads()
+    try:
+        return _umap_2d(x, n_neighbors, min_dist, random_state)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _umap_2d(x: np.ndarray, n_neighbors: int, min_dist: float, random_state: int) -> np.ndarray:
     import umap  # lazy: ~5 s to import (numba), and the first fit of a process JIT-compiles for ~20 s
 
     with warnings.catch_warnings():
