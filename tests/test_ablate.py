@@ -102,6 +102,10 @@ def test_study_writes_a_fully_measured_table(finished_study):
         assert (out / picture).stat().st_size > 1000, picture
 
     runs = list(csv.DictReader(open(out / "runs.csv")))
+    # every scalar any run measured has its column (the union, not the first run's keys)
+    measured = {k for p in out.glob("runs/*/*/seed*/result.json")
+                for k, v in json.loads(p.read_text()).items() if not isinstance(v, (list, dict))}
+    assert set(runs[0]) == measured
     assert len(runs) == 6 and {(r["variant"], r["seed"]) for r in runs} == {
         (v, s) for v in ("softmax", "top_p", "sequence") for s in ("0", "1")}
     for r in runs:

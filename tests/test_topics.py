@@ -85,6 +85,37 @@ def test_layer_specialization_per_sequence_for_sequence_routing():
     assert "mi_topic_seq_bits" not in token_level and "mi_topic_bits" in token_level
 
 
+def test_per_sequence_baseline_permutes_topics_between_sequences():
+    """Every sequence gets the same k = 4 distinct experts whatever its topic (a collapsed
+    sequence router): I = 0 exactly, and so must be its baseline. Shuffling the pairs one by one
+    (the old baseline) breaks the k-distinct-experts structure and reads about 0.1 bits here,
+    which made the excess negative."""
+    rng = np.random.default_rng(0)
+    n_seq, length = 200, 8
+    seq = np.repeat(np.arange(n_seq), length)
+    topics = rng.integers(0, 40, size=n_seq)[seq]
+    experts = np.broadcast_to(np.array([3, 7, 11, 12]), (seq.size, 4))
+    classes = np.zeros(50, dtype=np.int64)
+    tokens = rng.integers(0, 50, size=seq.size)
+    m = layer_specialization(experts, tokens, classes, topics=topics, sequence_ids=seq, sequence_level=True)
+    assert m["mi_topic_seq_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert m["mi_topic_seq_shuffled_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert m["mi_topic_seq_excess_bits"] == pytest.approx(0.0, abs=1e-12)
+    e, t = sequence_pairs(experts, seq, topics)
+    assert label_specialization(e, t)["mi_topic_shuffled_bits"] > 0.05  # what the pair shuffle reads
+    # topic-independent random sequence routing: the group baseline tracks the plug-in bias
+    rand = np.stack([rng.choice(64, size=4, replace=False) for _ in range(n_seq)])[seq]
+    r = layer_specialization(rand, tokens, classes, topics=topics, sequence_ids=seq, sequence_level=True)
+    assert r["mi_topic_seq_bits"] > 0.5 and abs(r["mi_topic_seq_excess_bits"]) < 0.25 * r["mi_topic_seq_bits"]
+
+
+def test_group_baseline_needs_one_label_per_group():
+    with pytest.raises(ValueError, match="share their label"):
+        label_specialization(np.array([0, 1, 2]), np.array([0, 1, 1]), groups=np.array([0, 0, 1]))
+    with pytest.raises(ValueError, match="one id per pair"):
+        label_specialization(np.array([0, 1]), np.array([0, 1]), groups=np.array([0]))
+
+
 # ------------------------------------------------------------------ labels through the data
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):

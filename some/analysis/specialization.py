@@ -109,8 +109,8 @@ def label_matrix(experts: np.ndarray, labels: np.ndarray, num_experts: int, num_
         num_experts, num_labels)
 
 
-def label_specialization(experts: np.ndarray, labels: np.ndarray, *, seed: int = 0, name: str = "topic"
-                         ) -> dict[str, float]:
+def label_specialization(experts: np.ndarray, labels: np.ndarray, *, seed: int = 0, name: str = "topic",
+                         groups: np.ndarray | None = None) -> dict[str, float]:
     """How much an expert's id tells about a label of what it receives (a topic, a
     token class), over (item, selected expert) pairs:
 
@@ -118,7 +118,11 @@ def label_specialization(experts: np.ndarray, labels: np.ndarray, *, seed: int =
       (its upper bound, reached when every expert receives one label only);
     - ``mi_{name}_shuffled_bits``: the same with the labels shuffled across the pairs
       (independence with the same marginals: the plug-in estimate's finite-sample bias), and
-      ``mi_{name}_excess_bits`` = the difference, the bias-corrected value;
+      ``mi_{name}_excess_bits`` = the difference, the bias-corrected value; with ``groups``
+      (one id per pair; the pairs of a group share their label, e.g. the k experts of one
+      sequence) the labels are permuted between groups instead, which keeps each group's
+      pairs together: shuffling such pairs one by one breaks a structure the routing has by
+      construction (k distinct experts per sequence) and biases the baseline upward;
     - ``{name}_purity``: the share of each expert's pairs from its most common label,
       averaged over experts weighted by their pairs (1 = every expert sees one label).
     """
@@ -128,7 +132,18 @@ def label_specialization(experts: np.ndarray, labels: np.ndarray, *, seed: int =
     if experts.size == 0:
         raise ValueError(f"{name} specialization of zero pairs is undefined")
     mi = mutual_information_bits(experts, labels)
-    shuffled = mutual_information_bits(experts, np.random.default_rng(seed).permutation(labels))
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        null_labels = rng.permutation(labels)
+    else:
+        groups = np.asarray(groups).ravel()
+        if groups.shape != labels.shape:
+            raise ValueError(f"groups must give one id per pair, got {groups.size} for {labels.size} pairs")
+        ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        if not np.array_equal(labels, labels[first][inverse]):
+            raise ValueError("the pairs of a group must share their label")
+        null_labels = labels[first][rng.permutation(ids.size)][inverse]
+    shuffled = mutual_information_bits(experts, null_labels)
     m = label_matrix(experts, labels, int(experts.max()) + 1, int(labels.max()) + 1)
     return {
         f"mi_{name}_bits": mi,
@@ -154,6 +169,13 @@ def sequence_pairs(assignment: np.ndarray, sequence_ids: np.ndarray, topics: np.
     return experts[keep].astype(np.int64), np.broadcast_to(seq_topic[:, None], experts.shape)[keep]
 
 
+def _pair_sequences(assignment: np.ndarray, sequence_ids: np.ndarray) -> np.ndarray:
+    """The sequence of each pair of :func:`sequence_pairs` (same order)."""
+    seqs, first = np.unique(sequence_ids, return_index=True)
+    rows = np.broadcast_to(np.arange(seqs.size)[:, None], assignment[first].shape)
+    return rows[assignment[first] >= 0]
+
+
 def layer_specialization(assignment: np.ndarray, token_ids: np.ndarray, classes: np.ndarray, *,
                          topics: np.ndarray | None = None, sequence_ids: np.ndarray | None = None,
                          sequence_level: bool = False, seed: int = 0) -> dict[str, float]:
@@ -172,7 +194,8 @@ def layer_specialization(assignment: np.ndarray, token_ids: np.ndarray, classes:
         out.update(label_specialization(experts, pair_topics, seed=seed, name="topic"))
         if sequence_level and sequence_ids is not None:
             e, t = sequence_pairs(assignment, np.asarray(sequence_ids), np.asarray(topics))
-            seq = label_specialization(e, t, seed=seed, name="topic")
+            seq = label_specialization(e, t, seed=seed, name="topic",
+                                       groups=_pair_sequences(assignment, np.asarray(sequence_ids)))
             out.update({k.replace("topic", "topic_seq", 1): v for k, v in seq.items()})
             out["sequences"] = int(np.unique(sequence_ids).size)
     return out

@@ -106,7 +106,9 @@ def summarize(study: Study, out: str | Path) -> Path:
     by_variant = {v: [r for r in rows if r["variant"] == v] for v in variants}
 
     # ---- runs.csv: one row per run, every scalar measured
-    scalar_keys = [k for k in (rows[0] if rows else {}) if not isinstance(rows[0][k], (list, dict))]
+    # the union over the runs, in first-seen order: a key only some runs measure (the
+    # per-sequence topic MI of sequence-level routing) still gets its column
+    scalar_keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
     _write_csv(out / "runs.csv", scalar_keys, rows)
 
     # ---- Friedman ranks over the complete dataset × seed blocks
@@ -275,7 +277,10 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
               "token's document (fortunes: its file; the Bible: its book), minus its shuffled-label value; **topic "
               "purity**: the share of each expert's pairs from its most common topic, weighted by pairs; **per "
               "sequence** (sequence-level routing only): over (sequence, selected expert) pairs with the sequence's "
-              "topic. Fan et al. (2024) expect sequence-level routing to specialize by topic and token-level "
+              "topic, minus its value with the topics permuted between sequences (runs made before 2026-12-02 "
+              "shuffled the pairs one by one instead, a baseline biased upward because each sequence's k experts "
+              "are distinct by construction: there a value below 0 means no topic signal). Fan et al. (2024) "
+              "expect sequence-level routing to specialize by topic and token-level "
               "routing by syntax (the token class).",
               "- **Used in training / Effective / Dead (end of training)**: the middle layer's routing dynamics "
               "(`dynamics.jsonl`, the training batches): experts selected at least once during training; 2^entropy "
