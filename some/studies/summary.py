@@ -42,7 +42,7 @@ _COLUMNS = [
     ("spec_mi_topic_seq_excess_bits", "MI(expert; topic) per sequence, excess (bits)", "{:.3f}", 1),
     ("dyn_experts_used_training", "Used in training", "{:.4g}", 1),
     ("dyn_effective_final", "Effective (end of training)", "{:.3g}", 1),
-    ("dyn_dead_final", "Dead (end of training)", "{:.3g}", 1),
+    ("dyn_dead_final", "Dead (end of training)", "{:.4g}", 1),
     ("dyn_collapse_step", "Collapse step", "{:.0f}", 1),
     ("dyn_revived_total", "Keys revived", "{:.4g}", 1),
 ]
@@ -209,7 +209,7 @@ def _markdown(study: Study, out: Path, rows, table, ranks, missing, pictures: li
 
     columns = [c for c in _COLUMNS if c[0] not in _TOPIC_COLUMNS
                or any(not math.isnan(row[c[0]]) for row in table)]
-    if len(columns) < len(_COLUMNS):
+    if not _TOPIC_COLUMNS & {c[0] for c in columns}:
         lines += ["No run of this study measured topic specialization (no dataset labels its documents with topics, "
                   "or the runs predate the measure): the topic columns are left out.", ""]
     head = ["Variant"]
