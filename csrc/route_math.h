@@ -59,11 +59,13 @@ SOME_HOST_DEVICE void route_backward_token(const acc_t* gg, const acc_t* gs, con
         ds += ggj * gj / tau;
         break;
       case Gating::TopAny: {
-        // Straight-through mask m_j of fired experts, gates m_j / Σ m.
+        // Straight-through mask m_j of fired experts, gates m_j / k(x) with the
+        // fired count k(x) a constant (DynMoE divides by the detached count), so
+        // dL/dm_j = gg_j / k(x): one fired expert still gets a gradient.
         // A fallback top-1 slot (nothing fired, evaluation) has no gradient.
         const int64_t e = idx[j];
         if (s / tau > thr[e]) {
-          const acc_t dm = (ggj - dot) / acc_t(count);
+          const acc_t dm = ggj / acc_t(count);
           const acc_t sg = acc_t(1) / (acc_t(1) + exp(-s / tau));
           ds += dm * sg * (acc_t(1) - sg) / tau;
           grad_m[j] = dm;

@@ -108,10 +108,10 @@ def test_random_partition_ignores_structure():
 @pytest.mark.parametrize("method", METHODS)
 def test_sum_of_experts_is_the_dense_ffn(ffn, clusters, method):
     W1, b1, W2, b2 = ffn
-    res = experts_from_dense(W1, b1, W2, b2, N, clusters=clusters[method])
+    res = experts_from_dense(W1, b1, W2, b2, N, clusters=clusters[method], top_k=N)
     assert res.w1.shape == (N, HW, D) and res.b1.shape == (N, HW)
     assert res.w2.shape == (N, D, HW) and res.b2.shape == (N, D) and res.keys.shape == (N, D)
-    torch.testing.assert_close(res.b2, (b2 / N).expand(N, D))
+    torch.testing.assert_close(res.b2, (b2 / N).expand(N, D))  # b2 / k, here k = N
     x = torch.randn(7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     want = dense_forward(x, W1, b1, W2, b2)
 
@@ -125,20 +125,19 @@ def test_sum_of_experts_is_the_dense_ffn(ffn, clusters, method):
 
 
 @pytest.mark.parametrize("method", ["balanced_kmeans", "agglomerative"])
-def test_keys_are_normalized_cluster_means(ffn, clusters, method):
+def test_keys_are_raw_cluster_means_and_bias_is_b2_over_k(ffn, clusters, method):
+    """EMoE's gate vector: the mean of the cluster's raw W1 rows; each expert carries b2 / k."""
     W1, b1, W2, b2 = ffn
-    res = experts_from_dense(W1, b1, W2, b2, N, clusters=clusters[method])
-    torch.testing.assert_close(res.keys.norm(dim=1), torch.ones(N, dtype=torch.float64))
-    unit = W1 / W1.norm(dim=1, keepdim=True)
+    res = experts_from_dense(W1, b1, W2, b2, N, clusters=clusters[method], top_k=2)
     for e in range(N):
-        mean = unit[res.groups[e]].mean(0)
-        torch.testing.assert_close(res.keys[e], mean / mean.norm())
-    assert res.keys.dtype == W1.dtype
+        torch.testing.assert_close(res.keys[e], W1[res.groups[e]].mean(0))
+    assert res.keys.dtype == W1.dtype and res.top_k == 2
+    torch.testing.assert_close(res.b2, (b2 / 2).expand(N, D))
 
 
 def test_experts_from_dense_clusters_itself_like_cluster_neurons(ffn):
     W1, b1, W2, b2 = ffn
-    res = experts_from_dense(W1, b1, W2, b2, N, method="random", seed=3)
+    res = experts_from_dense(W1, b1, W2, b2, N, method="random", seed=3, top_k=2)
     r = cluster_neurons(W1, N, "random", seed=3)
     assert torch.equal(res.groups, r.groups) and res.method == "random" and res.raw_sizes == r.raw_sizes
     torch.testing.assert_close(res.w1, W1[r.groups])
@@ -196,23 +195,29 @@ def test_rebalance_is_identity_on_equal_sizes_and_fills_empty_clusters():
 # -------------------------------------------------------------------- layer
 def test_load_into_layer_gives_dense_ffn_through_the_layer(ffn):
     W1, b1, W2, b2 = ffn
-    res = experts_from_dense(W1, b1, W2, b2, N, method="random")
+    res = experts_from_dense(W1, b1, W2, b2, N, method="random", top_k=N)
     cfg = SoMELayerConfig(d_model=D, num_experts=N, d_ffn=HW, top_k=N, gating="avg_k")
     layer = SoMELayer(cfg, dtype=torch.float64)
     layer.key_velocity.fill_(1.0)
     assert load_into_layer(layer, res) is layer
-    assert torch.equal(layer.w1, res.w1) and torch.equal(layer.w2, res.w2) and torch.equal(layer.keys, res.keys)
+    assert torch.equal(layer.w1, res.w1) and torch.equal(layer.w2, res.w2)
+    torch.testing.assert_close(layer.keys, F.normalize(res.keys, dim=1))  # cosine scores: the direction
     assert not layer.w1.requires_grad
     assert torch.all(layer.key_velocity == 0)  # velocity of the replaced keys is dropped
-    # avg_k with k = N: y = (1/N) Σ_e E_e(x) = F(x) / N.
+    # avg_k (gate 1) with k = N: y = Σ_e E_e(x) = F(x).
     x = torch.randn(5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     layer.eval()
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), dense_forward(x, W1, b1, W2, b2) / N)
+        torch.testing.assert_close(layer(x), dense_forward(x, W1, b1, W2, b2))
+    dot = SoMELayer(SoMELayerConfig(d_model=D, num_experts=N, d_ffn=HW, top_k=N, score_mode="dot"),
+                    dtype=torch.float64)
+    assert torch.equal(load_into_layer(dot, res).keys, res.keys)  # dot scores: the raw gate vector
+    with pytest.raises(ValueError, match="cut for top_k = 6"):
+        load_into_layer(SoMELayer(SoMELayerConfig(d_model=D, num_experts=N, d_ffn=HW, top_k=2)), res)
 
 
 def test_load_into_layer_casts_to_layer_dtype(ffn):
-    res = experts_from_dense(*ffn, N, method="random")
+    res = experts_from_dense(*ffn, N, method="random", top_k=2)
     layer = SoMELayer(SoMELayerConfig(d_model=D, num_experts=N, d_ffn=HW, top_k=2), dtype=torch.float32)
     load_into_layer(layer, res)
     assert layer.w1.dtype == torch.float32 and layer.keys.dtype == torch.float32
@@ -220,7 +225,7 @@ def test_load_into_layer_casts_to_layer_dtype(ffn):
 
 
 def test_load_into_layer_shape_mismatch(ffn):
-    res = experts_from_dense(*ffn, N, method="random")
+    res = experts_from_dense(*ffn, N, method="random", top_k=2)
     layer = SoMELayer(SoMELayerConfig(d_model=D, num_experts=N, d_ffn=2 * HW, top_k=2), dtype=torch.float64)
     with pytest.raises(ValueError, match=r"layer\.w1 has shape"):
         load_into_layer(layer, res)
@@ -234,7 +239,7 @@ def test_errors(ffn):
     with pytest.raises(ValueError, match="multiple of n_experts"):
         cluster_neurons(W1, 5, "random")
     with pytest.raises(ValueError, match="multiple of n_experts"):
-        experts_from_dense(W1, b1, W2, b2, 7)
+        experts_from_dense(W1, b1, W2, b2, 7, top_k=2)
     with pytest.raises(ValueError, match="unknown clustering method 'kmedoids'"):
         cluster_neurons(W1, N, "kmedoids")
     with pytest.raises(ValueError, match="positive int"):
@@ -244,10 +249,13 @@ def test_errors(ffn):
     with pytest.raises(ValueError, match="NaN"):
         cluster_neurons(torch.full((4, 2), float("nan")), 2, "random")
     with pytest.raises(ValueError, match=r"b1 must be \(96,\)"):
-        experts_from_dense(W1, b1[:-1], W2, b2, N)
+        experts_from_dense(W1, b1[:-1], W2, b2, N, top_k=2)
     with pytest.raises(ValueError, match=r"W2 must be \(16, 96\)"):
-        experts_from_dense(W1, b1, W2.T, b2, N)
+        experts_from_dense(W1, b1, W2.T, b2, N, top_k=2)
     with pytest.raises(ValueError, match=r"b2 must be \(16,\)"):
-        experts_from_dense(W1, b1, W2, b1, N)
+        experts_from_dense(W1, b1, W2, b1, N, top_k=2)
     with pytest.raises(ValueError, match="clusters.groups"):
-        experts_from_dense(W1, b1, W2, b2, 3, clusters=cluster_neurons(W1, N, "random"))
+        experts_from_dense(W1, b1, W2, b2, 3, clusters=cluster_neurons(W1, N, "random"), top_k=2)
+    for bad in (0, N + 1, 1.5, True):
+        with pytest.raises(ValueError, match="top_k must be an int"):
+            experts_from_dense(W1, b1, W2, b2, N, method="random", top_k=bad)

@@ -123,6 +123,48 @@ def test_damaged_model_files_give_clear_errors(finished, tmp_path):
         SoMEForCausalLM.from_pretrained(tmp_path / "nothing here")
 
 
+def test_files_of_an_older_methods_revision_load_with_one_warning(finished, tmp_path):
+    """Models and checkpoints written before the fidelity fixes (no methods_revision) of a
+    method whose semantics changed: they load, with one warning naming the change."""
+    import warnings
+
+    from some.engine import load_checkpoint, save_checkpoint
+    from some.nn import METHODS_REVISION
+
+    d = _model_copy(finished, tmp_path)
+    cfg_path = d / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["methods_revision"] == METHODS_REVISION
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a current file: no warning
+        SoMEForCausalLM.from_pretrained(d)
+    old = {k: v for k, v in cfg.items() if k != "methods_revision"}
+    cfg_path.write_text(json.dumps({**old, "gating": "avg_k"}))
+    with pytest.warns(UserWarning, match=r"methods revision 1.*avg_k gates are now 1") as caught:
+        model = SoMEForCausalLM.from_pretrained(d)
+    assert len(caught) == 1 and model.methods_revision == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # softmax gating did not change: nothing to say
+        cfg_path.write_text(json.dumps(old))
+        SoMEForCausalLM.from_pretrained(d)
+    cfg_path.write_text(json.dumps({**cfg, "methods_revision": "two"}))
+    with pytest.raises(ModelFileError, match="methods_revision must be a positive integer"):
+        SoMEForCausalLM.from_pretrained(d)
+
+    # a run directory whose checkpoint predates the field: export warns and keeps revision 1
+    _, out = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state.pop("methods_revision") == METHODS_REVISION
+    save_checkpoint(run / "checkpoint.pt", state)
+    yaml_path = run / "config.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("adaptive: false", "adaptive: true"))
+    with pytest.warns(UserWarning, match=r"checkpoint.pt was trained at methods revision 1.*adaptive process"):
+        exported = export_run(run, tmp_path / "exported")
+    assert json.loads((exported / "config.json").read_text())["methods_revision"] == 1
+
+
 # ------------------------------------------------------------------ generation
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_greedy_generate_with_cache_equals_full_recomputation(level):

@@ -119,12 +119,13 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
           case Gating::Relu:
             for (int64_t j = 0; j < count; ++j) g[j] = std::max(sc[j], acc_t(0));
             break;
-          case Gating::AvgK:
-            for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(k);
+          case Gating::AvgK:  // EMoE's one-score gate: the layer sums its k experts
+            for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1);
             break;
           case Gating::TopP: {
             // P = softmax(s/τ) over all active experts; keep the best ones up
-            // to and including the first where the cumulative P reaches p.
+            // to and including the first where the cumulative P exceeds p
+            // (strictly, as the authors' code: at a tie the next one is kept).
             acc_t mx = count ? sc[0] / tau : acc_t(0), denom = 0;
             for (int64_t e = 0; e < N; ++e)
               if (is_active(e)) denom += std::exp(s[e] / tau - mx);
@@ -133,7 +134,7 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
             while (kept < count) {
               g[kept] = std::exp(sc[kept] / tau - mx) / denom;
               cum += g[kept++];
-              if (cum >= static_cast<acc_t>(a.top_p)) break;
+              if (cum > static_cast<acc_t>(a.top_p)) break;
             }
             count = kept;
             break;

@@ -11,7 +11,7 @@
 // order (score descending, index ascending). That order is strict, so ties go
 // to the lower index (SPEC §3 step 3) without a "taken" mask, and any k <= N
 // works with no per-token buffer. top_p stops as soon as the cumulative
-// probability reaches p. NaN scores are never selected.
+// probability exceeds p. NaN scores are never selected.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -133,7 +133,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
     }
   } else if (a.gating == Gating::TopP) {
     // P = softmax(s/τ) over the active experts; keep the best ones up to and
-    // including the first where the cumulative P reaches p.
+    // including the first where the cumulative P exceeds p (strictly).
     c = next(c, false);
     if (c.e >= 0) {
       const acc_t mx = c.s / tau;
@@ -151,7 +151,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
         }
         ++count;
         cum += p;
-        if (cum >= a.top_p || count == a.k) break;
+        if (cum > a.top_p || count == a.k) break;
         c = next(c, false);
         if (c.e < 0) break;
       }
@@ -181,8 +181,8 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
         case Gating::Relu:
           for (int j = 0; j < count; ++j) g[j] = sc[j] > acc_t(0) ? sc[j] : acc_t(0);
           break;
-        case Gating::AvgK:
-          for (int j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(a.k);
+        case Gating::AvgK:  // EMoE's one-score gate: the layer sums its k experts
+          for (int j = 0; j < count; ++j) g[j] = acc_t(1);
           break;
         default:
           break;

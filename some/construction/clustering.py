@@ -5,20 +5,22 @@ SPEC §7.
 A dense FFN ``F(x) = W2 GELU(W1 x + b1) + b2`` (``W1 (H, d)``, ``b1 (H,)``,
 ``W2 (d, H)``, ``b2 (d,)``, ``H = N·h``) is a sum over its neurons, so any
 partition of the ``H`` neurons into ``N`` groups of ``h`` gives ``N`` experts
-``E_e(x) = W2[:, g_e] GELU(W1[g_e] x + b1[g_e]) + b2 / N`` whose sum with unit
-gates is exactly ``F``. (Each expert carries ``b2 / N`` so that the identity
-holds; a SoME layer with gates summing to 1 then also adds ``b2 / N`` — the
-bias is small and frozen, and this keeps the construction exactly invertible.)
+``E_e(x) = W2[:, g_e] GELU(W1[g_e] x + b1[g_e]) + b2 / k``. As in EMoE's code
+(qiuzh20/EMoE, ``Language/moe_utils.py``), each expert carries ``b2 / k`` for
+a layer that selects ``k`` experts with gate 1 (``avg_k`` gating): the ``k``
+selected experts add ``b2`` once, and with ``k = N`` the layer is the dense FFN
+exactly.
 
 Which neurons go together: we cluster the neurons' *key vectors*, the rows of
 ``W1`` L2-normalized. In the key-value-memory view of an FFN (Geva et al.
 2021) row ``i`` of ``W1`` is the pattern that neuron ``i`` detects; neurons
 with similar keys fire on similar inputs, so grouping them gives experts that
-are each "about" one region of input space, and the cluster mean is a natural
-routing key. This is the MoEfication (Zhang et al. 2022) / EMoE (Qiu et al.
-2024) choice; normalizing first makes the clustering about direction, not the
-scale of a neuron's weights. The same normalized mean (renormalized) is the
-expert's initial key in the key store.
+are each "about" one region of input space. This is the MoEfication (Zhang et
+al. 2022) / EMoE (Qiu et al. 2024) choice; normalizing first makes the
+clustering about direction, not the scale of a neuron's weights. The expert's
+key is EMoE's gate vector, the mean of its neurons' *raw* ``W1`` rows, so a
+``dot`` score is the mean pre-activation of the expert's neurons; a layer that
+scores by cosine takes its direction (:func:`load_into_layer`).
 
 Methods (``METHODS``):
 
@@ -93,7 +95,8 @@ class ExpertsFromDense:
     """Experts cut from a dense FFN, in the layout of :class:`some.SoMELayer`.
 
     ``w1 (N, h, d)``, ``b1 (N, h)``, ``w2 (N, d, h)``, ``b2 (N, d)`` (each
-    ``b2 / N``), ``keys (N, d)`` unit vectors, plus the partition
+    ``b2 / top_k``), ``keys (N, d)`` the mean raw ``W1`` row of each expert's
+    neurons (EMoE's gate vectors, not normalized), ``top_k``, plus the partition
     (``groups``, ``raw_sizes``, ``method``, ``n_moved``; see
     :class:`ClusterResult`). Tensors have the dense FFN's dtype and device.
     """
@@ -103,6 +106,7 @@ class ExpertsFromDense:
     w2: Tensor
     b2: Tensor
     keys: Tensor
+    top_k: int
     groups: Tensor
     raw_sizes: list[int]
     method: str
@@ -314,18 +318,23 @@ def _check_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> None:
 
 def experts_from_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, n_experts: int,
                        method: str = "balanced_kmeans", seed: int = 0,
-                       clusters: ClusterResult | None = None, **method_kwargs: Any) -> ExpertsFromDense:
-    """Cut the dense FFN ``W2 GELU(W1 x + b1) + b2`` into ``n_experts`` experts.
+                       clusters: ClusterResult | None = None, *, top_k: int, **method_kwargs: Any) -> ExpertsFromDense:
+    """Cut the dense FFN ``W2 GELU(W1 x + b1) + b2`` into ``n_experts`` experts
+    for a layer that selects ``top_k`` of them per token (EMoE's construction).
 
     Expert ``e`` holds the neurons ``g = groups[e]``: ``w1[e] = W1[g]``,
-    ``b1[e] = b1[g]``, ``w2[e] = W2[:, g]``, ``b2[e] = b2 / N``, so that
-    ``Σ_e E_e(x) = F(x)`` exactly. ``keys[e]`` is the mean of the normalized
-    ``W1`` rows of ``g``, L2-normalized. Pass ``clusters`` to reuse a
+    ``b1[e] = b1[g]``, ``w2[e] = W2[:, g]``, ``b2[e] = b2 / top_k``, so that
+    the ``top_k`` experts a token selects with gate 1 add ``b2`` once, and with
+    ``top_k = N`` they sum to ``F(x)`` exactly. ``keys[e]`` is the mean of the
+    raw ``W1`` rows of ``g`` (EMoE's gate vector). Pass ``clusters`` to reuse a
     partition (then ``method``/``seed`` are not used).
     """
     _check_dense(W1, b1, W2, b2)
     H = W1.shape[0]
     n = _check_n_experts(H, n_experts)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+        raise ValueError(f"experts_from_dense: top_k must be an int in 1..{n} (the experts a token selects), "
+                         f"got {top_k!r}")
     if clusters is None:
         clusters = cluster_neurons(W1, n, method, seed, **method_kwargs)
     elif tuple(clusters.groups.shape) != (n, H // n):
@@ -336,21 +345,10 @@ def experts_from_dense(W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, n_experts
         w1 = W1.detach()[g].clone()  # (N, h, d)
         eb1 = b1.detach()[g].clone()  # (N, h)
         w2 = W2.detach()[:, g].permute(1, 0, 2).contiguous()  # (d, N, h) -> (N, d, h)
-        eb2 = (b2.detach() / n).unsqueeze(0).expand(n, -1).contiguous()  # (N, d)
+        eb2 = (b2.detach() / top_k).unsqueeze(0).expand(n, -1).contiguous()  # (N, d)
+        keys = w1.mean(dim=1)  # (N, d): the mean raw W1 row of each expert's neurons
 
-    X = normalized_keys(W1)
-    means = X[clusters.groups.numpy()].mean(axis=1)  # (N, d)
-    norms = np.linalg.norm(means, axis=1)
-    for e in np.flatnonzero(norms < 1e-12):
-        # The group's keys cancel out (or are all zero): fall back to its first
-        # neuron with a direction, else the first basis vector, so keys stay unit.
-        rows = X[clusters.groups[e].numpy()]
-        nz = np.flatnonzero(np.linalg.norm(rows, axis=1) > 0)
-        means[e] = rows[nz[0]] if len(nz) else np.eye(1, X.shape[1])[0]
-        norms[e] = np.linalg.norm(means[e])
-    keys = torch.from_numpy(means / norms[:, None]).to(W1.device, W1.dtype)
-
-    return ExpertsFromDense(w1=w1, b1=eb1, w2=w2, b2=eb2, keys=keys, groups=clusters.groups,
+    return ExpertsFromDense(w1=w1, b1=eb1, w2=w2, b2=eb2, keys=keys, top_k=top_k, groups=clusters.groups,
                             raw_sizes=list(clusters.raw_sizes), method=clusters.method, n_moved=clusters.n_moved)
 
 
@@ -359,7 +357,9 @@ def load_into_layer(layer: torch.nn.Module, result: ExpertsFromDense) -> torch.n
     """Copy the experts and keys of ``result`` into a :class:`some.SoMELayer`
     (in the layer's own dtypes and device; the layer saves them from then on,
     since no generator makes them) and reset its key velocity and usage EMA,
-    which belong to the keys being replaced. Returns the layer."""
+    which belong to the keys being replaced. A layer that scores by cosine
+    takes each key's direction (a key of zero length, whose neurons' rows
+    cancel, takes the first basis vector). Returns the layer."""
     if not hasattr(layer, "set_experts") or not hasattr(layer, "keys"):
         raise TypeError(f"load_into_layer: {type(layer).__name__} is not a SoMELayer")
     if tuple(layer.keys.shape) != tuple(result.keys.shape):
@@ -367,12 +367,21 @@ def load_into_layer(layer: torch.nn.Module, result: ExpertsFromDense) -> torch.n
             f"load_into_layer: layer.keys has shape {tuple(layer.keys.shape)} but the constructed experts' "
             f"keys are {tuple(result.keys.shape)} (check num_experts, d_ffn and d_model against the dense FFN)"
         )
+    if layer.config.top_k != result.top_k:
+        raise ValueError(f"load_into_layer: the experts were cut for top_k = {result.top_k} (each carries "
+                         f"b2 / {result.top_k}) but the layer selects top_k = {layer.config.top_k}")
     try:
         layer.set_experts(result.w1, result.b1, result.w2, result.b2)
     except ValueError as e:
         raise ValueError(f"load_into_layer: {e} (check num_experts, d_ffn and d_model against the "
                          f"dense FFN)") from None
-    layer.keys.copy_(result.keys.to(device=layer.keys.device, dtype=layer.keys.dtype))
+    keys = result.keys.to(device=layer.keys.device, dtype=layer.keys.dtype)
+    if layer.config.score_mode == "cosine":
+        norms = keys.norm(dim=1, keepdim=True)
+        basis = torch.zeros_like(keys[:1])
+        basis[0, 0] = 1
+        keys = torch.where(norms > 1e-12, keys / norms.clamp_min(1e-12), basis)
+    layer.keys.copy_(keys)
     for name in ("key_velocity", "key_usage"):
         buf = getattr(layer, name, None)
         if isinstance(buf, Tensor):

@@ -5,7 +5,8 @@ With ``expert_init = "cluster"`` every SoME layer ``l`` gets its experts and its
 initial keys from a dense FFN of width ``H = N·h``
 (``W2 GELU(W1 x + b1) + b2``), whose neurons are clustered into ``N`` groups of
 ``h`` by ``cluster_method`` (:mod:`some.construction`); keys start at each
-cluster's mean normalized key (row of ``W1``). Where the dense FFN comes from is
+cluster's mean raw ``W1`` row (EMoE's gate vector; its direction for cosine
+scores), and every expert carries ``b2 / top_k`` (see :mod:`.clustering`). Where the dense FFN comes from is
 ``dense_source``:
 
 - ``random``: each layer's FFN is a freshly initialized ``nn.Linear(d, H)`` /
@@ -209,7 +210,7 @@ def init_experts_from_dense(model, config, data=None, device: str | torch.device
         t0 = time.perf_counter()
         w1, b1, w2, b2 = (t.detach() for t in (f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias))
         built = experts_from_dense(w1, b1, w2, b2, config.num_experts, config.cluster_method,
-                                   seed=config.seed + i, **_cluster_kwargs(config))
+                                   seed=config.seed + i, top_k=config.top_k, **_cluster_kwargs(config))
         load_into_layer(layer, built)
         seconds = time.perf_counter() - t0
         record["layers"].append({"layer": i, "seconds": seconds, "n_moved": built.n_moved,

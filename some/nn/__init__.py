@@ -17,9 +17,11 @@ from .model import (
     lm_loss,
     seeded,
 )
+from .revision import METHODS_REVISION, warn_if_methods_changed
 
 __all__ = [
     "EXPERT_INITS",
+    "METHODS_REVISION",
     "ROUTERS",
     "ROUTING_LEVELS",
     "Block",
@@ -36,4 +38,5 @@ __all__ = [
     "format_parameter_counts",
     "lm_loss",
     "seeded",
+    "warn_if_methods_changed",
 ]

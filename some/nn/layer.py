@@ -93,7 +93,7 @@ class SoMELayer(nn.Module):
         # Adaptive process: this window's counts and unmatched queries (saved, so
         # a resumed run continues the window exactly).
         self.register_buffer("window_counts", torch.zeros(N, device=device, dtype=torch.long))
-        self.register_buffer("window_unmatched", torch.zeros(d + 1, device=device, dtype=kdt))  # Σ q̂, count
+        self.register_buffer("window_unmatched", torch.zeros(d + 1, device=device, dtype=kdt))  # Σ q (raw), count
         self.register_buffer("window_steps", torch.zeros((), device=device, dtype=torch.long))
 
         # Validation-time usage counts (not saved): see track_usage().
@@ -101,7 +101,7 @@ class SoMELayer(nn.Module):
         self.register_buffer("usage_tokens", torch.zeros((), device=device, dtype=torch.long), persistent=False)
         self.track_usage = False
         self._pending: KeystoreStats | None = None
-        self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ q̂ of unmatched tokens, their count
+        self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ raw q of unmatched tokens, their count
         # revive_after > 0: queries of this step's routed tokens (N rows of [q̂, real]; all ranks' after the
         # data-parallel gather) from which dead keys are revived
         self._pending_candidates: Tensor | None = None
@@ -213,7 +213,8 @@ class SoMELayer(nn.Module):
 
     @torch.no_grad()
     def _gather_unmatched(self, q: Tensor, r: ops.RouteResult, token_mask: Tensor | None) -> None:
-        """Add the normalized queries of tokens that matched no expert well."""
+        """Add the raw router outputs of tokens that matched no expert well (DynMoE's
+        ``sample_records`` sum the gate's raw inputs, not their directions)."""
         cfg = self.config
         if cfg.gating == "top_any":
             unmatched = (r.indices < 0).all(dim=1)
@@ -221,8 +222,8 @@ class SoMELayer(nn.Module):
             unmatched = r.scores[:, 0].float() < cfg.adaptive_threshold
         if token_mask is not None:
             unmatched &= token_mask.reshape(-1)
-        qn = torch.nn.functional.normalize(q.to(self.window_unmatched.dtype), dim=-1)
-        add = torch.cat([qn[unmatched].sum(0), unmatched.sum().to(qn.dtype).reshape(1)])
+        raw = q.to(self.window_unmatched.dtype)
+        add = torch.cat([raw[unmatched].sum(0), unmatched.sum().to(raw.dtype).reshape(1)])
         self._pending_unmatched = add if self._pending_unmatched is None else self._pending_unmatched + add
 
     def _step_generator(self, salt: int) -> torch.Generator:
@@ -260,12 +261,15 @@ class SoMELayer(nn.Module):
         self.window_steps += 1
         if int(self.window_steps) < cfg.adaptive_window:
             return
-        # remove: experts unused during the whole window (keep at least top_k)
-        unused = self.expert_active & (self.window_counts == 0)
-        if int((self.expert_active & ~unused).sum()) >= cfg.top_k:
-            self.expert_active &= ~unused
-        # add: one expert keyed at the normalized sum of the unmatched queries
+        # remove: experts unused during the whole window (DynMoE's remove_experts, no
+        # floor: with a fixed-k gating every routed token uses k active experts anyway).
+        # A window that routed no token at all (only padding) says nothing: keep all.
         d = cfg.d_model
+        if int(self.window_counts.sum()) > 0 or self.window_unmatched[d] > 0:
+            self.expert_active &= self.window_counts > 0
+        # add: one expert keyed at the normalized sum of the unmatched tokens' raw
+        # router outputs, in the lowest free slot, its threshold restarted at 0
+        # (DynMoE's add_experts; the slot is usually one just removed for never firing)
         free = torch.nonzero(~self.expert_active).flatten()
         if self.window_unmatched[d] > 0 and free.numel() > 0:
             slot = int(free[0])
@@ -273,6 +277,8 @@ class SoMELayer(nn.Module):
             self.keys[slot] = key / key.norm().clamp_min(1e-12)
             self.key_velocity[slot] = 0
             self.key_usage[slot] = 0
+            if self.thresholds is not None:
+                self.thresholds[slot] = 0
             self.expert_active[slot] = True
         self.window_counts.zero_()
         self.window_unmatched.zero_()

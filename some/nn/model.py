@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .generate import generate
 from .layer import SoMELayer
 from .pretrained import load_model_files, save_model_files
+from .revision import METHODS_REVISION
 
 __all__ = ["Block", "CausalLM", "CausalLMOutput", "DenseFFN", "DenseLM", "SoMEForCausalLM",
            "format_parameter_counts", "lm_loss", "seeded"]
@@ -198,6 +199,9 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
         self.card_info: dict | None = None
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
+        # the methods revision (some.nn.revision) the weights were trained at: this
+        # version's for a new model, the file's for a loaded one (kept on re-export)
+        self.methods_revision = METHODS_REVISION
 
     def _save_pretrained(self, save_directory) -> None:  # ModelHubMixin's hook
         save_model_files(self, save_directory, tokenizer=self.tokenizer, info=self.card_info)

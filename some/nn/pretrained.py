@@ -25,6 +25,7 @@ from ..errors import ConfigError, ModelFileError
 from ..files import atomic_write, read_text_file
 from ..version import __version__
 from .config import ModelConfig
+from .revision import METHODS_REVISION, warn_if_methods_changed
 
 __all__ = ["CONFIG_FILE", "MODEL_CARD", "TOKENIZER_FILE", "WEIGHTS_FILE", "load_model_files", "model_card",
            "save_model_files"]
@@ -33,7 +34,7 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 TOKENIZER_FILE, MODEL_CARD = "tokenizer.json", "README.md"
 FORMAT = "some-model-1"
 # config.json keys besides the ModelConfig fields
-_META_KEYS = ("format", "architecture", "some_version", "eos_token_id", "pad_token_id")
+_META_KEYS = ("format", "architecture", "some_version", "methods_revision", "eos_token_id", "pad_token_id")
 _EXTRA = "._extra_state"
 # training state that an exported model does not carry (a resumed run has it in checkpoint.pt)
 _TRAINING_ONLY = (".telemetry.", ".window_counts", ".window_unmatched", ".window_steps")
@@ -83,6 +84,7 @@ def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict
     directory.mkdir(parents=True, exist_ok=True)
     tensors, metadata = _weights(model)
     config = {"format": FORMAT, "architecture": type(model).__name__, "some_version": __version__,
+              "methods_revision": getattr(model, "methods_revision", METHODS_REVISION),
               **dataclasses.asdict(ModelConfig(**{f.name: getattr(model.config, f.name)
                                                   for f in dataclasses.fields(ModelConfig)}))}
     if tokenizer is not None:
@@ -113,6 +115,9 @@ def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
     unknown = sorted(set(raw) - fields - set(_META_KEYS))
     if unknown:
         raise ModelFileError(f"{path}: unknown config fields {unknown}")
+    revision = raw.get("methods_revision", 1)
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+        raise ModelFileError(f"{path}: methods_revision must be a positive integer, got {revision!r}")
     try:
         config = ModelConfig(**{k: v for k, v in raw.items() if k in fields}).validate()
     except (ConfigError, TypeError) as e:
@@ -175,4 +180,6 @@ def load_model_files(cls, directory: str | Path, *, device="cpu", dtype=None):
             raise ModelFileError(f"{directory / TOKENIZER_FILE}: not a tokenizer file ({e})") from None
     model.eos_token_id = meta.get("eos_token_id")
     model.pad_token_id = meta.get("pad_token_id")
+    model.methods_revision = meta.get("methods_revision", 1)  # directories before the field: revision 1
+    warn_if_methods_changed(config, model.methods_revision, str(directory))
     return model.eval()

@@ -51,7 +51,7 @@ def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: s
         elif gating == "relu":
             g = torch.relu(s_sel)
         elif gating == "avg_k":
-            g = torch.full_like(s_sel, 1.0 / k)
+            g = torch.ones_like(s_sel)  # EMoE's one-score gate
         elif gating == "top_p":
             act_idx = [e for e in range(N) if is_active[e]]
             P_act = torch.softmax(s[act_idx] / tau, dim=0)
@@ -60,7 +60,7 @@ def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: s
             for e in sel:
                 kept.append(e)
                 cum += P[e].item()
-                if cum >= top_p:
+                if cum > top_p:  # strictly, as the authors' code
                     break
             sel = kept
             s_sel = s[sel]
@@ -71,7 +71,7 @@ def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: s
             elif sel:
                 soft = torch.sigmoid(s_sel / tau) - torch.sigmoid(thresholds[sel])
                 m = 1.0 + soft - soft.detach()  # straight-through: forward 1, backward d(soft)
-                g = m / m.sum()
+                g = m / len(sel)  # divided by the fired count taken as a constant (as DynMoE)
             else:
                 g = s_sel
         else:

@@ -106,23 +106,25 @@ def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str =
         gates = torch.sigmoid(s_sel / tau)
     elif gating == "relu":
         gates = torch.relu(s_sel)
-    elif gating == "avg_k":
-        gates = torch.full_like(s_sel, 1.0 / k)
+    elif gating == "avg_k":  # EMoE's one-score gate: the layer sums its k experts
+        gates = torch.ones_like(s_sel)
     elif gating == "top_p":
         # P = softmax(s/τ) over the eligible experts; keep the best ones up to
-        # and including the first where the cumulative P reaches p.
+        # and including the first where the cumulative P exceeds p (strictly,
+        # as the authors' code: an expert is kept while the sum before it is <= p).
         any_eligible = eligible.any(dim=1, keepdim=True)
         logits = torch.where(eligible & any_eligible, S / tau, torch.where(any_eligible, -math.inf, 0.0))
         P = torch.softmax(logits, dim=1).gather(1, idx)
         with torch.no_grad():
-            before = torch.cumsum(torch.where(valid, P, 0.0), dim=1) - torch.where(valid, P, 0.0)
-            valid = valid & (before < top_p)
+            running = torch.cumsum(torch.where(valid, P, 0.0), dim=1)  # in slot order, as the kernels add
+            before = torch.cat([torch.zeros_like(running[:, :1]), running[:, :-1]], dim=1)
+            valid = valid & (before <= top_p)
         gates = P
-    else:  # top_any: straight-through mask m (1 forward, d(σ(s/τ) - σ(G)) backward), gates m / Σ m
+    else:  # top_any: straight-through mask m (1 forward, d(σ(s/τ) - σ(G)) backward), gates m / k(x)
         surrogate = torch.sigmoid(s_sel / tau) - torch.sigmoid(thresholds.to(acc)[idx])
         m = torch.where(valid, 1.0 + (surrogate - surrogate.detach()), 0.0)  # exactly 1 forward
-        total = m.sum(dim=1, keepdim=True)
-        gates = m / torch.where(any_valid, total, torch.ones_like(total))  # (no clamp: it would cut the gradient)
+        fired = valid.sum(dim=1, keepdim=True).clamp_min(1).to(acc)  # the fired count, a constant (as DynMoE)
+        gates = m / fired
         if fallback is not None:
             gates = torch.where(fallback.unsqueeze(1), torch.ones_like(gates), gates)  # no gradient there
     gates = torch.where(valid, gates, 0.0)

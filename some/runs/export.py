@@ -25,7 +25,7 @@ from ..data import DataConfig, build_data, build_eval_data
 from ..engine import evaluate, load_checkpoint, pick_device
 from ..errors import ModelFileError, RunDirError
 from ..files import atomic_write, read_text_file
-from ..nn import SoMEForCausalLM
+from ..nn import SoMEForCausalLM, warn_if_methods_changed
 from .config import SoMEConfig
 
 __all__ = ["MODEL_DIR", "TRAINING_FILE", "evaluate_model", "export_model", "export_run", "generate_text",
@@ -83,6 +83,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     config = SoMEConfig.load_yaml(config_path)
     state = load_checkpoint(ckpt)
     model = SoMEForCausalLM(config)
+    model.methods_revision = state.get("methods_revision", 1)  # checkpoints before the field: revision 1
+    warn_if_methods_changed(config, model.methods_revision, str(ckpt))
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError) as e:

@@ -51,7 +51,7 @@ from ..engine import (
     train_step,
 )
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..nn import SoMEForCausalLM, format_parameter_counts
+from ..nn import SoMEForCausalLM, format_parameter_counts, warn_if_methods_changed
 from ..version import __version__
 from .build import build_model
 from .config import SoMEConfig
@@ -105,6 +105,7 @@ class Checkpointer:
         p = progress
         return {
             "format": CHECKPOINT_FORMAT,
+            "methods_revision": self.model.methods_revision,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -268,6 +269,10 @@ class Trainer:
                                          self.steps_per_epoch, self.total_steps)
         self.evaluator = EpochEvaluator(config, self.data, self.device, self.parallel, self.middle)
         if state is not None:
+            # a run begun at an older methods revision goes on with the new semantics: say so, and keep
+            # its revision in the checkpoints it writes from now on (it is a mixed run)
+            self.model.methods_revision = state.get("methods_revision", 1)
+            warn_if_methods_changed(config, self.model.methods_revision, str(self.run_dir.checkpoint))
             self.checkpointer.check(state, len(self.data.train))
             self.progress = self.checkpointer.restore(state)
             # metrics.jsonl may have lines from after the checkpoint: rewrite it from the checkpoint
