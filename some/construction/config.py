@@ -17,7 +17,8 @@ DENSE_TRANSFERS = ("all", "ffn")
 class ConstructionConfig:
     """Used when ``expert_init = "cluster"``: experts cut from a dense FFN of
     width N·h by clustering its neurons (``cluster_method``), keys at each
-    cluster's mean normalized key. The dense FFN is ``dense_source``:
+    cluster's mean raw ``W1`` row and bias ``b2 / top_k`` per expert (EMoE's
+    construction). The dense FFN is ``dense_source``:
     ``random`` (freshly initialized) or ``pretrained`` (a dense LM trained first
     on the same data for ``dense_pretrain_epochs``; with ``dense_transfer`` =
     ``all`` the SoME model also takes its embedding, attention, LayerNorms and

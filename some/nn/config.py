@@ -68,9 +68,10 @@ class SoMELayerConfig:
     # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
     # updates, experts unused in the window are masked out of routing and, if
     # tokens matched no expert well (best score < adaptive_threshold; for
-    # top_any: no expert fired), one expert is added with its key at the
-    # normalized sum of those queries. Capacity is the N preallocated experts;
-    # `initial_experts` of them start active (None: all).
+    # top_any: no expert fired), one expert is added in the first free slot, its
+    # key at the normalized sum of those tokens' raw router outputs and its
+    # top_any threshold at 0 (DynMoE's add_experts). Capacity is the N
+    # preallocated experts; `initial_experts` of them start active (None: all).
     adaptive: bool = False
     adaptive_window: int = 100  # key-store updates per window
     adaptive_threshold: float = 0.0  # a token "matched no expert well" below this best score
