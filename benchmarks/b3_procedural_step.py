@@ -1,6 +1,6 @@
 """The B3 preset (N = 512 experts per layer, L = 10, d = 512, h = 1024: 5.4 B
 parameters) built with procedural experts and taking optimizer steps on the
-CPU, with the process's peak RSS (SPEC §9: with materialized float32 experts
+CPU, with the process's peak RSS (docs/method.md §9: with materialized float32 experts
 they alone would need 21.6 GB).
 
     python benchmarks/b3_procedural_step.py                 # batch 2 x 768 tokens, 2 steps

@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="both", choices=["both", "native", "torch"])
     p.add_argument("--storage", default="materialized", choices=["materialized", "procedural", "both"],
-                   help="expert storage: stored tensors, or regenerated from the seed inside the op (SPEC §9)")
+                   help="expert storage: stored tensors, or regenerated from the seed inside the op (method §9)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive loop")
     p.add_argument("--json", help="also write the results to this JSON file")

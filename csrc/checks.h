@@ -83,7 +83,7 @@ inline at::ScalarType stats_dtype(at::ScalarType query_dtype) {
   return query_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Parsed gating mode (SPEC §3). The op schema takes a string so that the
+// Parsed gating mode (docs/method.md §3). The op schema takes a string so that the
 // Python API reads naturally; every kernel works on this enum.
 enum class Gating { Softmax, Sigmoid, Relu, AvgK, TopP, TopAny };
 

@@ -1,4 +1,4 @@
-// The counter-based generator of the frozen experts (SPEC §9), one copy for
+// The counter-based generator of the frozen experts (docs/method.md §9), one copy for
 // the CPU kernels and the CUDA kernels (and, in Python,
 // some/nn/generator.py, checked bit for bit against this one).
 //

@@ -16,7 +16,7 @@
 #endif
 
 TORCH_LIBRARY(some, m) {
-  // SPEC §3 steps 1-4: scores, top-k selection and gates. (Float outputs come
+  // docs/method.md §3 steps 1-4: scores, top-k selection and gates. (Float outputs come
   // first; some.ops.route returns them as (indices, gates, scores).)
   m.def(
       "route(Tensor query, Tensor keys, int k, float temperature, str gating='softmax', "
@@ -29,7 +29,7 @@ TORCH_LIBRARY(some, m) {
       "str score_mode, Tensor? thresholds, Tensor? active) "
       "-> (Tensor grad_query, Tensor grad_thresholds)");
 
-  // SPEC §3 step 5: y_t = sum_j g_tj E_{I_tj}(x_t) with frozen experts.
+  // docs/method.md §3 step 5: y_t = sum_j g_tj E_{I_tj}(x_t) with frozen experts.
   // `hidden` (pre-activations, grouped by expert), `order` and `offsets` (the
   // token-by-expert grouping) are computed once and reused by the backward.
   m.def(
@@ -40,7 +40,7 @@ TORCH_LIBRARY(some, m) {
       "Tensor w2, Tensor b2, Tensor hidden, Tensor order, Tensor offsets, bool need_grad_x, "
       "bool need_grad_gates) -> (Tensor grad_x, Tensor grad_gates)");
 
-  // SPEC §9: the same with procedural experts, never stored: element i of
+  // docs/method.md §9: the same with procedural experts, never stored: element i of
   // tensor t of expert e is a pure function of (seed, layer, e, t, i)
   // (csrc/philox.h), generated where the kernels use it, in x's dtype.
   m.def(
@@ -56,7 +56,7 @@ TORCH_LIBRARY(some, m) {
       "fill_expert_weights(Tensor(a!) w1, Tensor(b!) b1, Tensor(c!) w2, Tensor(d!) b2, int seed, "
       "int layer, int first_expert) -> ()");
 
-  // SPEC §4: sufficient statistics (sums, so they can be all-reduced) and the
+  // docs/method.md §4: sufficient statistics (sums, so they can be all-reduced) and the
   // in-place self-organization step. `keystore_update` returns a bool scalar
   // that is False when non-finite statistics made it leave the store untouched.
   m.def(

@@ -1,9 +1,9 @@
 """some: Self-Organizing Mixture of Experts for PyTorch.
 
     import some
-    model = some.SoMEForCausalLM(some.get_preset("A4"), device="meta")  # SPEC §2
+    model = some.SoMEForCausalLM(some.get_preset("A4"), device="meta")  # docs/method.md §2
     some.train(some.get_preset("tiny"), "runs/tiny")                      # a run with its report
-    some.ops.route(query, keys, k=4, temperature=0.8)                    # the ops (SPEC §5)
+    some.ops.route(query, keys, k=4, temperature=0.8)                    # the ops (docs/method.md §5)
 
 The package is layered, each layer importing only those below it:
 ``ops`` (the C++/CUDA ops) -> ``nn`` (modules) -> ``data`` -> ``engine``

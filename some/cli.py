@@ -7,7 +7,7 @@
     some generate runs/tiny/model --prompt "Q: Why" [-n 3]   # sample text from a trained model
     some eval runs/tiny/model [--data SOURCE] [--ood SOURCE] # perplexity and expert usage on a corpus
     some export runs/tiny [OUT_DIR]                          # a run's model as a from_pretrained directory
-    some ablate experiments/gating.yaml [--smoke]            # an ablation study (SPEC §7): every variant x seed
+    some ablate experiments/gating.yaml [--smoke]            # an ablation study (docs/method.md §7)
     some selftest [--device cuda] [--quick]                  # check the ops backends on this machine
     some info                                                # build info and presets
 
@@ -151,8 +151,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    for flag, value, ok, want in (("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+                                  ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+                                  ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+                                  ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: all tokens)"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1: off)")):
+        if not ok:  # (NaN fails every comparison, so it is refused too)
+            raise ConfigError(f"{flag} must be {want}, got {value}")
     texts = generate_text(args.model, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k or None,
                           top_p=None if args.top_p >= 1 else args.top_p, greedy=args.greedy, seed=args.seed,

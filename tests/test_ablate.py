@@ -341,7 +341,9 @@ def test_specialization_by_token_class():
 
 def test_cluster_init_from_a_random_dense_ffn_reproduces_it(tmp_path):
     """Every expert with gate 1 sums to the dense FFN it was cut from (the
-    construction's identity), and the keys are unit cluster means."""
+    construction's identity; each expert carries b2 / k, so the N experts add
+    b2 N/k times), and the keys are unit vectors (the cosine layer's direction
+    of each cluster's mean raw W1 row)."""
     from some.construction import init_experts_from_dense, random_dense_ffn
 
     config = apply_overrides(get_preset("tiny-test"), ["expert_init=cluster", "cluster_method=kmeans",
@@ -354,7 +356,9 @@ def test_cluster_init_from_a_random_dense_ffn_reproduces_it(tmp_path):
     dense = ffn(x)
     experts = sum(torch.nn.functional.gelu(x @ layer.w1[e].T + layer.b1[e]) @ layer.w2[e].T + layer.b2[e]
                   for e in range(config.num_experts))
-    torch.testing.assert_close(experts, dense, rtol=1e-4, atol=1e-5)
+    N, k = config.num_experts, config.top_k
+    torch.testing.assert_close(layer.b2, (ffn.fc2.bias / k).detach().expand(N, -1))
+    torch.testing.assert_close(experts - (N / k - 1) * ffn.fc2.bias.detach(), dense, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.keys.norm(dim=1), torch.ones(config.num_experts))
 
 

@@ -1,4 +1,4 @@
-"""The two backends of the ops (SPEC §8): the choice, the torch backend never
+"""The two backends of the ops (docs/method.md §8): the choice, the torch backend never
 touching torch.ops.some, both agreeing with each other, and training with either."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of some.metrics against hand-computed cases (SPEC §6 definitions)."""
+"""Tests of some.metrics against hand-computed cases (docs/method.md §6 definitions)."""
 import math
 
 import numpy as np

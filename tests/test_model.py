@@ -1,4 +1,4 @@
-"""The SoME language model: exact parameter counts (SPEC §2), causality,
+"""The SoME language model: exact parameter counts (docs/method.md §2), causality,
 padding, determinism of the initialization, gradients and key updates."""
 import pytest
 import torch

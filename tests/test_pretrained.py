@@ -283,3 +283,27 @@ def test_compiled_training_matches_eager(tmp_path):
     assert json.loads((tmp_path / "true" / "run.json").read_text())["compile"] is True
     for key in ("train_loss", "val_loss"):
         assert results["true"][key] == pytest.approx(results["false"][key], rel=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{tmp}/nonexistent"], "model directory not found"),
+    (["generate", "{tmp}/nonexistent", "--prompt", "hi"], "model directory not found"),
+    (["eval", "{model}/config.json"], "is a file, not a model directory"),
+    (["eval", "{model}", "--data", "nonsense"], "unknown data source 'nonsense'"),
+    (["eval", "{model}", "--data", "synthetic", "--ood", "synthetic"], "another corpus"),
+    (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], "--temperature must be > 0"),
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "nan"], "--temperature must be > 0"),
+    (["generate", "{model}", "--prompt", "hi", "--top-p", "2"], r"--top-p must be in \(0, 1\]"),
+    (["generate", "{model}", "--prompt", "hi", "--top-k", "-3"], "--top-k must be >= 0"),
+    (["selftest", "--device", "cuda:7"], "no CUDA device"),
+    (["selftest", "--device", "gpu please"], "is not a device"),
+])
+def test_command_line_mistakes_are_one_error_line(finished, tmp_path, capsys, argv, message):
+    import re
+
+    _, out = finished
+    argv = [a.format(tmp=tmp_path, model=out / "model") for a in argv]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("some: error: ") and re.search(message, err[0]), err

@@ -1,4 +1,4 @@
-"""Weightless experts (SPEC §9): the generator, procedural == materialized bit
+"""Weightless experts (docs/method.md §9): the generator, procedural == materialized bit
 for bit, no stored experts anywhere, and checkpoints that hold the generator."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop: it learns, logs what SPEC §6 asks, resumes exactly after a
+"""The training loop: it learns, logs what docs/method.md §6 asks, resumes exactly after a
 SIGKILL, stops cleanly on NaN, and refuses bad checkpoints with clear errors."""
 import json
 import math

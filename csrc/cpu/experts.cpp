@@ -1,6 +1,6 @@
-// CPU kernels of some::experts and some::experts_backward (SPEC §3 step 5),
+// CPU kernels of some::experts and some::experts_backward (docs/method.md §3 step 5),
 // and of their procedural twins, whose expert weights are never stored but
-// regenerated from the seed where they are used (SPEC §9, csrc/philox.h).
+// regenerated from the seed where they are used (docs/method.md §9, csrc/philox.h).
 //
 // Plan, shared by forward and backward:
 //   1. group the (token, slot) pairs by expert with a stable counting sort

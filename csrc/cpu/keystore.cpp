@@ -1,4 +1,4 @@
-// CPU kernels of some::keystore_stats and some::keystore_update (SPEC §4).
+// CPU kernels of some::keystore_stats and some::keystore_update (docs/method.md §4).
 //
 // Statistics are computed per expert from the pairs grouped by expert, so
 // each thread owns whole rows of the outputs: no atomics, and the sums are

@@ -1,4 +1,4 @@
-// CPU kernels of some::route and some::route_backward (SPEC §3 steps 1-4).
+// CPU kernels of some::route and some::route_backward (docs/method.md §3 steps 1-4).
 //
 // The score matrix is one GEMM (q̂ K̂ᵀ); selection and gating are per token and
 // run in parallel over tokens. All arithmetic is in the accumulation type
@@ -37,7 +37,7 @@ inline acc_t sigmoid(acc_t x) {
 
 // Insert (score, index) into the descending list best[0..count) of capacity
 // cap. Experts are visited in ascending index order, so a strict comparison
-// keeps the lower index first among equal scores (SPEC §3 step 3).
+// keeps the lower index first among equal scores (docs/method.md §3 step 3).
 template <typename acc_t>
 inline void insert_topk(acc_t s, int64_t e, acc_t* best_s, int64_t* best_i, int64_t& count,
                         int64_t cap) {

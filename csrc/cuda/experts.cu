@@ -1,4 +1,4 @@
-// CUDA kernels of some::experts and some::experts_backward (SPEC §3 step 5),
+// CUDA kernels of some::experts and some::experts_backward (docs/method.md §3 step 5),
 // and the device-side token-by-expert grouping that route.cu and keystore.cu
 // reuse (declared in common.cuh).
 //
@@ -305,7 +305,7 @@ struct GemmArgs {
   const int64_t* offsets; // [N + 1]
   const int* tile_start;  // [N + 1]
   int num_experts;
-  // Procedural experts (b == nullptr, SPEC §9): element i of B_e is generated
+  // Procedural experts (b == nullptr, docs/method.md §9): element i of B_e is generated
   // where it is loaded (csrc/philox.h), never read from memory.
   uint32_t gen_seed = 0, gen_layer = 0, gen_tensor = 0;
   float gen_bound = 0.0f;

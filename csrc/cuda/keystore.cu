@@ -1,4 +1,4 @@
-// CUDA kernels of some::keystore_stats and some::keystore_update (SPEC §4).
+// CUDA kernels of some::keystore_stats and some::keystore_update (docs/method.md §4).
 //
 // keystore_stats: sums per expert from the device-side grouping (common.cuh),
 // in two deterministic passes (per row tile of an expert's segment, then per

@@ -1,4 +1,4 @@
-// CUDA kernels of some::route and some::route_backward (SPEC §3 steps 1-4).
+// CUDA kernels of some::route and some::route_backward (docs/method.md §3 steps 1-4).
 //
 // As on the CPU (csrc/cpu/route.cpp): the score matrix is one GEMM on the
 // normalized rows (at::mm, cuBLAS); selection and gating run one warp per
@@ -9,7 +9,7 @@
 // Selection: k rounds of a warp-wide arg-max over the token's score row, each
 // round restricted to the experts ranked after the previous winner in the
 // order (score descending, index ascending). That order is strict, so ties go
-// to the lower index (SPEC §3 step 3) without a "taken" mask, and any k <= N
+// to the lower index (docs/method.md §3 step 3) without a "taken" mask, and any k <= N
 // works with no per-token buffer. top_p stops as soon as the cumulative
 // probability exceeds p. NaN scores are never selected.
 #include <ATen/ATen.h>

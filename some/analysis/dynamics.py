@@ -1,4 +1,4 @@
-"""Routing dynamics of a training run (SPEC §10): one record per SoME layer at
+"""Routing dynamics of a training run (docs/method.md §10): one record per SoME layer at
 each logging interval, from the sums each layer's
 :class:`~some.nn.RoutingTelemetry` gathered since the last record.
 

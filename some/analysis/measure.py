@@ -1,4 +1,4 @@
-"""Measurements that compare model variants (SPEC §7): FLOPs per token (analytic
+"""Measurements that compare model variants (docs/method.md §7): FLOPs per token (analytic
 and counted), inference latency, peak memory, and a routing pass recording
 which experts every token went to (for :mod:`some.analysis.specialization`).
 

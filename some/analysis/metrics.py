@@ -1,10 +1,10 @@
-"""Expert-utilization metrics of SPEC §6, for torch tensors and numpy arrays alike.
+"""Expert-utilization metrics of docs/method.md §6, for torch tensors and numpy arrays alike.
 
     counts = usage_counts(indices, num_experts)     # (N,) tokens routed to each expert
     gini(counts), entropy_bits(counts), max_entropy_bits(len(counts))
     format_experts_used(counts)                     # '64/64 (100.00%)'
 
-Definitions (SPEC §6): usage counts ``c_e`` over all routed (token, slot) pairs; Gini
+Definitions (docs/method.md §6): usage counts ``c_e`` over all routed (token, slot) pairs; Gini
 ``G = Σ_i (2i − n − 1) c_(i) / (n Σ c)`` with ``c_(i)`` ascending, ``i = 1..n``; entropy
 ``H = −Σ p_e log2 p_e`` with ``p = c / Σ c`` and ``0 · log 0 = 0``.
 """

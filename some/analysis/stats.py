@@ -1,4 +1,4 @@
-"""Comparing variants across datasets × seeds (SPEC §7, "Friedman average rank
+"""Comparing variants across datasets × seeds (docs/method.md §7, "Friedman average rank
 of the variants across datasets × seeds with the Friedman test's p-value").
 
 A *block* is one (dataset, seed) pair; every variant has one score per block.

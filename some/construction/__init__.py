@@ -1,4 +1,4 @@
-"""Experts cut from a dense FFN (SPEC §7: the expert-construction and
+"""Experts cut from a dense FFN (docs/method.md §7: the expert-construction and
 pre-trained-vs-random studies): clustering of the FFN's neurons, the dense
 pre-training, and loading the experts into SoME layers."""
 from .clustering import (

@@ -1,6 +1,6 @@
 """Experts cut from a dense FFN by clustering its neurons (EMoE / MoEfication),
 for the "expert construction" and "pre-trained vs random source" studies of
-SPEC §7.
+docs/method.md §7.
 
 A dense FFN ``F(x) = W2 GELU(W1 x + b1) + b2`` (``W1 (H, d)``, ``b1 (H,)``,
 ``W2 (d, H)``, ``b2 (d,)``, ``H = N·h``) is a sum over its neurons, so any

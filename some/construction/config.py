@@ -1,4 +1,4 @@
-"""How experts are constructed from a dense FFN (SPEC §7): the fields of expert init ``cluster``."""
+"""How experts are constructed from a dense FFN (docs/method.md §7): the fields of expert init ``cluster``."""
 from __future__ import annotations
 
 from dataclasses import dataclass

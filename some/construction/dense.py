@@ -1,4 +1,4 @@
-"""Experts cut from a dense FFN: expert init ``cluster`` (SPEC §7, the "expert
+"""Experts cut from a dense FFN: expert init ``cluster`` (docs/method.md §7, the "expert
 construction" and "pre-trained vs random source" studies).
 
 With ``expert_init = "cluster"`` every SoME layer ``l`` gets its experts and its

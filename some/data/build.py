@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    """What :func:`build_data` builds. Defaults are the reference runs' (SPEC §6)."""
+    """What :func:`build_data` builds. Defaults are the reference runs' (docs/method.md §6)."""
 
     source: str = "tinystories"  # see the module docstring
     ood_source: str | None = None  # a held-out corpus of another domain (OOD perplexity), or None

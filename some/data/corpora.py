@@ -10,7 +10,7 @@ One call builds everything a training run needs::
 Sources (``DataConfig.source`` / ``ood_source``):
 
 - ``"tinystories"``: HuggingFace ``roneneldan/TinyStories`` (needs ``datasets`` and the
-  network, or a populated HuggingFace cache), the reference corpus of SPEC §6;
+  network, or a populated HuggingFace cache), the reference corpus of docs/method.md §6;
 - ``"fortunes"`` / ``"fortunes:NAME[,NAME]"``: the fortune-cookie files of the Debian packages
   ``fortunes-min`` and ``fortunes`` (one fortune per document), offline, in-domain; a document's
   topic is its file (``art``, ``computers``, ``science``, ...);

@@ -1,7 +1,7 @@
 """Data-parallel training support (torchrun + DistributedDataParallel).
 
 SoME's one twist on ordinary data parallelism: the key stores are updated
-outside autograd (SPEC §4), from statistics of *all* tokens of the step. Each
+outside autograd (docs/method.md §4), from statistics of *all* tokens of the step. Each
 rank only sees its shard of the batch, so before every key-store update the
 ranks all-reduce the statistics (they are sums); every rank then applies the
 same update to the same keys and the stores stay identical without ever being

@@ -1,6 +1,6 @@
 """One optimizer step, shared by SoME training and the dense pre-training of
 expert construction: forward every micro-batch, masked loss, backward, clip,
-learning rate, optimizer step, and (SPEC §4) the key-store update."""
+learning rate, optimizer step, and (docs/method.md §4) the key-store update."""
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +86,7 @@ def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    # SPEC §4: self-organize the key stores after every optimizer step, from
+    # docs/method.md §4: self-organize the key stores after every optimizer step, from
     # the statistics of all tokens of the step (all micro-batches, all ranks)
     all_reduce_keystore_stats(dist, model.some_layers())
     verdicts = [v for v in model.update_keys(wait=device.type == "cpu") if v is not None]

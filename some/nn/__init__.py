@@ -1,7 +1,7 @@
 """Modules: the SoME layer, the transformer around it, and their configurations.
 
     SoMELayer(SoMELayerConfig(d_model=512, num_experts=64, d_ffn=1024))   # router + key store + experts
-    SoMEForCausalLM(ModelConfig(num_experts=64))                          # SPEC §2
+    SoMEForCausalLM(ModelConfig(num_experts=64))                          # docs/method.md §2
 """
 from .attention import CausalSelfAttention, RotaryEmbedding
 from .config import EXPERT_INITS, ROUTERS, ROUTING_LEVELS, ModelConfig, SoMELayerConfig

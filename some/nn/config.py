@@ -44,7 +44,7 @@ def check_size(name: str, value: int, least: int = 1, most: int = MAX_SIZE) -> N
 
 @dataclass
 class SoMELayerConfig:
-    """Hyper-parameters of one SoME layer (SPEC §2-§4; names follow the seed's)."""
+    """Hyper-parameters of one SoME layer (docs/method.md §2-§4; names follow the seed's)."""
 
     d_model: int = 512  # d
     num_experts: int = 64  # N
@@ -63,9 +63,9 @@ class SoMELayerConfig:
     ema_decay: float = 0.99  # γ, inertia
     expert_init: str = "default"  # default | cluster (see EXPERT_INITS)
     # materialized: the experts are frozen tensors; procedural: none are
-    # stored, the kernels regenerate them from (seed, layer) where used (SPEC §9)
+    # stored, the kernels regenerate them from (seed, layer) where used (docs/method.md §9)
     expert_storage: str = "materialized"
-    # DynMoE-style adaptive process (SPEC §7): every `adaptive_window` key-store
+    # DynMoE-style adaptive process (docs/method.md §7): every `adaptive_window` key-store
     # updates, experts unused in the window are masked out of routing and, if
     # tokens matched no expert well (best score < adaptive_threshold; for
     # top_any: no expert fired), one expert is added in the first free slot, its
@@ -115,7 +115,7 @@ class SoMELayerConfig:
 
 @dataclass
 class ModelConfig(SoMELayerConfig):
-    """The architecture of :class:`some.nn.SoMEForCausalLM` (SPEC §2): the SoME
+    """The architecture of :class:`some.nn.SoMEForCausalLM` (docs/method.md §2): the SoME
     layer's fields plus the transformer around it. Defaults are the seed's
     reference values (``V = 8192, d = 512, L = 10, 8 heads, 768 tokens``)."""
 

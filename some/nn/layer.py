@@ -1,5 +1,5 @@
 """The SoME layer: a trainable router over a self-organizing key store that
-picks, per token, ``k`` of ``N`` frozen experts (SPEC §2-§4).
+picks, per token, ``k`` of ``N`` frozen experts (docs/method.md §2-§4).
 
 Module -> op -> kernel: this file holds the module; the maths is in the ops of
 ``some.ops`` (C++/CUDA kernels in ``csrc/``).
@@ -36,8 +36,8 @@ def _uniform_(t: Tensor, bound: float, gen: torch.Generator | None) -> Tensor:
 
 
 class SoMELayer(nn.Module):
-    """Router + key store + frozen experts (SPEC §2, §3), with the key-store
-    self-organization of SPEC §4 applied by :meth:`update_keys`.
+    """Router + key store + frozen experts (docs/method.md §2, §3), with the key-store
+    self-organization of docs/method.md §4 applied by :meth:`update_keys`.
 
     Forward takes ``x`` of shape ``(B, S, d)`` (or ``(T, d)``) and an optional
     ``token_mask`` ``(B, S)`` of real (non-padding) tokens; padding tokens get
@@ -62,7 +62,7 @@ class SoMELayer(nn.Module):
         if config.router in ("frozen", "random"):
             self.router.requires_grad_(False)
 
-        # Frozen experts (SPEC §9): a pure function of (seed, layer, expert,
+        # Frozen experts (docs/method.md §9): a pure function of (seed, layer, expert,
         # tensor, index). Materialized storage keeps them as parameters that
         # never get a gradient (counted; saved only when they did not come from
         # the generator); procedural storage keeps nothing and the kernels
@@ -253,7 +253,7 @@ class SoMELayer(nn.Module):
 
     @torch.no_grad()
     def _adapt(self, counts: Tensor) -> None:
-        """One step of the adaptive process's window (SPEC §7, DynMoE)."""
+        """One step of the adaptive process's window (docs/method.md §7, DynMoE)."""
         cfg = self.config
         self.window_counts += counts
         if self._pending_unmatched is not None:
@@ -312,7 +312,7 @@ class SoMELayer(nn.Module):
 
     @torch.no_grad()
     def update_keys(self, wait: bool | None = None) -> bool | Tensor | None:
-        """Apply SPEC §4 with the statistics gathered since the last call.
+        """Apply docs/method.md §4 with the statistics gathered since the last call.
 
         Returns True when the store was updated, False when the statistics (or
         the update) were not finite and the store was left untouched, None when
@@ -355,7 +355,7 @@ class SoMELayer(nn.Module):
 
     @property
     def num_expert_parameters(self) -> int:
-        """The frozen experts' weights, stored or not (SPEC §2 counts them)."""
+        """The frozen experts' weights, stored or not (docs/method.md §2 counts them)."""
         return self.expert_spec.parameters
 
     def __getattr__(self, name: str):

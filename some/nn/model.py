@@ -1,4 +1,4 @@
-"""Decoder-only language models: SoME (SPEC §2) and its dense counterpart.
+"""Decoder-only language models: SoME (docs/method.md §2) and its dense counterpart.
 
     token embedding (V, d)
     L x Block:  x = x + Attention(LayerNorm(x))      causal MHA, rotary positions
@@ -19,9 +19,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelHubMixin, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 
+from ..errors import ModelFileError
 from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
 from .generate import generate
@@ -163,13 +166,13 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def update_keys(self, wait: bool | None = None) -> list:
-        """Self-organize every SoME layer's key store (SPEC §4); call after every
+        """Self-organize every SoME layer's key store (docs/method.md §4); call after every
         optimizer step. Returns, per layer, :meth:`SoMELayer.update_keys`'s verdict."""
         return [layer.update_keys(wait) for layer in self.some_layers()]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable) parameters; total includes the frozen experts,
-        stored or procedural (SPEC §2 counts them either way)."""
+        stored or procedural (docs/method.md §2 counts them either way)."""
         total = sum(p.numel() for p in self.parameters())
         total += sum(layer.num_expert_parameters for layer in self.some_layers() if not layer.materialized)
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -178,9 +181,9 @@ class CausalLM(nn.Module):
 
 class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
                       tags=["mixture-of-experts", "self-organizing-moe"]):
-    """The SoME language model of SPEC §2: every feed-forward part is a
+    """The SoME language model of docs/method.md §2: every feed-forward part is a
     :class:`SoMELayer`; layer ``i``'s experts are the generator's for
-    ``(config.seed, i)`` (SPEC §9), its keys drawn from seed ``config.seed + i``.
+    ``(config.seed, i)`` (docs/method.md §9), its keys drawn from seed ``config.seed + i``.
 
     ``save_pretrained(dir)`` / ``SoMEForCausalLM.from_pretrained(dir or hub id)``
     (and ``push_to_hub``) store and load it as :mod:`some.nn.pretrained`
@@ -221,11 +224,20 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
                          local_files_only: bool = False, token=None, device="cpu", dtype=None, **_):
         path = Path(model_id)
         if not path.is_dir():  # a hub id: download the repository's files (where there is a network)
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
-                                          force_download=force_download, local_files_only=local_files_only,
-                                          token=token))
+            if path.exists():
+                raise ModelFileError(f"{model_id} is a file, not a model directory")
+            try:
+                validate_repo_id(model_id)
+            except HFValidationError:  # no hub id could look like this: a local path that is not there
+                raise ModelFileError(f"model directory not found: {model_id}") from None
+            try:
+                path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                              force_download=force_download, local_files_only=local_files_only,
+                                              token=token))
+            except Exception as e:  # noqa: BLE001 -- the hub client raises many types (network, auth, 404)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelFileError(f"{model_id}: no model directory of that name here, and the Hugging Face hub "
+                                     f"did not provide one ({first})") from None
         return load_model_files(cls, path, device=device, dtype=dtype)
 
 

@@ -1,4 +1,4 @@
-"""What a SoME layer's routing and key store did since the last report (SPEC §10).
+"""What a SoME layer's routing and key store did since the last report (docs/method.md §10).
 
 :class:`RoutingTelemetry` is a submodule of every :class:`~some.nn.SoMELayer`
 that accumulates, on the device and without host synchronization, sums the

@@ -1,6 +1,6 @@
-"""The SoME ops (SPEC §5): ``route``, ``experts``, ``keystore_stats``, ``keystore_update``.
+"""The SoME ops (docs/method.md §5): ``route``, ``experts``, ``keystore_stats``, ``keystore_update``.
 
-One API over two backends (SPEC §8): ``native``, the kernels registered as
+One API over two backends (docs/method.md §8): ``native``, the kernels registered as
 ``torch.ops.some.*`` (C++ on the CPU, CUDA on GPUs; :mod:`some.ops.native`),
 and ``torch``, the same ops in plain PyTorch (:mod:`some.ops.torch_backend`).
 ``auto`` (the default) takes the native kernels where they are built for the

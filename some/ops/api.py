@@ -1,4 +1,4 @@
-"""The SoME ops of SPEC §5: typed wrappers with argument checks.
+"""The SoME ops of docs/method.md §5: typed wrappers with argument checks.
 
 ``route``, ``experts``, ``keystore_stats`` and ``keystore_update`` check their
 arguments in Python (clear exceptions before dispatch; the kernels check
@@ -38,7 +38,7 @@ def _check_devices(op: str, **tensors: Tensor | None) -> None:
 
 
 # --------------------------------------------------------------------------
-# route (SPEC §3 steps 1-4)
+# route (docs/method.md §3 steps 1-4)
 # --------------------------------------------------------------------------
 
 
@@ -55,7 +55,7 @@ def route(
     active: Tensor | None = None,
     fallback_top1: bool = False,
 ) -> RouteResult:
-    """Score every token against the key store and pick its experts (SPEC §3 steps 1-4).
+    """Score every token against the key store and pick its experts (docs/method.md §3 steps 1-4).
 
     Args:
         query: ``(T, d)`` router outputs ``q_t``.
@@ -98,7 +98,7 @@ def route(
 
 
 # --------------------------------------------------------------------------
-# experts (SPEC §3 step 5)
+# experts (docs/method.md §3 step 5)
 # --------------------------------------------------------------------------
 
 
@@ -129,7 +129,7 @@ def experts(x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w
 
 
 def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, spec: ExpertSpec) -> Tensor:
-    """:func:`experts` with procedural experts (SPEC §9): their weights are a
+    """:func:`experts` with procedural experts (docs/method.md §9): their weights are a
     function of ``spec`` (seed, layer, N, d, h, dtype), regenerated inside the
     kernels where they are used and never stored. The result is bit-identical
     to :func:`experts` with the stored experts that
@@ -151,12 +151,12 @@ def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, spec: ExpertSp
 
 
 # --------------------------------------------------------------------------
-# key store (SPEC §4)
+# key store (docs/method.md §4)
 # --------------------------------------------------------------------------
 
 
 def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> KeystoreStats:
-    """The sums of SPEC §4 for one batch: ``(sum_q, mass, counts, coselect)``.
+    """The sums of docs/method.md §4 for one batch: ``(sum_q, mass, counts, coselect)``.
 
     ``sum_q`` uses the normalized queries. The result is a sum over tokens, so
     statistics of several micro-batches (or data-parallel ranks) add up.
@@ -188,7 +188,7 @@ def keystore_update(
     *,
     wait: bool = True,
 ) -> bool | Tensor:
-    """Apply one self-organization step (SPEC §4) to ``keys``, ``velocity`` and ``usage`` in place.
+    """Apply one self-organization step (docs/method.md §4) to ``keys``, ``velocity`` and ``usage`` in place.
 
     Returns ``True`` when applied. Non-finite statistics, an already non-finite
     store, or an update that would overflow leave all three tensors untouched,

@@ -1,4 +1,4 @@
-"""The counter-based generator of the frozen experts (SPEC §9), in plain PyTorch.
+"""The counter-based generator of the frozen experts (docs/method.md §9), in plain PyTorch.
 
 The same generator as ``csrc/philox.h`` ("some-philox-v1": Philox-4x32-10 and
 the mapping described there), bit for bit: element ``i`` of tensor ``t``

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the SoME ops, written from SPEC §3-§4.
+"""Plain-PyTorch references of the SoME ops, written from docs/method.md §3-§4.
 
 They are deliberately naive (Python loops over tokens and experts, autograd
 for the gradients) so that they read like the formulas: the tests and ``some
@@ -24,7 +24,7 @@ def scores_ref(query: Tensor, keys: Tensor, score_mode: str = "cosine") -> Tenso
 def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str = "softmax",
               score_mode: str = "cosine", top_p: float = 0.4, thresholds: Tensor | None = None,
               active: Tensor | None = None, fallback_top1: bool = False):
-    """Steps 1-4 of SPEC §3, one token at a time."""
+    """Steps 1-4 of docs/method.md §3, one token at a time."""
     S = scores_ref(query, keys, score_mode)  # (T, N)
     T, N = S.shape
     tau = temperature
@@ -130,7 +130,7 @@ def keystore_stats_ref(query: Tensor, indices: Tensor, gates: Tensor, N: int):
 
 def keystore_update_ref(keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
                         theta_percentile, ema_decay, normalize=True):
-    """SPEC §4, literally, in float64. Returns new (keys, velocity, usage)."""
+    """docs/method.md §4, literally, in float64. Returns new (keys, velocity, usage)."""
     K = keys.double()
     N, d = K.shape
     V = velocity.double().clone()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from . import api, native
 from .backend import use_backend
 from .reference import experts_loop_ref, keystore_stats_ref, keystore_update_ref, route_ref
@@ -196,7 +197,15 @@ def run_selftest(device: str | torch.device = "auto", dtypes: list[str] | None =
     """Run the checks and print the table; returns every result (``all(r.ok ...)`` is the verdict)."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"some selftest: {device!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"some selftest: no CUDA device {device} here (this torch {torch.__version__} sees "
+                          f"{torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("some selftest: no MPS device here")
     names = dtypes or ["float64", "float32", "bfloat16"]
     unknown = [n for n in names if n not in DTYPES]
     if unknown:

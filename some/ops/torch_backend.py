@@ -3,10 +3,10 @@
 It runs on any device PyTorch runs on (a GPU without a CUDA compiler at
 install time, Apple and Intel GPUs, a CPU without the compiled extension),
 and it is the peer the native kernels are measured and checked against.
-Semantics are those of SPEC §3-§4 and of the native ops, to the rounding:
+Semantics are those of docs/method.md §3-§4 and of the native ops, to the rounding:
 
 * route: scores by one matmul, the top-k by a *stable* descending sort (ties
-  go to the lower index, SPEC §3 step 3), NaN scores and inactive experts never
+  go to the lower index, docs/method.md §3 step 3), NaN scores and inactive experts never
   selected, gates by the gating formulas; autograd gives the gradients
   (to the query and the ``top_any`` thresholds, never to the keys);
 * experts: the (token, slot) pairs grouped by expert with a stable argsort,
@@ -40,7 +40,7 @@ from .types import KeystoreStats, RouteResult
 __all__ = ["experts", "grouped_matmul", "keystore_stats", "keystore_update", "procedural_experts", "route"]
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize and the native kernels
-REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (SPEC §4)
+REPULSION_EPS = 1e-8  # max(D, 1e-8) in the repulsion term (docs/method.md §4)
 
 
 def _unit_rows(t: Tensor) -> Tensor:

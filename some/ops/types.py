@@ -30,7 +30,7 @@ class KeystoreStats(NamedTuple):
 
 
 class ExpertSpec(NamedTuple):
-    """Procedural experts (SPEC §9): everything their weights are a function of.
+    """Procedural experts (docs/method.md §9): everything their weights are a function of.
 
     Expert ``e``'s ``W1 (h, d)``, ``b1 (h,)``, ``W2 (d, h)``, ``b2 (d,)`` are
     drawn by the generator of :mod:`some.ops.philox` from ``(seed, layer, e)``

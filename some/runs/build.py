@@ -39,7 +39,7 @@ def build_model(config: SoMEConfig, device: str | torch.device = "cpu", *,
     """The SoME model of ``config`` on ``device``, and what expert construction did.
 
     With ``expert_init = "cluster"`` and the run's ``data`` given, the experts
-    and keys are cut from a dense FFN (SPEC §7; :mod:`some.construction`) and
+    and keys are cut from a dense FFN (docs/method.md §7; :mod:`some.construction`) and
     the second value is its record (dense model results, cluster sizes); a
     model about to load a checkpoint passes no data, since the checkpoint holds
     its experts. Otherwise the second value is None.

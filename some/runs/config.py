@@ -79,7 +79,7 @@ class RunFields:
 
 @dataclass
 class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelConfig):
-    """Everything a SoME experiment needs; defaults are the seed's reference values (SPEC §6)."""
+    """Everything a SoME experiment needs; defaults are the seed's reference values (docs/method.md §6)."""
 
     def validate(self) -> SoMEConfig:
         """Check every field's value; raise :class:`ConfigError` naming the field."""
@@ -159,7 +159,7 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
 
 # --------------------------------------------------------------------- presets
 
-# The reference runs of the seed (SPEC §6): d=512, L=10, 8 heads, SEQ_LEN 768,
+# The reference runs of the seed (docs/method.md §6): d=512, L=10, 8 heads, SEQ_LEN 768,
 # batch 32, V 8192, D_FFN 1024, k 4, TinyStories; only N differs.
 _REFERENCE: dict[str, Any] = {}  # the dataclass defaults are the seed's values
 PRESETS: dict[str, dict[str, Any]] = {
@@ -174,7 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_subset_size=2000, val_subset_size=200, data_source="fortunes", ood_source="bible",
         checkpoint_every=50,
     ),
-    # CPU-scale runs with the seed's ratios (k = 4, h = 2d, 4 epochs; SPEC §6) on
+    # CPU-scale runs with the seed's ratios (k = 4, h = 2d, 4 epochs; docs/method.md §6) on
     # the offline corpus with OOD: about 5 minutes at N = 64 on 2 cores; the
     # -B1/-B2/-B3 variants scale N as the seed's B series does.
     **{name: dict(

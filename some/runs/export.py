@@ -23,7 +23,7 @@ from ..analysis import entropy_bits, experts_used, gini, max_entropy_bits
 from ..analysis.plots import usage_histogram
 from ..data import DataConfig, build_data, build_eval_data
 from ..engine import evaluate, load_checkpoint, pick_device
-from ..errors import ModelFileError, RunDirError
+from ..errors import ConfigError, ModelFileError, RunDirError
 from ..files import atomic_write, read_text_file
 from ..nn import SoMEForCausalLM, warn_if_methods_changed
 from .config import SoMEConfig
@@ -128,10 +128,13 @@ def evaluate_model(model_dir: str | Path, source: str | None = None, *, ood: str
     if source is None:
         raise ModelFileError(f"{model_dir} records no training corpus: give --data SOURCE")
     same = source == run.get("data_source")
-    cfg = DataConfig(source=source, ood_source=ood, seq_len=run.get("seq_len", model.config.seq_len),
-                     vocab_size=model.config.vocab_size, packed=run.get("packed", False), seed=run.get("seed", 0),
-                     train_subset_size=run.get("train_subset_size", 1) if same else 1,
-                     val_subset_size=val_docs or run.get("val_subset_size", 2000))
+    try:  # the data module checks its config (source names, OOD another corpus) with ValueError
+        cfg = DataConfig(source=source, ood_source=ood, seq_len=run.get("seq_len", model.config.seq_len),
+                         vocab_size=model.config.vocab_size, packed=run.get("packed", False),
+                         seed=run.get("seed", 0), train_subset_size=run.get("train_subset_size", 1) if same else 1,
+                         val_subset_size=val_docs or run.get("val_subset_size", 2000)).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     data = build_eval_data(cfg, model.tokenizer, same_split=same)
     batch = batch_size or run.get("eval_batch_size", 16)
     middle = len(model.some_layers()) // 2

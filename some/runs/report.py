@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def utilization_analysis(counts, layer: int, used_in_training=None) -> dict[str, Any]:
-    """The aggregate utilization analysis of SPEC §6 from a layer's validation usage counts
+    """The aggregate utilization analysis of docs/method.md §6 from a layer's validation usage counts
     (and, given the layer's ``ever_used`` flags, the experts used at least once in training)."""
     used = experts_used(counts)
     n = len(counts)

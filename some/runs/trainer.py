@@ -1,4 +1,4 @@
-"""Train a SoME language model into a run directory (SPEC §6).
+"""Train a SoME language model into a run directory (docs/method.md §6).
 
     some train --preset tiny --out runs/tiny          # the command
     some.train(get_preset("tiny"), "runs/tiny")       # the same from Python
@@ -192,7 +192,7 @@ def _first_non_finite(obj: Any, where: str = "") -> str | None:
 
 
 class EpochEvaluator:
-    """The end-of-epoch record of SPEC §6: validation loss and perplexity, OOD
+    """The end-of-epoch record of docs/method.md §6: validation loss and perplexity, OOD
     perplexity, and the middle layer's usage metrics on the validation set."""
 
     def __init__(self, config: SoMEConfig, data, device: torch.device, parallel: DataParallel, middle: int):

@@ -1,4 +1,4 @@
-"""Ablation studies (SPEC §7): study files, running their runs, and the comparison tables.
+"""Ablation studies (docs/method.md §7): study files, running their runs, and the comparison tables.
 
     some ablate experiments/gating.yaml                   # the full study (GPU-sized)
     some ablate experiments/gating.yaml --smoke           # its CPU smoke version, minutes

@@ -1,4 +1,4 @@
-"""Study files (SPEC §7): the schema of ``experiments/*.yaml``, checked as a whole.
+"""Study files (docs/method.md §7): the schema of ``experiments/*.yaml``, checked as a whole.
 
 A study file (see ``experiments/README.md``)::
 
