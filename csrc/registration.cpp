@@ -3,7 +3,7 @@
 //
 // Kernels register themselves per dispatch key in their own files
 // (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA); fake kernels and autograd
-// live in some/ops.py.
+// live in some/ops/native.py.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 

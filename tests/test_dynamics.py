@@ -120,9 +120,9 @@ def test_real_layer_window_counts_match_routing():
     mask[1, 3:] = False
     want = torch.zeros(8, dtype=torch.long)
     for _ in range(3):
-        layer.track_usage = True
+        layer.usage.start()
         layer(x, mask)
-        want += torch.bincount(layer.last_indices[layer.last_indices >= 0], minlength=8)
+        want += torch.bincount(layer.usage.last_indices[layer.usage.last_indices >= 0], minlength=8)
         layer.update_keys()
     r = layer_record(layer, dead_after=100)
     assert r["counts"] == want.tolist() and r["updates"] == 3
@@ -154,7 +154,7 @@ def test_revival_moves_exactly_the_dead_keys_to_routed_queries():
     W = 2
     layer = layer_of(num_experts=16, top_k=1, alpha=0.0, beta=0.0, delta=0.0, revive_after=W)
     queries = []
-    layer.router.register_forward_hook(lambda m, i, o: queries.append(o.detach().reshape(-1, 8)))
+    layer.router.net.register_forward_hook(lambda m, i, o: queries.append(o.detach().reshape(-1, 8)))
     centre = torch.randn(8)
     revived_total = 0
     for step in range(8):
@@ -192,7 +192,7 @@ def test_revival_is_reproducible_and_respects_padding():
         x = torch.randn(2, 4, 8) * 0.05 + torch.randn(8)
         mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
         q = []
-        layer.router.register_forward_hook(lambda m, i, o: q.append(o.detach().reshape(-1, 8)))
+        layer.router.net.register_forward_hook(lambda m, i, o: q.append(o.detach().reshape(-1, 8)))
         for _ in range(3):
             layer(x, mask)
             layer.update_keys()

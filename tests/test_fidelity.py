@@ -211,8 +211,8 @@ def _adaptive_layer(keys, thresholds, top_k, initial_experts, tau=1.0, dtype=DT)
                           alpha=0.0, beta=0.0, delta=0.0)
     layer = SoMELayer(cfg, dtype=dtype)
     with torch.no_grad():
-        layer.router.weight.copy_(torch.eye(d, dtype=dtype))
-        layer.router.bias.zero_()
+        layer.router.net.weight.copy_(torch.eye(d, dtype=dtype))
+        layer.router.net.bias.zero_()
         layer.keys.copy_(keys)
         layer.thresholds.copy_(thresholds)
     return layer.train()
@@ -328,8 +328,8 @@ def _constructed_layer(built, N, h, d, k, score_mode, dtype=DT):
                           score_mode=score_mode)
     layer = SoMELayer(cfg, dtype=dtype)
     with torch.no_grad():
-        layer.router.weight.copy_(torch.eye(d, dtype=dtype))
-        layer.router.bias.zero_()
+        layer.router.net.weight.copy_(torch.eye(d, dtype=dtype))
+        layer.router.net.bias.zero_()
     return load_into_layer(layer, built).eval()
 
 

@@ -20,7 +20,7 @@ def test_forward_matches_reference_composition():
     layer = make_layer()
     x = torch.randn(3, 5, 12, dtype=torch.float64)
     y = layer(x)
-    q = layer.router(x).reshape(15, 12)
+    q = layer.router.net(x).reshape(15, 12)
     idx, gates, _ = route_ref(q, layer.keys, 2, 0.8)
     want = experts_ref(x.reshape(15, 12), idx, gates, layer.w1, layer.b1, layer.w2, layer.b2)
     torch.testing.assert_close(y, want.reshape(3, 5, 12))
@@ -64,7 +64,7 @@ def test_update_keys_uses_all_micro_batches():
     with torch.no_grad():
         layer(x1)
         layer(x2)
-        q = layer.router(torch.cat([x1, x2])).reshape(-1, 12)
+        q = layer.router.net(torch.cat([x1, x2])).reshape(-1, 12)
     idx, gates, _ = route_ref(q, keys0, 2, 0.8)
     stats = keystore_stats_ref(q, idx, gates, 6)
     c = layer.config
@@ -86,12 +86,12 @@ def test_no_statistics_in_eval_mode():
 def test_padding_tokens_get_no_expert():
     layer = make_layer()
     layer.train()
-    layer.track_usage = True
+    layer.usage.start()
     x = torch.randn(2, 5, 12, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     y = layer(x, token_mask=mask)
     assert torch.equal(y[0, 3:], torch.zeros(2, 12, dtype=torch.float64))
-    assert int(layer.usage_counts.sum()) == 8 * 2  # 8 real tokens, k = 2
+    assert int(layer.usage.counts.sum()) == 8 * 2  # 8 real tokens, k = 2
     assert int(layer.pending_stats().counts.sum()) == 8 * 2
     y_real = layer(x[:, :3], token_mask=None)
     torch.testing.assert_close(y[:, :3], y_real)  # masking does not change real tokens
@@ -99,13 +99,13 @@ def test_padding_tokens_get_no_expert():
 
 def test_sequence_level_routing_shares_experts():
     layer = make_layer(routing_level="sequence")
-    layer.track_usage = True
+    layer.usage.start()
     x = torch.randn(3, 7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     layer(x).sum().backward()
-    idx = layer.last_indices.reshape(3, 7, 2)
+    idx = layer.usage.last_indices.reshape(3, 7, 2)
     assert (idx == idx[:, :1]).all()
     # the shared query is the mean of the sequence's router outputs
-    q_seq = layer.router(x).mean(1)
+    q_seq = layer.router.net(x).mean(1)
     want, _, _ = route_ref(q_seq, layer.keys, 2, 0.8)
     assert torch.equal(idx[:, 0], want)
     assert x.grad.abs().sum() > 0
@@ -129,11 +129,11 @@ def test_router_kinds():
     frozen = make_layer(router="frozen")
     assert not any(p.requires_grad for p in frozen.parameters())
     rnd = make_layer(router="random")
-    w0 = rnd.router[0].weight.clone()
+    w0 = rnd.router.net[0].weight.clone()
     rnd.train()
     rnd(torch.randn(1, 2, 12, dtype=torch.float64))
     rnd.update_keys()
-    assert not torch.equal(w0, rnd.router[0].weight)  # re-drawn every step
+    assert not torch.equal(w0, rnd.router.net[0].weight)  # re-drawn every step
 
 
 def test_dot_score_mode_keeps_key_norms():
@@ -147,10 +147,10 @@ def test_dot_score_mode_keeps_key_norms():
 
 def test_inactive_experts_never_selected():
     layer = make_layer()
-    layer.track_usage = True
+    layer.usage.start()
     layer.expert_active[[1, 4]] = False
     layer(torch.randn(5, 6, 12, dtype=torch.float64))
-    assert layer.usage_counts[[1, 4]].sum() == 0 and layer.usage_counts.sum() == 60
+    assert layer.usage.counts[[1, 4]].sum() == 0 and layer.usage.counts.sum() == 60
 
 
 def test_bfloat16_experts_float32_model():
@@ -193,12 +193,12 @@ def test_adaptive_process_removes_unused_and_adds_keyed_expert():
     with torch.no_grad():
         layer.keys.copy_(torch.eye(6, 12, dtype=torch.float64))
         # a linear router that maps everything onto +e0 (plus a little of e1, e2)
-        lin = layer.router[2]
+        lin = layer.router.net[2]
         lin.weight.zero_()
         lin.bias.copy_(torch.tensor([1.0, 0.3, 0.2] + [0.0] * 9, dtype=torch.float64))
     layer.train()
     x = torch.randn(2, 4, 12, dtype=torch.float64)
-    q = torch.nn.functional.normalize(layer.router(x).reshape(-1, 12), dim=-1)
+    q = torch.nn.functional.normalize(layer.router.net(x).reshape(-1, 12), dim=-1)
     for step in range(2):
         layer(x)
         assert layer.update_keys()
@@ -211,7 +211,7 @@ def test_adaptive_process_removes_unused_and_adds_keyed_expert():
     want = torch.nn.functional.normalize(q.sum(0), dim=0)
     torch.testing.assert_close(layer.keys[2], want)
     torch.testing.assert_close(layer.key_velocity[2], torch.zeros(12, dtype=torch.float64))
-    assert int(layer.window_steps) == 0 and int(layer.window_counts.sum()) == 0
+    assert int(layer.key_store.window_steps) == 0 and int(layer.key_store.window_counts.sum()) == 0
 
 
 def test_adaptive_process_state_is_in_state_dict():
@@ -220,19 +220,19 @@ def test_adaptive_process_state_is_in_state_dict():
     layer(torch.randn(2, 3, 12, dtype=torch.float64))
     layer.update_keys()
     sd = layer.state_dict()
-    assert int(sd["window_steps"]) == 1 and int(sd["window_counts"].sum()) == 12
+    assert int(sd["key_store.window_steps"]) == 1 and int(sd["key_store.window_counts"].sum()) == 12
     fresh = make_layer(adaptive=True, adaptive_window=5)
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.window_counts, layer.window_counts)
+    assert torch.equal(fresh.key_store.window_counts, layer.key_store.window_counts)
 
 
 def test_experts_per_token_counts_real_tokens():
     layer = make_layer(gating="top_p", top_k=4, top_p=0.5)
-    layer.track_usage = True
+    layer.usage.start()
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     layer(torch.randn(1, 3, 12, dtype=torch.float64), token_mask=mask)
-    assert int(layer.usage_tokens) == 2
-    assert 1 <= layer.experts_per_token <= 4
+    assert int(layer.usage.tokens) == 2
+    assert 1 <= layer.usage.experts_per_token <= 4
 
 
 def test_sequence_routing_of_a_single_sequence():

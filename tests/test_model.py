@@ -130,7 +130,7 @@ def test_gradients_reach_router_not_experts_and_keys_self_organize(tiny):
     loss.backward()
     layer = model.blocks[0].ffn
     assert layer.w1.grad is None and layer.w2.grad is None
-    assert layer.router[0].weight.grad is not None and layer.router[0].weight.grad.abs().sum() > 0
+    assert layer.router.net[0].weight.grad is not None and layer.router.net[0].weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
     keys = [layer.keys.clone() for layer in model.some_layers()]
     assert model.update_keys() == [True] * config.n_layers
@@ -157,5 +157,5 @@ def test_forward_backward_under_bf16_autocast(tiny):
         out = model(ids, labels=ids.roll(-1, dims=1))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.blocks[0].ffn.router[0].weight.grad.abs().sum() > 0
+    assert model.blocks[0].ffn.router.net[0].weight.grad.abs().sum() > 0
     assert model.update_keys() == [True] * config.n_layers

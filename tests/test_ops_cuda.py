@@ -1,5 +1,5 @@
 """The CUDA kernels of the SoME ops (csrc/cuda) against the CPU kernels and the
-plain-PyTorch reference (tests/reference.py): values and gradients at
+plain-PyTorch reference (some/ops/reference.py): values and gradients at
 dtype-aware tolerances, awkward sizes, opcheck, bad input, determinism, and
 the absence of host synchronization in route / experts / keystore_stats.
 

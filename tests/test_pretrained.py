@@ -58,7 +58,7 @@ def test_experts_are_regenerated_not_stored(finished):
         names = list(f.keys())
     assert not any(n.endswith((".w1", ".w2")) for n in names)  # the generator makes them again
     assert not any(".telemetry." in n for n in names)  # training state stays in the checkpoint
-    assert any(n.endswith("ffn.keys") for n in names)
+    assert any(n.endswith("ffn.key_store.keys") for n in names)
 
 
 def test_some_export_of_an_older_run_writes_the_same_model(finished, tmp_path):

@@ -163,7 +163,7 @@ def test_a_procedural_run_checkpoints_no_expert_and_resumes_exactly(tmp_path):
     ref.run(make_plots=False)
     state = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
     assert not [k for k in state["model"] if k.split(".")[-1] in ("w1", "b1", "w2", "b2")]
-    record = state["model"]["blocks.1.ffn._extra_state"]
+    record = state["model"]["blocks.1.ffn.experts._extra_state"]
     assert record == {"generator": philox.GENERATOR, "storage": "procedural", "seed": config.seed, "layer": 1,
                       "from_generator": True}
     from some.runs.faults import Faults
@@ -182,7 +182,8 @@ def test_a_checkpoint_of_other_generated_experts_is_refused(tmp_path):
     Trainer(config, tmp_path / "run", progress=False, echo=False).run(make_plots=False)
     path = tmp_path / "run" / "checkpoint.pt"
     state = load_checkpoint(path)
-    state["model"]["blocks.0.ffn._extra_state"] = {**state["model"]["blocks.0.ffn._extra_state"], "digest": "0" * 64}
+    name = "blocks.0.ffn.experts._extra_state"
+    state["model"][name] = {**state["model"][name], "digest": "0" * 64}
     from some.engine import save_checkpoint
     from some.errors import CheckpointError
 

@@ -106,13 +106,14 @@ def test_key_stores_moved_during_training(reference, config):
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     fresh = SoMEForCausalLM(config).state_dict()
     for i in range(config.n_layers):
-        name = f"blocks.{i}.ffn.keys"
+        name = f"blocks.{i}.ffn.key_store.keys"
         assert not torch.equal(trained[name], fresh[name]), name
         torch.testing.assert_close(trained[name].norm(dim=1), torch.ones(config.num_experts))  # cosine mode
         # frozen experts did not move: the checkpoint holds their generator, seed and digest, not the experts
-        assert f"blocks.{i}.ffn.w1" not in trained
-        record = trained[f"blocks.{i}.ffn._extra_state"]
-        assert record == fresh[f"blocks.{i}.ffn._extra_state"] and record["generator"].startswith("philox4x32-10")
+        assert f"blocks.{i}.ffn.experts.w1" not in trained
+        record = trained[f"blocks.{i}.ffn.experts._extra_state"]
+        assert record == fresh[f"blocks.{i}.ffn.experts._extra_state"]
+        assert record["generator"].startswith("philox4x32-10")
 
 
 # -------------------------------------------------------------------- resume
@@ -210,7 +211,9 @@ def _as_v1(state, config):
     """A checkpoint as the package wrote it before its layout changed (format v1): blocks' feed-forward
     parts named `some`/`ln_some`, every expert stored (no generator record), test hooks in the run config."""
     v1 = dict(state, format="some-checkpoint-v1")
-    model = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
+    # (and the SoME layer's state flat, as before it had parts: ffn.keys, ffn.router.0.weight, ffn.w1)
+    model = {k.replace(".ffn.key_store.", ".ffn.").replace(".ffn.router.net.", ".ffn.router."): v
+             for k, v in state["model"].items() if not k.endswith("_extra_state")}
     for i, layer in enumerate(SoMEForCausalLM(config).some_layers()):
         model.update({f"blocks.{i}.ffn.{n}": t for n, t in zip(("w1", "b1", "w2", "b2"), layer.materialize_experts())})
     v1["model"] = {k.replace(".ffn.", ".some.").replace(".ln_ffn.", ".ln_some."): v for k, v in model.items()}
@@ -238,7 +241,7 @@ def test_a_v1_checkpoint_resumes_bit_identically(reference, config, tmp_path):
         if isinstance(b[name], torch.Tensor):
             assert torch.equal(a[name], b[name]), name
     # the resumed run carries the file's experts from then on (they are the experts it was given)
-    assert torch.equal(a["blocks.0.ffn.w1"], SoMEForCausalLM(config).some_layers()[0].w1)
+    assert torch.equal(a["blocks.0.ffn.experts.w1"], SoMEForCausalLM(config).some_layers()[0].w1)
 
 
 def test_an_unknown_checkpoint_format_is_refused_by_name(reference, tmp_path):

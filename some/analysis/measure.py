@@ -166,8 +166,7 @@ def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
     was_training = model.training
     model.eval()
     for lay in layers:
-        lay.reset_usage()
-        lay.track_usage = True
+        lay.usage.start()
     per_layer: list[list[np.ndarray]] = [[] for _ in layers]
     token_ids, sequence_ids, topic_ids = [], [], []
     try:
@@ -176,7 +175,7 @@ def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
             model(batch["input_ids"], batch["attention_mask"])
             real = batch["attention_mask"].reshape(-1)
             for out, lay in zip(per_layer, layers, strict=True):
-                out.append(lay.last_indices[real].to(torch.int32).cpu().numpy())  # (real tokens, k)
+                out.append(lay.usage.last_indices[real].to(torch.int32).cpu().numpy())  # (real tokens, k)
             B, S = batch["input_ids"].shape
             token_ids.append(batch["input_ids"].reshape(-1)[real].cpu().numpy())
             seq = torch.arange(start, start + B, device=real.device).unsqueeze(1).expand(B, S).reshape(-1)
@@ -185,7 +184,7 @@ def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
                 topic_ids.append(batch["topic_ids"].reshape(-1)[real].cpu().numpy())
     finally:
         for lay in layers:
-            lay.track_usage = False
+            lay.usage.stop()
         model.train(was_training)
     assignments = [np.concatenate(a) if a else np.empty((0, 1), np.int32) for a in per_layer]
     tokens = np.concatenate(token_ids) if token_ids else np.empty(0, np.int64)
@@ -193,8 +192,8 @@ def routing_pass(model, dataset, batch_size: int, device: str | torch.device,
     keep = mid >= 0
     return RoutingPass(
         layer=layer,
-        usage_counts=[lay.usage_counts.detach().cpu().clone() for lay in layers],
-        experts_per_token=[lay.experts_per_token for lay in layers],
+        usage_counts=[lay.usage.counts.detach().cpu().clone() for lay in layers],
+        experts_per_token=[lay.usage.experts_per_token for lay in layers],
         active_experts=[lay.active_experts for lay in layers],
         experts=mid[keep].astype(np.int64),
         tokens=np.broadcast_to(tokens[:, None], mid.shape)[keep].astype(np.int64),

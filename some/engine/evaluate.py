@@ -32,8 +32,7 @@ def evaluate(model: CausalLM, dataset, batch_size: int, device: torch.device,
     model.eval()
     layer = model.some_layers()[track_layer] if track_layer is not None else None
     if layer is not None:
-        layer.reset_usage()
-        layer.track_usage = True
+        layer.usage.start()
     loss_sum, tokens = 0.0, 0
     share = shard_range(len(dataset), dist_ctx)
     try:
@@ -45,13 +44,13 @@ def evaluate(model: CausalLM, dataset, batch_size: int, device: torch.device,
             tokens += count_targets(batch)
     finally:
         if layer is not None:
-            layer.track_usage = False
+            layer.usage.stop()
         model.train(was_training)
     if dist_ctx.enabled:
         sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
-        all_reduce_sum(dist_ctx, [sums] + ([layer.usage_counts] if layer is not None else []),
+        all_reduce_sum(dist_ctx, [sums] + ([layer.usage.counts] if layer is not None else []),
                        what="all-reduce of the validation metrics")
         loss_sum, tokens = float(sums[0]), int(sums[1])
     loss = loss_sum / max(tokens, 1)
-    counts = layer.usage_counts.detach().cpu().clone() if layer is not None else None
+    counts = layer.usage.counts.detach().cpu().clone() if layer is not None else None
     return EvalResult(loss, math.exp(min(loss, 700.0)), tokens, counts)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RoutingTelemetry"]
+__all__ = ["RoutingTelemetry", "UsageRecorder"]
 
 
 class RoutingTelemetry(nn.Module):
@@ -103,3 +103,45 @@ class RoutingTelemetry(nn.Module):
         if len(absent) == len(self._buffers):  # a checkpoint from before the telemetry: start it afresh
             missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
         self.steps_taken = int(self.step)
+
+
+class UsageRecorder(nn.Module):
+    """Which experts a layer selected while recording is on (validation, measurement):
+    ``counts`` ``(N,)`` selections per expert and ``tokens`` real tokens routed since the
+    last :meth:`start`, and ``last_indices`` ``(B·S, k)`` of the last forward (-1 in
+    empty slots and at padding). Not saved with the model."""
+
+    def __init__(self, num_experts: int, device=None):
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(num_experts, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("tokens", torch.zeros((), device=device, dtype=torch.long), persistent=False)
+        self.enabled = False
+        self.last_indices: Tensor | None = None
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.tokens.zero_()
+
+    def start(self) -> None:
+        """Zero the counts and record from now on."""
+        self.reset()
+        self.enabled = True
+
+    def stop(self) -> None:
+        self.enabled = False
+        self.last_indices = None
+
+    @torch.no_grad()
+    def observe(self, indices: Tensor, token_mask: Tensor | None) -> None:
+        """A forward's ``indices`` ``(B·S, k)`` and ``token_mask`` ``(B, S)`` (None: all real)."""
+        if not self.enabled:
+            return
+        valid = indices[indices >= 0]
+        self.counts += torch.bincount(valid, minlength=self.counts.shape[0])
+        self.tokens += int(token_mask.sum()) if token_mask is not None else indices.shape[0]
+        self.last_indices = indices.detach()
+
+    @property
+    def experts_per_token(self) -> float:
+        """Mean number of experts per real token since :meth:`start`."""
+        return float(self.counts.sum()) / max(int(self.tokens), 1)

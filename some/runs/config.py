@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "B1": {**_REFERENCE, "num_experts": 128},
     "B2": {**_REFERENCE, "num_experts": 256},
     "B3": {**_REFERENCE, "num_experts": 512},
-    # A CPU demo on the offline corpus: 4 epochs x 125 steps, about a minute on 2 idle cores.
+    # A CPU demo on the offline corpus: 4 epochs x 125 steps, about 100 s on 2 idle cores.
     "tiny": dict(
         vocab_size=1024, d_model=64, n_layers=2, n_heads=4, seq_len=128, num_experts=16, d_ffn=128, top_k=2,
         epochs=4, batch_size=16, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=10,

@@ -1,0 +1,213 @@
+"""The key store of a SoME layer (docs/method.md §3 steps 2-4, §4): keys that route, and
+organize themselves after every optimizer step.
+
+:class:`KeyStore` holds the keys, their velocities and usage EMA, which experts
+routing may select, and the top-any thresholds. It routes queries through
+``some.ops.route``, gathers the step's statistics from every training forward,
+and :meth:`KeyStore.update` applies the rules (``some.ops.keystore_update``),
+then dead-key revival and the adaptive process (DynMoE) when they are on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops import KeystoreStats
+from .config import SoMELayerConfig
+from .revival import draw_candidates, revive_dead_keys
+from .router import Queries
+from .telemetry import RoutingTelemetry
+
+__all__ = ["KeyStore"]
+
+
+class KeyStore(nn.Module):
+    def __init__(self, config: SoMELayerConfig, *, seed: int, layer: int, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.seed, self.layer = seed, layer
+        N, d = config.num_experts, config.d_model
+        # float32 whatever the model dtype (the keys move by small increments that
+        # bfloat16 would round away); float64 in a float64 model
+        kdt = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer("keys", torch.empty(N, d, device=device, dtype=kdt))
+        self.register_buffer("key_velocity", torch.zeros(N, d, device=device, dtype=kdt))
+        self.register_buffer("key_usage", torch.zeros(N, device=device, dtype=kdt))
+        # experts that routing may select (the adaptive process masks some out)
+        self.register_buffer("expert_active", torch.ones(N, device=device, dtype=torch.bool))
+        # top_any: the trainable per-expert thresholds G_e (the adaptive process resets them)
+        self.thresholds = nn.Parameter(torch.zeros(N, device=device, dtype=kdt)) if config.gating == "top_any" \
+            else None
+        # adaptive process: this window's counts and unmatched tokens (saved: a resumed run
+        # continues the window exactly)
+        self.register_buffer("window_counts", torch.zeros(N, device=device, dtype=torch.long))
+        self.register_buffer("window_unmatched", torch.zeros(d + 1, device=device, dtype=kdt))  # Σ raw q, count
+        self.register_buffer("window_steps", torch.zeros((), device=device, dtype=torch.long))
+        # this step's sums, until update() consumes them (data-parallel ranks all-reduce them first)
+        self._pending: KeystoreStats | None = None
+        self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ raw q of unmatched tokens, their count
+        # revive_after > 0: this step's revival candidates, N rows of [q̂, real] (all ranks' once gathered)
+        self._pending_candidates: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit keys from ``seed + layer``, all state at its start."""
+        if self.keys.device.type == "meta":
+            return
+        gen = torch.Generator(device=self.keys.device).manual_seed(self.seed + self.layer)
+        keys = torch.randn(self.keys.shape, generator=gen, device=self.keys.device, dtype=self.keys.dtype)
+        self.keys.copy_(keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.key_velocity.zero_()
+        self.key_usage.zero_()
+        self.expert_active.fill_(True)
+        if self.config.initial_experts is not None:
+            self.expert_active[self.config.initial_experts:] = False
+        self.window_counts.zero_()
+        self.window_unmatched.zero_()
+        self.window_steps.zero_()
+
+    # --------------------------------------------------------------- routing
+    def route(self, query: Tensor, *, training: bool) -> ops.RouteResult:
+        """Scores, selection and gates of ``query`` ``(R, d)`` against the active keys (§3 steps 2-4)."""
+        cfg = self.config
+        return ops.route(query, self.keys, cfg.top_k, cfg.temperature, cfg.gating, score_mode=cfg.score_mode,
+                         top_p=cfg.top_p, thresholds=self.thresholds, active=self.expert_active,
+                         fallback_top1=not training)
+
+    @torch.no_grad()
+    def observe(self, queries: Queries, routed: ops.RouteResult, indices: Tensor, gates: Tensor,
+                candidate_generator: Callable[[], torch.Generator]) -> None:
+        """Add a training forward's statistics: per-token ``indices`` / ``gates`` ``(B·S, k)``
+        (padding masked out) and, for revival and the adaptive process, the routed rows.
+        ``candidate_generator()`` makes the generator of this step's revival candidates."""
+        cfg = self.config
+        stats = ops.keystore_stats(queries.per_token(queries.rows.detach()), indices, gates.detach(), cfg.num_experts)
+        self._pending = stats if self._pending is None else self._pending + stats
+        if cfg.revive_after and self._pending_candidates is None:  # the step's first micro-batch
+            self._pending_candidates = draw_candidates(queries.rows.detach(), queries.real, cfg.num_experts,
+                                                       candidate_generator(), self.keys.dtype)
+        if cfg.adaptive:
+            self._gather_unmatched(queries.rows.detach(), routed, queries.real)
+
+    def _gather_unmatched(self, q: Tensor, routed: ops.RouteResult, real: Tensor | None) -> None:
+        """Add the raw router outputs of rows that matched no expert well (DynMoE's
+        ``sample_records`` sum the gate's raw inputs, not their directions)."""
+        cfg = self.config
+        if cfg.gating == "top_any":
+            unmatched = (routed.indices < 0).all(dim=1)
+        else:
+            unmatched = routed.scores[:, 0].float() < cfg.adaptive_threshold
+        if real is not None:
+            unmatched &= real
+        raw = q.to(self.window_unmatched.dtype)
+        add = torch.cat([raw[unmatched].sum(0), unmatched.sum().to(raw.dtype).reshape(1)])
+        self._pending_unmatched = add if self._pending_unmatched is None else self._pending_unmatched + add
+
+    # ------------------------------------------------- data-parallel interface
+    def pending_stats(self, zeros_if_none: bool = False) -> KeystoreStats | None:
+        """Statistics gathered since the last update (None if none, or zeros that become the
+        pending statistics with ``zeros_if_none``)."""
+        if self._pending is None and zeros_if_none:
+            N, d = self.keys.shape
+            dev = self.keys.device
+            acc = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+            self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev),
+                                          torch.zeros(N, dtype=acc, device=dev),
+                                          torch.zeros(N, dtype=torch.long, device=dev),
+                                          torch.zeros(N, N, dtype=torch.long, device=dev))
+        return self._pending
+
+    def pending_reducibles(self) -> list[Tensor]:
+        """Every pending per-step sum that data-parallel ranks all-reduce (in place) before
+        :meth:`update`: the statistics and, with the adaptive process, the unmatched sum."""
+        tensors = list(self.pending_stats(zeros_if_none=True))
+        if self.config.adaptive:
+            if self._pending_unmatched is None:
+                self._pending_unmatched = torch.zeros_like(self.window_unmatched)
+            tensors.append(self._pending_unmatched)
+        return tensors
+
+    def pending_candidates(self) -> Tensor | None:
+        """This rank's revival candidates of the step, ``(N, d + 1)`` (zeros if it routed
+        nothing); None when revival is off. Data-parallel training all-gathers them."""
+        if not self.config.revive_after:
+            return None
+        if self._pending_candidates is None:
+            self._pending_candidates = torch.zeros(self.config.num_experts, self.config.d_model + 1,
+                                                   device=self.keys.device, dtype=self.keys.dtype)
+        return self._pending_candidates
+
+    def set_pending_candidates(self, candidates: Tensor) -> None:
+        """The candidates of every rank (rows of all ranks in rank order)."""
+        self._pending_candidates = candidates
+
+    # ---------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self, telemetry: RoutingTelemetry, revival_generator: Callable[[], torch.Generator], *,
+               wait: bool) -> bool | Tensor | None:
+        """Apply the rules (§4) with the statistics gathered since the last call, then
+        revival and the adaptive process. ``revival_generator()`` makes the generator of
+        this step's revival draws. Returns the op's verdict, None when there was nothing."""
+        cfg = self.config
+        stats, self._pending = self._pending, None
+        if stats is None:
+            self._pending_candidates = None
+            return None
+        sum_q, mass, counts, coselect = stats
+        keys_before = self.keys.clone()
+        applied = ops.keystore_update(
+            self.keys, self.key_velocity, self.key_usage, sum_q.to(self.keys.dtype), mass.to(self.keys.dtype),
+            counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
+            normalize=cfg.score_mode == "cosine", wait=wait)
+        telemetry.observe_update(counts, keys_before, self.keys)
+        if cfg.revive_after and self._pending_candidates is not None:  # after the step's self-organization
+            revive_dead_keys(self.keys, self.key_velocity, self.key_usage, self.expert_active, telemetry,
+                             self._pending_candidates, cfg.revive_after, revival_generator())
+        self._pending_candidates = None
+        if cfg.adaptive:  # after the step's self-organization, which used this step's experts
+            self._adapt(counts)
+        self._pending_unmatched = None
+        return applied
+
+    def _adapt(self, counts: Tensor) -> None:
+        """One step of the adaptive process's window (docs/method.md §4, DynMoE)."""
+        cfg = self.config
+        self.window_counts += counts
+        if self._pending_unmatched is not None:
+            self.window_unmatched += self._pending_unmatched
+        self.window_steps += 1
+        if int(self.window_steps) < cfg.adaptive_window:
+            return
+        # remove: experts unused during the whole window (DynMoE's remove_experts, no
+        # floor: with a fixed-k gating every routed token uses k active experts anyway).
+        # A window that routed no token at all (only padding) says nothing: keep all.
+        d = cfg.d_model
+        if int(self.window_counts.sum()) > 0 or self.window_unmatched[d] > 0:
+            self.expert_active &= self.window_counts > 0
+        # add: one expert keyed at the normalized sum of the unmatched tokens' raw
+        # router outputs, in the lowest free slot, its threshold restarted at 0
+        # (DynMoE's add_experts; the slot is usually one just removed for never firing)
+        free = torch.nonzero(~self.expert_active).flatten()
+        if self.window_unmatched[d] > 0 and free.numel() > 0:
+            slot = int(free[0])
+            key = self.window_unmatched[:d]
+            self.keys[slot] = key / key.norm().clamp_min(1e-12)
+            self.key_velocity[slot] = 0
+            self.key_usage[slot] = 0
+            if self.thresholds is not None:
+                self.thresholds[slot] = 0
+            self.expert_active[slot] = True
+        self.window_counts.zero_()
+        self.window_unmatched.zero_()
+        self.window_steps.zero_()
+
+    @property
+    def active_experts(self) -> int:
+        return int(self.expert_active.sum())
