@@ -105,8 +105,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run directory, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the run's pictures (usage histogram, key-store UMAP, usage heat map, "
-                        "dynamics curves, class and topic heat maps)")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="skip the run's pictures (usage histogram, key-store UMAP, usage heat map, dynamics "
+                        "curves, class and topic heat maps)")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")

@@ -20,10 +20,12 @@ from typing import Any, Union
 from .errors import ConfigError
 
 __all__ = [
+    "MAX_SIZE",
     "check_choice",
     "check_field_types",
     "check_key",
     "check_range",
+    "check_size",
     "coerce_floats",
     "field_names",
     "has_type",
@@ -31,6 +33,20 @@ __all__ = [
     "project",
     "type_name",
 ]
+
+
+# Any size beyond this is a typo, not an experiment (and overflows int32 indexing).
+MAX_SIZE = 2**31 - 1
+
+
+def check_size(name: str, value: int, least: int = 1, most: int = MAX_SIZE) -> None:
+    """An integer field within ``least..most`` (``ConfigError`` naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
+    if value < least:
+        raise ConfigError(f"config field '{name}' must be >= {least}, got {value}")
+    if value > most:
+        raise ConfigError(f"config field '{name}' must be <= {most}, got {value}")
 
 
 def field_names(cls_or_obj: Any) -> list[str]:

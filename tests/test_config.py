@@ -19,7 +19,7 @@ def test_reference_presets_have_the_seed_values(name, n):
     assert config.num_experts == n
     for key, value in SEED_VALUES.items():
         assert getattr(config, key) == value, key
-    assert config.steps_per_epoch == 312  # 10000 // 32, last partial batch dropped
+    assert config.nominal_steps_per_epoch == 312  # 10000 // 32, last partial batch dropped
 
 
 def test_all_presets_are_valid_and_small_ones_are_small():

@@ -116,7 +116,7 @@ def test_4_a_non_finite_router_output_stops_with_the_diverged_line(tmp_path):
         calls["n"] += 1
         return output * float("nan") if calls["n"] == 3 else output  # the third forward: step 3
 
-    trainer.model.some_layers()[1].router.register_forward_hook(poison)
+    trainer.model.some_layers()[1].router.net.register_forward_hook(poison)
     with pytest.raises(TrainingDiverged, match=r"training diverged: the router's output is not finite .* at step 3"):
         trainer.run(make_plots=False)
 

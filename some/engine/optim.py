@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..fields import check_field_types, check_range
+from ..fields import check_field_types, check_range, check_size
 
 __all__ = ["OptimConfig", "lr_at", "make_optimizer"]
 
@@ -28,13 +28,15 @@ class OptimConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences in one micro-batch: what a forward holds at once (training, and evaluation's batches)."""
+        return self.batch_size // self.grad_accum
+
     def validate(self) -> OptimConfig:
         check_field_types(self)
         for name, least in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if not least <= value <= 2**31 - 1:
-                raise ConfigError(f"config field '{name}' must be >= {least}" if value < least else
-                                  f"config field '{name}' must be <= {2**31 - 1}" f", got {value}")
+            check_size(name, getattr(self, name), least)
         check_range("learning_rate", self.learning_rate, 0, 10, lo_open=True)
         check_range("min_learning_rate", self.min_learning_rate, 0, 10)
         check_range("weight_decay", self.weight_decay, 0, 10)

@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..fields import check_choice, check_field_types, check_range, project
+from ..fields import check_choice, check_field_types, check_range, check_size, project
 from ..ops.types import GATINGS, SCORE_MODES
 
-__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "MAX_SIZE", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
-           "SoMELayerConfig", "check_size"]
+__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
+           "SoMELayerConfig"]
 
 ROUTERS = ("mlp", "linear", "frozen", "random")
 ROUTING_LEVELS = ("token", "sequence")
@@ -26,20 +26,8 @@ ROUTING_LEVELS = ("token", "sequence")
 EXPERT_INITS = ("default", "cluster")
 EXPERT_DTYPES = ("float32", "bfloat16")
 EXPERT_STORAGES = ("materialized", "procedural")
-# Any size beyond this is a typo, not an experiment (and overflows int32 indexing).
-MAX_SIZE = 2**31 - 1
 # The smallest positive normal float32: a temperature below it makes s/τ overflow.
 MIN_TEMPERATURE = 1.1754943508222875e-38
-
-
-def check_size(name: str, value: int, least: int = 1, most: int = MAX_SIZE) -> None:
-    """An integer field within ``least..most`` (``ConfigError`` naming it otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config field '{name}' must be an integer, got {value!r}")
-    if value < least:
-        raise ConfigError(f"config field '{name}' must be >= {least}, got {value}")
-    if value > most:
-        raise ConfigError(f"config field '{name}' must be <= {most}, got {value}")
 
 
 @dataclass

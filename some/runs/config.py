@@ -29,7 +29,8 @@ from ..engine.optim import OptimConfig
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
 from ..files import atomic_write, load_yaml_text, read_text_file
-from ..nn.config import ModelConfig, check_size
+from ..fields import check_size
+from ..nn.config import ModelConfig
 from ..ops.backend import BACKENDS
 
 __all__ = ["PRESETS", "DataFields", "RunFields", "SoMEConfig", "apply_overrides", "get_preset", "parse_value"]
@@ -118,8 +119,9 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
         return DataConfig(**kwargs)
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch if the corpus has ``train_subset_size`` documents."""
+    def nominal_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch *if* the corpus has ``train_subset_size`` documents (the
+        seed's 10000 // 32 = 312); a run counts its own from the documents it has."""
         return self.train_subset_size // self.batch_size
 
     # -------------------------------------------------------- dict and YAML

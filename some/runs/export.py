@@ -49,7 +49,7 @@ def _training_fields(config: SoMEConfig) -> dict[str, Any]:
     data = config.data_config()
     return {"data_source": config.data_source, "ood_source": config.ood_source, "seq_len": config.seq_len,
             "packed": config.packed, "seed": config.seed, "train_subset_size": config.train_subset_size,
-            "val_subset_size": config.val_subset_size, "eval_batch_size": config.batch_size // config.grad_accum,
+            "val_subset_size": config.val_subset_size, "eval_batch_size": config.micro_batch_size,
             "tokenizer_min_frequency": data.tokenizer_min_frequency}
 
 

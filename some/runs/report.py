@@ -64,7 +64,7 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
     run_dir.write_json("analysis.json", analysis)
     spec = None
     if data is not None and config is not None:
-        spec = specialization_analysis(model, data, batch_size=config.batch_size // config.grad_accum,
+        spec = specialization_analysis(model, data, batch_size=config.micro_batch_size,
                                        device=device, routing_level=config.routing_level, seed=config.seed)
         run_dir.write_json(SPECIALIZATION_FILE, spec)
         m = spec["layers"][middle]

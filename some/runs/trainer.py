@@ -200,7 +200,7 @@ class EpochEvaluator:
 
     def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor]:
         cfg = self.config
-        batch = cfg.batch_size // cfg.grad_accum
+        batch = cfg.micro_batch_size
         val = evaluate(model, self.data.val, batch, self.device, self.middle, dist_ctx=self.parallel.ctx)
         record: dict[str, Any] = {"val_loss": val.loss, "val_perplexity": val.perplexity, "middle_layer": self.middle,
                                   "gini": float(gini(val.usage_counts)),

@@ -240,10 +240,10 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
     tokens = trainer.steps_per_epoch * cfg.batch_size * cfg.seq_len * len(seconds)
 
     with autocast(device):  # as the model is evaluated (bf16 on CUDA)
-        rp = routing_pass(model, data.val, cfg.batch_size // cfg.grad_accum, device)
+        rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
     counts = rp.usage_counts[rp.layer]
     # every layer's specialization by token class, token id and topic (some.runs.specialization)
-    full_spec = specialization_analysis(model, data, batch_size=cfg.batch_size // cfg.grad_accum, device=device,
+    full_spec = specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
                                         routing_level=cfg.routing_level, seed=cfg.seed, rp=rp)
     spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
 
