@@ -9,8 +9,11 @@ absurd value into one :class:`~some.errors.ConfigError` naming the field.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -20,6 +23,7 @@ from typing import Any, Union
 from .errors import ConfigError
 
 __all__ = [
+    "CHECKS_RUN",
     "MAX_SIZE",
     "check_choice",
     "check_field_types",
@@ -32,7 +36,29 @@ __all__ = [
     "parse_value",
     "project",
     "type_name",
+    "validator",
 ]
+
+
+# How many times each config's checks actually ran (a test reads it: every check once at its boundary).
+CHECKS_RUN: collections.Counter[str] = collections.Counter()
+
+
+def validator(check):
+    """Decorate a config's ``validate()``: its checks run when the config enters (a preset,
+    overrides, a file, a constructor given a config built by hand), and a later call on the
+    same, unchanged config returns at once. The layers below re-call ``validate()`` to stay
+    safe against configs built by hand; this makes those calls free, not repeated checks."""
+    @functools.wraps(check)
+    def validate(self):
+        snapshot = (check.__qualname__, [getattr(self, f.name) for f in dataclasses.fields(self)])
+        if self.__dict__.get("_checked") == snapshot:
+            return self
+        CHECKS_RUN[check.__qualname__] += 1
+        check(self)
+        self.__dict__["_checked"] = copy.deepcopy(snapshot)  # (a later change of a field is seen)
+        return self
+    return validate
 
 
 # Any size beyond this is a typo, not an experiment (and overflows int32 indexing).

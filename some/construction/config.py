@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..fields import check_choice, check_field_types
+from ..fields import check_choice, check_field_types, validator
 from .clustering import METHODS
 
 __all__ = ["DENSE_SOURCES", "DENSE_TRANSFERS", "ConstructionConfig"]
@@ -33,6 +33,7 @@ class ConstructionConfig:
     dense_grad_accum: int = 1  # micro-batches per dense step (its FFN activations are N times wider)
     dense_transfer: str = "all"  # all | ffn (with dense_source = pretrained)
 
+    @validator
     def validate(self) -> ConstructionConfig:
         check_field_types(self)
         for name in ("cluster_n_init", "cluster_max_iter", "dense_pretrain_epochs", "dense_grad_accum"):

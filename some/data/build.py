@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..fields import validator
 from .corpora import NO_TOPICS, load_corpus, load_documents, load_tinystories, parse_source, split_indices
 from .dataset import DocumentDataset
 from .tokenizer import SPECIAL_TOKENS, train_tokenizer
@@ -41,6 +42,7 @@ class DataConfig:
     tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
     token_cache: bool = True  # keep the tokenized datasets on disk for later runs (some.data.token_cache)
 
+    @validator
     def validate(self) -> DataConfig:
         for name in ("seq_len", "vocab_size", "train_subset_size", "val_subset_size"):
             value = getattr(self, name)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..fields import check_field_types, check_range, check_size
+from ..fields import check_field_types, check_range, check_size, validator
 
 __all__ = ["OptimConfig", "lr_at", "make_optimizer"]
 
@@ -33,6 +33,7 @@ class OptimConfig:
         """Sequences in one micro-batch: what a forward holds at once (training, and evaluation's batches)."""
         return self.batch_size // self.grad_accum
 
+    @validator
     def validate(self) -> OptimConfig:
         check_field_types(self)
         for name, least in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0)):

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..fields import check_choice, check_field_types, check_range, check_size, project
+from ..fields import check_choice, check_field_types, check_range, check_size, project, validator
 from ..ops.types import GATINGS, SCORE_MODES
 
 __all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
@@ -71,6 +71,7 @@ class SoMELayerConfig:
     # its velocity and usage reset.
     revive_after: int = 0
 
+    @validator
     def validate(self) -> SoMELayerConfig:
         """Check every field; raise :class:`~some.errors.ConfigError` naming the field."""
         check_field_types(self)
@@ -116,6 +117,7 @@ class ModelConfig(SoMELayerConfig):
     # Initialization is a pure function of the seed (SoME layer i draws from seed + i).
     seed: int = 42
 
+    @validator
     def validate(self) -> ModelConfig:
         SoMELayerConfig.validate(self)
         check_size("vocab_size", self.vocab_size, 1, 2**21)

@@ -29,7 +29,7 @@ from ..engine.optim import OptimConfig
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
 from ..files import atomic_write, load_yaml_text, read_text_file
-from ..fields import check_size
+from ..fields import check_size, validator
 from ..nn.config import ModelConfig
 from ..ops.backend import BACKENDS
 
@@ -82,6 +82,7 @@ class RunFields:
 class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelConfig):
     """Everything a SoME experiment needs; defaults are the seed's reference values (docs/method.md §6)."""
 
+    @validator
     def validate(self) -> SoMEConfig:
         """Check every field's value; raise :class:`ConfigError` naming the field."""
         check_field_types(self)
