@@ -275,8 +275,10 @@ def test_dynmoe_adaptive_process_seeded_windows():
 # EMoE (Qiu et al. 2024): experts cut from a dense FFN, avg-k routing.
 # qiuzh20/EMoE, Language/moe_utils.py @ ba8e175 (bert_to_MoE: the expert slices, the gate
 # vectors = mean raw W1 rows, the output bias b2 / top_k), with tutel's 'top' gate whose
-# weight is those gate vectors (no bias: logits = x @ keys^T) and EMoE's one-score gate
-# (each of the top-k experts is weighted 1; the flag one_score_gate of their tutel fork).
+# weight is those gate vectors (no bias: logits = x @ keys^T) and EMoE's one-score gate: in the
+# tutel fork EMoE uses (kept in LINs-lab/DynMoE @ 4927232, EMoE/tutel/tutel/impls/moe_layer.py
+# routing: scores = softmax(logits) at evaluation; fast_dispatch.py extract_critical: top-k of
+# the scores, and with one_score_gate every selected expert's gate is ones_like).
 # =====================================================================================
 
 
