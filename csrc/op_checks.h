@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "checks.h"
@@ -28,7 +29,7 @@ inline void check_route_inputs(const char* op, const at::Tensor& query, const at
   check_size(op, "keys", keys, 1, query.size(1), "the query width d");
   TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be in 1..N = 1..", N, ", got k = ", k);
   // below the smallest normal float32, s / τ overflows in the kernels' precision
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 1.1754943508222875e-38, op,
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= std::numeric_limits<float>::min(), op,
                     ": temperature must be a finite number >= 1.17549e-38 (the smallest normal float32), got ",
                     temperature);
   if (gating == Gating::TopP) {

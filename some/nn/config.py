@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_range, check_size, project, validator
+from ..ops.checks import MIN_TEMPERATURE
 from ..ops.types import GATINGS, SCORE_MODES
 
 __all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
@@ -26,8 +27,6 @@ ROUTING_LEVELS = ("token", "sequence")
 EXPERT_INITS = ("default", "cluster")
 EXPERT_DTYPES = ("float32", "bfloat16")
 EXPERT_STORAGES = ("materialized", "procedural")
-# The smallest positive normal float32: a temperature below it makes s/τ overflow.
-MIN_TEMPERATURE = 1.1754943508222875e-38
 
 
 @dataclass

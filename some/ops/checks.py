@@ -19,8 +19,9 @@ __all__ = ["check_experts", "check_experts_backward", "check_grouping", "check_k
            "check_procedural_experts", "check_route", "check_route_backward", "stats_dtype"]
 
 _FLOAT_NAMES = "float32, float64 or bfloat16"
-# The smallest positive normal float32: below it s/τ overflows in the kernels' precision.
-MIN_TEMPERATURE = 1.1754943508222875e-38
+# The smallest positive normal float32: below it s/τ overflows in the kernels' precision
+# (csrc/op_checks.h checks std::numeric_limits<float>::min(), the same number).
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
