@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import KeystoreStats
+from ..ops.checks import stats_dtype
 from .config import SoMELayerConfig
 from .revival import draw_candidates, revive_dead_keys
 from .router import Queries
@@ -32,7 +33,7 @@ class KeyStore(nn.Module):
         N, d = config.num_experts, config.d_model
         # float32 whatever the model dtype (the keys move by small increments that
         # bfloat16 would round away); float64 in a float64 model
-        kdt = torch.float64 if dtype == torch.float64 else torch.float32
+        kdt = stats_dtype(dtype) if dtype is not None else torch.float32
         self.register_buffer("keys", torch.empty(N, d, device=device, dtype=kdt))
         self.register_buffer("key_velocity", torch.zeros(N, d, device=device, dtype=kdt))
         self.register_buffer("key_usage", torch.zeros(N, device=device, dtype=kdt))
@@ -117,7 +118,7 @@ class KeyStore(nn.Module):
         if self._pending is None and zeros_if_none:
             N, d = self.keys.shape
             dev = self.keys.device
-            acc = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+            acc = stats_dtype(self.keys.dtype)
             self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev),
                                           torch.zeros(N, dtype=acc, device=dev),
                                           torch.zeros(N, dtype=torch.long, device=dev),
