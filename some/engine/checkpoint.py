@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,8 @@ _V1_NAMES = ((re.compile(r"^(blocks\.\d+)\.ln_some\."), r"\1.ln_ffn."),
 
 def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     """v1 -> v2: the blocks' feed-forward part was named ``some`` (its norm
-    ``ln_some``), and the run config carried test hooks (``debug_*``)."""
+    ``ln_some``). (v1 run configs also carried test hooks, ``debug_*``: the config
+    is read by ``SoMEConfig.from_dict``, which drops those retired keys, with its warning.)"""
     def rename(name: str) -> str:
         for pattern, repl in _V1_NAMES:
             name = pattern.sub(repl, name)
@@ -111,12 +111,6 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     state = dict(state)
     if isinstance(state.get("model"), dict):
         state["model"] = {rename(k): v for k, v in state["model"].items()}
-    if isinstance(state.get("config"), dict):
-        hooks = sorted(k for k in state["config"] if k.startswith("debug_"))
-        if any(state["config"][k] for k in hooks):
-            warnings.warn(f"the checkpoint's configuration sets the test hooks {hooks}, which are ignored now "
-                          f"(fault injection for tests moved to SOME_FAULT_* environment variables)", stacklevel=3)
-        state["config"] = {k: v for k, v in state["config"].items() if k not in hooks}
     return state
 
 
