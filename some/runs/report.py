@@ -47,9 +47,10 @@ def utilization_analysis(counts, layer: int, used_in_training=None) -> dict[str,
 
 
 def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True, data=None,
-               config: SoMEConfig | None = None, device=None) -> dict[str, Any]:
+               config: SoMEConfig | None = None, device=None, rp=None) -> dict[str, Any]:
     """The end of a run: log and write the middle layer's analysis, its pictures, the experts'
-    specialization (given the run's ``data``, ``config`` and ``device``) and ``report.md``."""
+    specialization (given the run's ``data``, ``config`` and ``device``; from the routing pass
+    ``rp`` over the validation set when the caller took one) and ``report.md``."""
     n_layers = len(model.blocks)
     layer = model.some_layers()[middle]
     analysis = utilization_analysis(counts, middle, layer.telemetry.ever_used.cpu().tolist())
@@ -65,7 +66,7 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
     spec = None
     if data is not None and config is not None:
         spec = specialization_analysis(model, data, batch_size=config.micro_batch_size,
-                                       device=device, routing_level=config.routing_level, seed=config.seed)
+                                       device=device, routing_level=config.routing_level, seed=config.seed, rp=rp)
         run_dir.write_json(SPECIALIZATION_FILE, spec)
         m = spec["layers"][middle]
         topic = (f", I(expert; topic) = {m['mi_topic_bits']:.3f} bits (excess {m['mi_topic_excess_bits']:.3f}, "

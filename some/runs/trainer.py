@@ -34,11 +34,12 @@ import torch
 from tqdm import tqdm
 
 from .. import ops
-from ..analysis import entropy_bits, gini
+from ..analysis import RoutingPass, entropy_bits, gini, routing_pass
 from ..data import build_data, collate, epoch_order
 from ..engine import (
     CHECKPOINT_FORMAT,
     DataParallel,
+    autocast,
     evaluate,
     load_checkpoint,
     lr_at,
@@ -226,6 +227,7 @@ class Trainer:
         self.echo = echo
         self.faults = faults if faults is not None else Faults.from_env()
         self._pending_checks: list[tuple[int, torch.Tensor]] = []
+        self.final_routing: RoutingPass | None = None  # the validation pass at the end (main rank)
         # torchrun: join the process group (a no-op for a single process)
         self.parallel = DataParallel.from_env(self.device, config.dist_timeout if config is not None else 600.0)
         self.device = self.parallel.device
@@ -343,8 +345,13 @@ class Trainer:
                 while self.progress.epoch < self.config.epochs:
                     timing = self._train_epoch()
                     self._end_epoch(timing)
+                if self.run_dir.is_main:  # one pass over the validation set serves the report and a study
+                    with autocast(self.device):
+                        self.final_routing = routing_pass(self.model, self.data.val, self.config.micro_batch_size,
+                                                          self.device)
                 analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
-                                      make_plots=make_plots, data=self.data, config=self.config, device=self.device)
+                                      make_plots=make_plots, data=self.data, config=self.config, device=self.device,
+                                      rp=self.final_routing)
                 if self.run_dir.is_main:  # the trained model alone, for from_pretrained / generate / eval
                     model_dir = export_model(self.model, self.out / MODEL_DIR, tokenizer=self.data.tokenizer,
                                              config=self.config, history=self.history,

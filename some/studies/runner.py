@@ -49,7 +49,7 @@ from ..errors import RunsFailed, StudyError
 from ..files import write_json
 from ..runs import CHECKPOINT, SoMEConfig, Trainer
 from ..runs.dynamics import read_dynamics
-from ..runs.specialization import specialization_analysis
+from ..runs.specialization import SPECIALIZATION_FILE, specialization_analysis
 from .schema import Measure, Run, Study, plural
 from .summary import RESULT, summarize
 
@@ -239,12 +239,17 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
     # training throughput over the epochs this process timed (input positions, padding included)
     tokens = trainer.steps_per_epoch * cfg.batch_size * cfg.seq_len * len(seconds)
 
-    with autocast(device):  # as the model is evaluated (bf16 on CUDA)
-        rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
+    rp = trainer.final_routing  # the validation pass the run's report was made from
+    if rp is None:
+        with autocast(device):  # as the model is evaluated (bf16 on CUDA)
+            rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
     counts = rp.usage_counts[rp.layer]
-    # every layer's specialization by token class, token id and topic (some.runs.specialization)
-    full_spec = specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
-                                        routing_level=cfg.routing_level, seed=cfg.seed, rp=rp)
+    # every layer's specialization by token class, token id and topic (some.runs.specialization): the run's
+    # specialization.json, written from that pass
+    saved = trainer.out / SPECIALIZATION_FILE
+    full_spec = json.loads(saved.read_text()) if trainer.final_routing is not None and saved.is_file() else \
+        specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
+                                routing_level=cfg.routing_level, seed=cfg.seed, rp=rp)
     spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
 
     flops_ids = token_batch(data.val, measure.flops_rows, cfg.seq_len).to(device)
