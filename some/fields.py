@@ -17,6 +17,7 @@ import functools
 import math
 import types
 import typing
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
@@ -42,6 +43,9 @@ __all__ = [
 
 # How many times each config's checks actually ran (a test reads it: every check once at its boundary).
 CHECKS_RUN: collections.Counter[str] = collections.Counter()
+# id(config) -> the content it was checked with; kept outside the instance, so vars(config) and
+# dataclass machinery see the fields only (an entry goes when its config is collected)
+_CHECKED: dict[int, tuple] = {}
 
 
 def validator(check):
@@ -52,11 +56,14 @@ def validator(check):
     @functools.wraps(check)
     def validate(self):
         snapshot = (check.__qualname__, [getattr(self, f.name) for f in dataclasses.fields(self)])
-        if self.__dict__.get("_checked") == snapshot:
+        key = id(self)
+        if _CHECKED.get(key) == snapshot:
             return self
         CHECKS_RUN[check.__qualname__] += 1
         check(self)
-        self.__dict__["_checked"] = copy.deepcopy(snapshot)  # (a later change of a field is seen)
+        if key not in _CHECKED:
+            weakref.finalize(self, _CHECKED.pop, key, None)
+        _CHECKED[key] = copy.deepcopy(snapshot)  # (a later change of a field is seen)
         return self
     return validate
 

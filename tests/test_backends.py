@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import ENV
 from inputs import make_experts, make_route_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,8 +19,6 @@ from some.engine import make_optimizer, train_step
 from some.nn import SoMEForCausalLM
 from some.ops.torch_backend import grouped_matmul
 from some.runs import Trainer, apply_overrides, get_preset
-
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class CountSomeOps(TorchDispatchMode):

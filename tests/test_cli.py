@@ -1,17 +1,16 @@
 """The ``some`` command: user errors are one clear line and a non-zero exit;
 ``some train`` writes a complete run directory that ``some report`` rebuilds."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import ENV
 
 from some.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # idle OpenMP threads sleep instead of spinning: many times faster when other jobs share the CPU
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def run_main(capsys, *argv):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ENV
 from inputs import make_experts, make_route_inputs, random_routing
 
 from some import ops
@@ -22,7 +23,6 @@ from some.runs import Trainer, apply_overrides, get_preset
 from some.studies import load_study
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _one_line_error(capsys, argv, code=None):

@@ -3,12 +3,12 @@ for bit, no stored experts anywhere, and checkpoints that hold the generator."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import ENV
 from inputs import random_routing
 
 from some import ops
@@ -18,7 +18,6 @@ from some.nn import SoMEForCausalLM, SoMELayer, SoMELayerConfig
 from some.ops import ExpertSpec, philox
 from some.runs import Trainer, apply_overrides, get_preset
 
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 # Known-answer vectors of Philox-4x32-10 (Random123's kat_vectors; also what the
 # independent randomgen package gives): (counter, key) -> output
 KAT = [

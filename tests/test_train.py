@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV
 
 from some.engine import evaluate, load_checkpoint, lr_at, save_checkpoint
 from some.errors import CheckpointError, ConfigError, RunDirError, RunStopped, TrainingDiverged
@@ -20,7 +21,6 @@ from some.runs.faults import Faults
 
 REPO = Path(__file__).resolve().parents[1]
 # idle OpenMP threads sleep instead of spinning: many times faster when other jobs share the CPU
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 # tiny-test on the synthetic corpus: 3 epochs x 8 steps, a checkpoint every 3 steps
 OVERRIDES = ["epochs=3", "checkpoint_every=3"]
 
