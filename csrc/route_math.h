@@ -18,6 +18,35 @@ namespace some {
 // SOME_HOST_DEVICE qualifiers differ between them).
 namespace {
 
+// Gates of one token's `count` selected slots (scores `sc`, best first) for the
+// gatings whose gates depend on the selected scores alone: softmax over the
+// selected, sigmoid, relu, avg_k (top_p and top_any need the selection itself
+// and are computed where it happens).
+template <typename acc_t>
+SOME_HOST_DEVICE void gates_of_selected(Gating gating, const acc_t* sc, int64_t count, acc_t tau, acc_t* g) {
+  using std::exp;
+  switch (gating) {
+    case Gating::Softmax: {
+      const acc_t mx = count ? sc[0] / tau : acc_t(0);  // the best score: exp never overflows
+      acc_t sum = 0;
+      for (int64_t j = 0; j < count; ++j) sum += (g[j] = exp(sc[j] / tau - mx));
+      for (int64_t j = 0; j < count; ++j) g[j] /= sum;
+      break;
+    }
+    case Gating::Sigmoid:
+      for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / (acc_t(1) + exp(-(sc[j] / tau)));
+      break;
+    case Gating::Relu:
+      for (int64_t j = 0; j < count; ++j) g[j] = sc[j] > acc_t(0) ? sc[j] : acc_t(0);
+      break;
+    case Gating::AvgK:  // EMoE's one-score gate: the layer sums its k experts
+      for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1);
+      break;
+    default:
+      break;
+  }
+}
+
 // d(loss)/d(score) of every selected slot of one token (k slots, empty ones
 // last with index -1), from the gate and score gradients. For top_p also
 // *coef = -(Σ_j gg_j g_j)/τ, the weight with which the softmax denominator's

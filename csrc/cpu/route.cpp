@@ -107,21 +107,6 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
       } else {
         count = select_topk(s, N, k, is_active, sc, idx, scratch);
         switch (a.gating) {
-          case Gating::Softmax: {
-            acc_t mx = count ? sc[0] / tau : acc_t(0), sum = 0;
-            for (int64_t j = 0; j < count; ++j) sum += (g[j] = std::exp(sc[j] / tau - mx));
-            for (int64_t j = 0; j < count; ++j) g[j] /= sum;
-            break;
-          }
-          case Gating::Sigmoid:
-            for (int64_t j = 0; j < count; ++j) g[j] = sigmoid(sc[j] / tau);
-            break;
-          case Gating::Relu:
-            for (int64_t j = 0; j < count; ++j) g[j] = std::max(sc[j], acc_t(0));
-            break;
-          case Gating::AvgK:  // EMoE's one-score gate: the layer sums its k experts
-            for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1);
-            break;
           case Gating::TopP: {
             // P = softmax(s/τ) over all active experts; keep the best ones up
             // to and including the first where the cumulative P exceeds p
@@ -140,6 +125,7 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
             break;
           }
           default:
+            gates_of_selected(a.gating, sc, count, tau, g);
             break;
         }
       }

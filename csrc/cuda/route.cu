@@ -166,28 +166,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
       }
       ++count;
     }
-    if (lane == 0) {  // gates from the selected scores, sequential as the CPU
-      switch (a.gating) {
-        case Gating::Softmax: {
-          const acc_t mx = count ? sc[0] / tau : acc_t(0);
-          acc_t sum = 0;
-          for (int j = 0; j < count; ++j) sum += (g[j] = dev_exp(sc[j] / tau - mx));
-          for (int j = 0; j < count; ++j) g[j] /= sum;
-          break;
-        }
-        case Gating::Sigmoid:
-          for (int j = 0; j < count; ++j) g[j] = sigmoid(sc[j] / tau);
-          break;
-        case Gating::Relu:
-          for (int j = 0; j < count; ++j) g[j] = sc[j] > acc_t(0) ? sc[j] : acc_t(0);
-          break;
-        case Gating::AvgK:  // EMoE's one-score gate: the layer sums its k experts
-          for (int j = 0; j < count; ++j) g[j] = acc_t(1);
-          break;
-        default:
-          break;
-      }
-    }
+    if (lane == 0) gates_of_selected(a.gating, sc, int64_t(count), tau, g);  // sequential, as the CPU
   }
   if (lane == 0) {
     for (int j = count; j < a.k; ++j) {
