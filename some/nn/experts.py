@@ -24,6 +24,12 @@ __all__ = ["EXPERT_TENSORS", "ExpertStore"]
 EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
 
 
+def _shapes(spec: ExpertSpec) -> tuple[tuple[int, ...], ...]:
+    """The shapes of ``(w1, b1, w2, b2)`` of ``spec``'s N experts."""
+    N, d, h = spec.num_experts, spec.d_model, spec.d_ffn
+    return (N, h, d), (N, h), (N, d, h), (N, d)
+
+
 class ExpertStore(nn.Module):
     """``N`` experts ``W2_e GELU(W1_e x + b1_e) + b2_e`` of one layer; ``forward(x, indices, gates)``
     is ``Σ_j g_tj E_{I_tj}(x_t)`` (docs/method.md §3 step 5)."""
@@ -35,9 +41,8 @@ class ExpertStore(nn.Module):
         self.from_generator = from_generator  # False once experts come from elsewhere (a dense FFN, a file)
         self._digest: str | None = None  # of the generated experts, computed when first needed
         if self.materialized:
-            N, d, h, edt = spec.num_experts, spec.d_model, spec.d_ffn, spec.dtype
-            for name, shape in (("w1", (N, h, d)), ("b1", (N, h)), ("w2", (N, d, h)), ("b2", (N, d))):
-                self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=edt),
+            for name, shape in zip(EXPERT_TENSORS, _shapes(spec)):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=spec.dtype),
                                                            requires_grad=False))
 
     @property
@@ -75,9 +80,7 @@ class ExpertStore(nn.Module):
         generated ones (N·h·d values: what that storage saves)."""
         if self.materialized:
             return self.w1, self.b1, self.w2, self.b2
-        N, d, h, edt = self.spec.num_experts, self.spec.d_model, self.spec.d_ffn, self.spec.dtype
-        w = (torch.empty(N, h, d, device=device, dtype=edt), torch.empty(N, h, device=device, dtype=edt),
-             torch.empty(N, d, h, device=device, dtype=edt), torch.empty(N, d, device=device, dtype=edt))
+        w = tuple(torch.empty(shape, device=device, dtype=self.spec.dtype) for shape in _shapes(self.spec))
         fill_expert_weights(*w, self.spec.seed, self.spec.layer)
         return w
 

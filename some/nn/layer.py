@@ -52,14 +52,14 @@ class SoMELayer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.seed, self.layer = int(seed), int(layer)
+        seed, layer = int(seed), int(layer)
         N, d, h = config.num_experts, config.d_model, config.d_ffn
-        router = Router(config, seed=self.seed, layer=self.layer, device=device, dtype=dtype)  # draws from the RNG
+        router = Router(config, seed=seed, layer=layer, device=device, dtype=dtype)  # draws from the RNG
         # Registered key store first: an optimizer's state follows the order of the trainable
         # parameters, which was (thresholds, router) before the layer had parts.
-        self.key_store = KeyStore(config, seed=self.seed, layer=self.layer, device=device, dtype=dtype)
+        self.key_store = KeyStore(config, seed=seed, layer=layer, device=device, dtype=dtype)
         self.router = router
-        spec = ExpertSpec(self.seed, self.layer, N, d, h, expert_dtype or dtype or torch.get_default_dtype())
+        spec = ExpertSpec(seed, layer, N, d, h, expert_dtype or dtype or torch.get_default_dtype())
         self.experts = ExpertStore(spec, config.expert_storage, from_generator=config.expert_init == "default",
                                    device=device)
         self.telemetry = RoutingTelemetry(N, device=device, dtype=self.key_store.keys.dtype)
@@ -160,6 +160,9 @@ class SoMELayer(nn.Module):
     @property
     def expert_spec(self) -> ExpertSpec:
         return self.experts.spec
+
+    seed = property(lambda self: self.experts.spec.seed)  # the model's seed: experts, keys, draws
+    layer = property(lambda self: self.experts.spec.layer)  # this layer's index in the model
 
     @property
     def materialized(self) -> bool:
