@@ -16,12 +16,12 @@
 #include "../op_checks.h"
 #include "../route_common.h"  // row_norm
 #include "grouping.h"
+#include "repulsion.h"
 
 namespace some {
 namespace {
 
 constexpr double kNormEps = 1e-12;
-constexpr double kRepulsionEps = 1e-8;  // max(D, 1e-8) in the repulsion term
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
     const at::Tensor& query, const at::Tensor& indices, const at::Tensor& gates,
@@ -77,21 +77,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
   return {sum_q, mass, counts, coselect};
 }
 
-// Quantile with linear interpolation, the same rule as torch.quantile.
-template <typename scalar_t>
-scalar_t quantile_linear(std::vector<scalar_t>& v, double q) {
-  const int64_t n = v.size();
-  const double rank = q * static_cast<double>(n - 1);
-  const int64_t lo = static_cast<int64_t>(std::floor(rank));
-  const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
-  std::nth_element(v.begin(), v.begin() + lo, v.end());
-  const scalar_t below = v[lo];
-  const scalar_t above = hi == lo ? below : *std::min_element(v.begin() + lo + 1, v.end());
-  const scalar_t w = static_cast<scalar_t>(rank - static_cast<double>(lo));
-  // torch.lerp's two-sided formula, for identical rounding.
-  return w < scalar_t(0.5) ? below + w * (above - below) : above - (above - below) * (scalar_t(1) - w);
-}
-
 at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tensor& usage,
                                const at::Tensor& sum_q, const at::Tensor& mass,
                                const at::Tensor& counts, const at::Tensor& coselect, double alpha,
@@ -123,30 +108,12 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
     scalar_t* U = usage.data_ptr<scalar_t>();
     const int64_t* C = cnt.data_ptr<int64_t>();
 
-    // Pairwise distances and the repulsion radius θ (only needed when δ ≠ 0).
-    std::vector<scalar_t> dist;
-    scalar_t theta = 0;
+    // Repulsion: Σ over the keys closer than θ, and how many (csrc/cpu/repulsion.h).
     const bool repel = delta != 0 && N > 1;
-    if (repel) {
-      dist.assign(N * N, scalar_t(0));
-      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e_end) {
-        for (int64_t e = b; e < e_end; ++e)
-          for (int64_t f = 0; f < N; ++f) {
-            if (f == e) continue;
-            scalar_t s = 0;
-            for (int64_t c = 0; c < d; ++c) {
-              const scalar_t diff = K[e * d + c] - K[f * d + c];
-              s += diff * diff;
-            }
-            dist[e * N + f] = std::sqrt(s);
-          }
-      });
-      std::vector<scalar_t> upper;
-      upper.reserve(N * (N - 1) / 2);
-      for (int64_t e = 0; e < N; ++e)
-        for (int64_t f = e + 1; f < N; ++f) upper.push_back(dist[e * N + f]);
-      theta = quantile_linear(upper, theta_percentile);
-    }
+    at::Tensor push;
+    std::vector<int64_t> close;
+    if (repel) repulsion::push_sums<scalar_t>(keys, theta_percentile, push, close);
+    const scalar_t* PUSH = repel ? push.data_ptr<scalar_t>() : nullptr;
 
     const scalar_t a = alpha, bt = beta, dl = delta, gamma = ema_decay;
     std::vector<scalar_t> new_k(N * d), new_v(N * d);
@@ -173,19 +140,9 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
               delta_e[c] += bt * (pull[c] / static_cast<scalar_t>(row) - ke[c]);
           }
         }
-        if (repel) {  // push away from the keys closer than θ
-          std::vector<scalar_t> push(d, scalar_t(0));
-          int64_t close = 0;
-          for (int64_t f = 0; f < N; ++f) {
-            if (f == e) continue;
-            const scalar_t D = dist[e * N + f];
-            if (!(D < theta)) continue;
-            ++close;
-            const scalar_t inv = scalar_t(1) / std::max(D, static_cast<scalar_t>(kRepulsionEps));
-            for (int64_t c = 0; c < d; ++c) push[c] += (ke[c] - K[f * d + c]) * inv;
-          }
-          if (close > 0)
-            for (int64_t c = 0; c < d; ++c) delta_e[c] += dl * push[c] / static_cast<scalar_t>(close);
+        if (repel && close[e] > 0) {  // push away from the keys closer than θ
+          for (int64_t c = 0; c < d; ++c)
+            delta_e[c] += dl * PUSH[e * d + c] / static_cast<scalar_t>(close[e]);
         }
         scalar_t norm2 = 0;
         for (int64_t c = 0; c < d; ++c) {

@@ -19,8 +19,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 
 #include "../checks.h"
 #include "../op_checks.h"
@@ -156,33 +159,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
 
 // --------------------------------------------------------------- update
 
-// Pairwise key distances D (full [N, N], zero diagonal) and the upper
-// triangle {D_ef : e < f} in row-major order, one warp per pair e < f.
-template <typename scalar_t>
-__global__ void distances_kernel(const scalar_t* __restrict__ K, int64_t N, int64_t d,
-                                 scalar_t* __restrict__ D, scalar_t* __restrict__ upper) {
-  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (w >= N * N) return;
-  const int64_t e = w / N, f = w % N;
-  if (e == f) {
-    if (lane == 0) D[e * N + f] = 0;
-    return;
-  }
-  if (f < e) return;  // written by the warp of (f, e)
-  scalar_t s = 0;
-  for (int64_t c = lane; c < d; c += kWarpSize) {
-    const scalar_t diff = K[e * d + c] - K[f * d + c];
-    s += diff * diff;
-  }
-  s = warp_sum(s);
-  if (lane == 0) {
-    const scalar_t dist = dev_sqrt(s);
-    D[e * N + f] = dist;
-    D[f * N + e] = dist;
-    // position of (e, f) in the row-major upper triangle
-    upper[e * N - e * (e + 1) / 2 + (f - e - 1)] = dist;
-  }
+// The peer-pull and repulsion sums come from matrix products (cuBLAS, through
+// ATen) before the update kernel; the kernel itself is O(N · d).
+//
+// Repulsion on the GPU: all N² distances at once in float64 (one product), the
+// upper triangle's value serving both (e, f) and (f, e) so D is symmetric, θ by
+// two exact selections (kthvalue) of the upper triangle, no host
+// synchronization. The CPU (csrc/cpu/repulsion.h) works in tiles of the key
+// dtype and recomputes nearly coincident pairs from their differences; here
+// float64 resolves D to ~1e-8 absolute, so the two agree except for pairs
+// closer than ~1e-6. Memory: a few N × N float64 buffers (N = 16,384: 2 GiB each).
+std::pair<at::Tensor, at::Tensor> push_sums(const at::Tensor& keys, double theta_percentile) {
+  const int64_t N = keys.size(0);
+  const auto K = keys.to(at::kDouble);
+  const auto sq = (K * K).sum(1);
+  auto D = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * at::mm(K, K.t())).clamp_min(0).sqrt();
+  const auto upper = at::ones({N, N}, keys.options().dtype(at::kBool)).triu(1);
+  D = at::where(upper, D, D.t());
+  const auto eye = at::eye(N, keys.options().dtype(at::kBool));
+  // θ: torch.quantile's rule on {D_ef : e < f}; the ranks are known on the host
+  const int64_t M = N * (N - 1) / 2;
+  const double rank = theta_percentile * static_cast<double>(M - 1);
+  const int64_t lo = static_cast<int64_t>(std::floor(rank));
+  const int64_t hi = std::min<int64_t>(lo + 1, M - 1);
+  const auto values = D.masked_fill(upper.logical_not(), std::numeric_limits<double>::infinity()).flatten();
+  const auto below = std::get<0>(values.kthvalue(lo + 1));
+  const auto above = std::get<0>(values.kthvalue(hi + 1));
+  const auto theta = at::lerp(below, above, rank - static_cast<double>(lo));
+  const auto close = D.lt(theta).logical_and_(eye.logical_not());
+  const auto W = at::where(close, D.clamp_min(kRepulsionEps).reciprocal(), at::zeros({}, D.options()));
+  auto push = K * W.sum(1, /*keepdim=*/true) - at::mm(W, K);
+  return {push.to(keys.scalar_type()).contiguous(), close.sum(1).contiguous()};
 }
 
 template <typename scalar_t>
@@ -191,9 +198,10 @@ struct UpdateParams {
   const scalar_t* V;
   const scalar_t* SQ;
   const scalar_t* M;
-  const int64_t* CS;
-  const scalar_t* D;      // [N, N] or nullptr (no repulsion)
-  const scalar_t* theta;  // 0-dim, with D
+  const scalar_t* pull;   // [N, d] Σ_f C_ef K_f, or nullptr (β = 0)
+  const int64_t* row;     // [N] Σ_f C_ef (f ≠ e), with pull
+  const scalar_t* push;   // [N, d] Σ_{f close} (K_e − K_f) / max(D, eps), or nullptr (no repulsion)
+  const int64_t* close;   // [N] how many f are close, with push
   int64_t N, d;
   scalar_t alpha, beta, delta, gamma;
   bool normalize;
@@ -203,24 +211,13 @@ struct UpdateParams {
 
 // Δ_e, the new velocity and the new key of expert e (one block per expert),
 // from the old keys; written to new_k / new_v, committed by commit_kernel.
-// Per column the sums run over the experts in index order, as on the CPU.
 template <typename scalar_t>
 __global__ void update_kernel(const UpdateParams<scalar_t> a) {
   __shared__ scalar_t red_s[kWarpSize + 1];
-  __shared__ int64_t red_i[kWarpSize + 1];
-  const int64_t e = blockIdx.x, N = a.N, d = a.d;
+  const int64_t e = blockIdx.x, d = a.d;
   const scalar_t* ke = a.K + e * d;
-
-  // Row sum of the co-selection counts, and how many keys lie closer than θ.
-  int64_t row_part = 0, close_part = 0;
-  const scalar_t theta = a.D != nullptr ? *a.theta : scalar_t(0);
-  for (int64_t f = threadIdx.x; f < N; f += blockDim.x) {
-    if (f == e) continue;
-    row_part += a.CS[e * N + f];
-    if (a.D != nullptr && a.D[e * N + f] < theta) ++close_part;
-  }
-  const int64_t row = block_sum(row_part, red_i);
-  const int64_t close = block_sum(close_part, red_i);
+  const int64_t row = a.pull != nullptr ? a.row[e] : 0;
+  const int64_t close = a.push != nullptr ? a.close[e] : 0;
   const scalar_t m = a.M[e];
 
   scalar_t norm2_part = 0;
@@ -229,25 +226,10 @@ __global__ void update_kernel(const UpdateParams<scalar_t> a) {
     scalar_t delta_c = 0;
     if (a.alpha != 0 && m > 0)  // attraction to the gate-weighted mean query
       delta_c += a.alpha * (a.SQ[e * d + c] / m - kc);
-    if (a.beta != 0 && row > 0) {  // peer-pull to the co-selection-weighted mean key
-      scalar_t pull = 0;
-      for (int64_t f = 0; f < N; ++f) {
-        const int64_t w = f == e ? 0 : a.CS[e * N + f];
-        if (w != 0) pull += static_cast<scalar_t>(w) * a.K[f * d + c];
-      }
-      delta_c += a.beta * (pull / static_cast<scalar_t>(row) - kc);
-    }
-    if (a.D != nullptr && close > 0) {  // push away from the keys closer than θ
-      scalar_t push = 0;
-      for (int64_t f = 0; f < N; ++f) {
-        if (f == e) continue;
-        const scalar_t D = a.D[e * N + f];
-        if (!(D < theta)) continue;
-        const scalar_t inv = scalar_t(1) / (D > scalar_t(kRepulsionEps) ? D : scalar_t(kRepulsionEps));
-        push += (kc - a.K[f * d + c]) * inv;
-      }
-      delta_c += a.delta * push / static_cast<scalar_t>(close);
-    }
+    if (row > 0)  // peer-pull to the co-selection-weighted mean key
+      delta_c += a.beta * (a.pull[e * d + c] / static_cast<scalar_t>(row) - kc);
+    if (close > 0)  // push away from the keys closer than θ
+      delta_c += a.delta * a.push[e * d + c] / static_cast<scalar_t>(close);
     const scalar_t v = a.gamma * a.V[e * d + c] + (scalar_t(1) - a.gamma) * delta_c;
     const scalar_t nk = kc + v;
     a.new_v[e * d + c] = v;
@@ -304,42 +286,31 @@ at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tens
 
   const auto sq = sum_q.contiguous();
   const auto m = mass.contiguous();
-  const auto cs = coselect.contiguous();
   const auto cnt = counts.contiguous();
   const auto total = cnt.sum();  // 0-dim int64, on the device
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool repel = delta != 0 && N > 1;
+  // peer-pull: Σ_f C_ef K_f as one product, the diagonal (a key with itself) left out
+  at::Tensor pull, row;
+  if (beta != 0) {
+    const auto C = coselect.masked_fill(at::eye(N, coselect.options().dtype(at::kBool)), 0);
+    row = C.sum(1).contiguous();
+    pull = at::mm(C.to(keys.scalar_type()), keys).contiguous();
+  }
+  at::Tensor push, close;
+  if (repel) std::tie(push, close) = push_sums(keys, theta_percentile);
 
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "some_keystore_update_cuda", [&] {
-    at::Tensor dist, theta;
-    if (repel) {
-      // Distances and θ, the theta_percentile quantile of {D_ef : e < f} with
-      // linear interpolation (torch.quantile's rule and torch.lerp's
-      // two-sided formula, like the CPU). The rank is known on the host.
-      dist = at::empty({N, N}, keys.options());
-      const int64_t n_upper = N * (N - 1) / 2;
-      auto upper = at::empty({n_upper}, keys.options());
-      const int warps_per_block = 8;
-      distances_kernel<scalar_t>
-          <<<static_cast<unsigned>(ceil_div(N * N, warps_per_block)), warps_per_block * kWarpSize, 0, stream>>>(
-              keys.data_ptr<scalar_t>(), N, d, dist.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto sorted = std::get<0>(upper.sort());
-      const double rank = theta_percentile * static_cast<double>(n_upper - 1);
-      const int64_t lo = static_cast<int64_t>(std::floor(rank));
-      const int64_t hi = std::min<int64_t>(lo + 1, n_upper - 1);
-      const double w = rank - static_cast<double>(lo);
-      theta = at::lerp(sorted[lo], sorted[hi], w).contiguous();
-    }
     auto new_k = at::empty_like(keys);
     auto new_v = at::empty_like(velocity);
     UpdateParams<scalar_t> p{keys.data_ptr<scalar_t>(),
                              velocity.data_ptr<scalar_t>(),
                              sq.data_ptr<scalar_t>(),
                              m.data_ptr<scalar_t>(),
-                             cs.data_ptr<int64_t>(),
-                             repel ? dist.data_ptr<scalar_t>() : nullptr,
-                             repel ? theta.data_ptr<scalar_t>() : nullptr,
+                             beta != 0 ? pull.data_ptr<scalar_t>() : nullptr,
+                             beta != 0 ? row.data_ptr<int64_t>() : nullptr,
+                             repel ? push.data_ptr<scalar_t>() : nullptr,
+                             repel ? close.data_ptr<int64_t>() : nullptr,
                              N,
                              d,
                              static_cast<scalar_t>(alpha),

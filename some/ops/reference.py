@@ -135,7 +135,7 @@ def keystore_update_ref(keys, velocity, usage, sum_q, mass, counts, coselect, al
     N, d = K.shape
     V = velocity.double().clone()
     u = usage.double().clone()
-    D = torch.cdist(K, K)
+    D = torch.stack([(K[e] - K).norm(dim=1) for e in range(N)]) if N else K.new_zeros(0, 0)  # ||K_e − K_f||, exact
     iu = torch.triu_indices(N, N, offset=1)
     theta = torch.quantile(D[iu[0], iu[1]], theta_percentile) if N > 1 else None
     new_K = torch.empty_like(K)
@@ -146,9 +146,9 @@ def keystore_update_ref(keys, velocity, usage, sum_q, mass, counts, coselect, al
         p = (C @ K / C.sum() - K[e]) if C.sum() > 0 else torch.zeros(d, dtype=torch.float64)
         r = torch.zeros(d, dtype=torch.float64)
         if theta is not None:
-            close = [f for f in range(N) if f != e and D[e, f] < theta]
-            if close:
-                r = torch.stack([(K[e] - K[f]) / max(float(D[e, f]), 1e-8) for f in close]).mean(0)
+            close = torch.nonzero((D[e] < theta) & (torch.arange(N) != e)).flatten()
+            if close.numel():
+                r = ((K[e] - K[close]) / D[e, close].clamp_min(1e-8)[:, None]).mean(0)
         step = alpha * a + beta * p + delta * r
         V[e] = ema_decay * V[e] + (1 - ema_decay) * step
         new_K[e] = K[e] + V[e]

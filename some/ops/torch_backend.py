@@ -20,6 +20,7 @@ Semantics are those of docs/method.md §3-§4 and of the native ops, to the roun
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -323,13 +324,120 @@ def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: i
     return KeystoreStats(sum_q, mass, counts, coselect)
 
 
-def _quantile_linear(values: Tensor, q: float) -> Tensor:
-    """``torch.quantile(values, q)`` (linear interpolation), without its size limit."""
-    v = torch.sort(values).values
-    rank = q * (v.numel() - 1)
+NEAR_FRACTION = 1e-2  # D² below this share of |K_e|² + |K_f|²: from the difference (csrc/cpu/repulsion.h)
+DEFAULT_BLOCK_BYTES = 8 << 20
+KEPT_MANTISSA_BITS = 7  # distance histogram resolution: 1/128 of an octave
+
+
+def _block_bytes() -> int:
+    try:
+        value = int(os.environ.get("SOME_KEYSTORE_BLOCK_BYTES", ""))
+    except ValueError:
+        return DEFAULT_BLOCK_BYTES
+    return value if value > 0 else DEFAULT_BLOCK_BYTES
+
+
+class _Distances:
+    """D on square tiles of the upper triangle (every pair computed once, so D is
+    symmetric), from one product per tile, the pairs the product cannot resolve
+    recomputed from their differences: the algorithm of ``csrc/cpu/repulsion.h``
+    (tiles kept between passes when N² distances are small)."""
+
+    def __init__(self, K: Tensor):
+        self.K, self.N = K, K.shape[0]
+        budget = _block_bytes()
+        side = min(max(math.isqrt(max(budget // K.element_size(), 1)), 1), self.N)
+        self.extent = lambda first: min(side, self.N - first)
+        self.tiles = [(a, b) for a in range(0, self.N, side) for b in range(a, self.N, side)]
+        self.sq = (K * K).sum(1)
+        self.cache: dict[tuple[int, int], tuple[Tensor, Tensor]] | None = \
+            {} if self.N * self.N * K.element_size() <= 8 * budget else None
+
+    def pairs(self, tile: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The tile's distances ``(rows, cols)`` and the mask of its pairs e < f."""
+        if self.cache is not None and tile in self.cache:
+            return self.cache[tile]
+        (r0, c0), K = tile, self.K
+        nr, nc = self.extent(r0), self.extent(c0)
+        e = torch.arange(r0, r0 + nr, device=K.device)[:, None]
+        f = torch.arange(c0, c0 + nc, device=K.device)[None, :]
+        upper = (f > e).expand(nr, nc)
+        scale = self.sq[e] + self.sq[f]
+        d2 = scale - 2 * (K[r0:r0 + nr] @ K[c0:c0 + nc].T)
+        near = torch.nonzero((d2 < NEAR_FRACTION * scale) & upper)
+        if near.numel():  # cancellation: from the difference instead
+            d2[near[:, 0], near[:, 1]] = (K[r0 + near[:, 0]] - K[c0 + near[:, 1]]).pow(2).sum(1)
+        out = (d2.clamp_min(0).sqrt(), upper)
+        if self.cache is not None:
+            self.cache[tile] = out
+        return out
+
+    def is_near(self, tile: tuple[int, int], D: Tensor) -> Tensor:
+        (r0, c0) = tile
+        e = torch.arange(r0, r0 + D.shape[0], device=D.device)
+        f = torch.arange(c0, c0 + D.shape[1], device=D.device)
+        return D * D < NEAR_FRACTION * (self.sq[e][:, None] + self.sq[f][None, :])
+
+
+def _buckets(values: Tensor) -> Tensor:
+    """Order-preserving buckets of non-negative floats: their leading bits."""
+    if values.dtype == torch.float64:
+        return values.view(torch.int64) >> (52 - KEPT_MANTISSA_BITS)
+    return values.float().view(torch.int32).long() >> (23 - KEPT_MANTISSA_BITS)
+
+
+def _theta(dist: _Distances, q: float) -> Tensor:
+    """The q-quantile (linear interpolation, as ``torch.quantile``) of {D_ef : e < f},
+    exact, in two passes: a histogram of buckets, then a sort of the two ranks' buckets."""
+    N = dist.N
+    M = N * (N - 1) // 2
+    rank = q * (M - 1)
     lo = int(math.floor(rank))
-    hi = min(lo + 1, v.numel() - 1)
-    return torch.lerp(v[lo], v[hi], torch.tensor(rank - lo, dtype=v.dtype, device=v.device))
+    hi = min(lo + 1, M - 1)
+    n_buckets = int(_buckets(torch.tensor(float("inf"), dtype=dist.K.dtype))) + 1
+    hist = torch.zeros(n_buckets, dtype=torch.long, device=dist.K.device)
+    for tile in dist.tiles:
+        D, upper = dist.pairs(tile)
+        hist += torch.bincount(_buckets(D[upper]), minlength=n_buckets)
+    cum = hist.cumsum(0)
+    first = int(torch.searchsorted(cum, lo, right=True))
+    last = int(torch.searchsorted(cum, hi, right=True))
+    below = int(cum[first - 1]) if first > 0 else 0
+    kept = []
+    for tile in dist.tiles:
+        D, upper = dist.pairs(tile)
+        v = D[upper]
+        b = _buckets(v)
+        kept.append(v[(b >= first) & (b <= last)])
+    v = torch.sort(torch.cat(kept)).values
+    return torch.lerp(v[lo - below], v[hi - below], torch.tensor(rank - lo, dtype=v.dtype, device=v.device))
+
+
+def _push_sums(K: Tensor, theta_percentile: float) -> tuple[Tensor, Tensor]:
+    """Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8) per key, and how many such f."""
+    dist = _Distances(K)
+    theta = _theta(dist, theta_percentile)
+    push = torch.zeros_like(K)
+    close = torch.zeros(dist.N, dtype=torch.long, device=K.device)
+    for tile in dist.tiles:
+        (r0, c0) = tile
+        D, upper = dist.pairs(tile)
+        nr, nc = D.shape
+        mask = (D < theta) & upper
+        close[r0:r0 + nr] += mask.sum(1)
+        close[c0:c0 + nc] += mask.sum(0)
+        near = mask & dist.is_near(tile, D)
+        w = torch.where(mask & ~near, 1.0 / D.clamp_min(REPULSION_EPS), 0.0)
+        rows, cols = K[r0:r0 + nr], K[c0:c0 + nc]
+        push[r0:r0 + nr] += w.sum(1, keepdim=True) * rows - w @ cols
+        push[c0:c0 + nc] += w.sum(0)[:, None] * cols - w.T @ rows
+        exact = torch.nonzero(near)
+        if exact.numel():  # nearly coincident pairs: the exact difference
+            e, f = r0 + exact[:, 0], c0 + exact[:, 1]
+            term = (K[e] - K[f]) / D[exact[:, 0], exact[:, 1]].clamp_min(REPULSION_EPS)[:, None]
+            push.index_add_(0, e, term)
+            push.index_add_(0, f, -term)
+    return push, close
 
 
 @torch.no_grad()
@@ -353,13 +461,8 @@ def keystore_update(keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor
         row = C.sum(dim=1, keepdim=True)
         step += beta * torch.where(row > 0, (C @ K) / row.clamp_min(1.0) - K, 0.0)
     if delta != 0 and N > 1:  # push away from the keys closer than θ
-        D = torch.cdist(K, K)
-        iu = torch.triu_indices(N, N, offset=1, device=K.device)
-        theta = _quantile_linear(D[iu[0], iu[1]], theta_percentile)
-        close = (D < theta) & ~torch.eye(N, dtype=torch.bool, device=K.device)
-        w = torch.where(close, 1.0 / D.clamp_min(REPULSION_EPS), 0.0)  # (N, N)
-        n_close = close.sum(dim=1, keepdim=True)
-        push = w.sum(dim=1, keepdim=True) * K - w @ K  # Σ_f (K_e - K_f) / D_ef
+        push, n_close = _push_sums(K, theta_percentile)
+        n_close = n_close.unsqueeze(1)
         step += delta * torch.where(n_close > 0, push / n_close.clamp_min(1), 0.0)
     gamma = ema_decay
     new_v = gamma * velocity + (1 - gamma) * step
