@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from inputs import random_routing
 
 from some import ops
 from some.nn.config import SoMELayerConfig
@@ -20,8 +21,6 @@ from some.nn.keystore import KeyStore
 from some.nn.router import Queries
 from some.nn.telemetry import RoutingTelemetry
 from some.ops.reference import keystore_update_ref
-
-from inputs import random_routing
 
 STRONG = dict(alpha=0.2, beta=0.1, delta=0.05, ema_decay=0.5)
 

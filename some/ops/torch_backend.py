@@ -372,12 +372,6 @@ class _Distances:
             self.cache[tile] = out
         return out
 
-    def is_near(self, tile: tuple[int, int], D: Tensor) -> Tensor:
-        (r0, c0) = tile
-        e = torch.arange(r0, r0 + D.shape[0], device=D.device)
-        f = torch.arange(c0, c0 + D.shape[1], device=D.device)
-        return D * D < NEAR_FRACTION * (self.sq[e][:, None] + self.sq[f][None, :])
-
 
 def _buckets(values: Tensor) -> Tensor:
     """Order-preserving buckets of non-negative floats: their leading bits."""
@@ -414,7 +408,8 @@ def _theta(dist: _Distances, q: float) -> Tensor:
 
 
 def _push_sums(K: Tensor, theta_percentile: float) -> tuple[Tensor, Tensor]:
-    """Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8) per key, and how many such f."""
+    """Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8) per key, and how many such f:
+    over the close pairs only, each from its exact difference (csrc/cpu/repulsion.h)."""
     dist = _Distances(K)
     theta = _theta(dist, theta_percentile)
     push = torch.zeros_like(K)
@@ -422,21 +417,12 @@ def _push_sums(K: Tensor, theta_percentile: float) -> tuple[Tensor, Tensor]:
     for tile in dist.tiles:
         (r0, c0) = tile
         D, upper = dist.pairs(tile)
-        nr, nc = D.shape
-        mask = (D < theta) & upper
-        close[r0:r0 + nr] += mask.sum(1)
-        close[c0:c0 + nc] += mask.sum(0)
-        near = mask & dist.is_near(tile, D)
-        w = torch.where(mask & ~near, 1.0 / D.clamp_min(REPULSION_EPS), 0.0)
-        rows, cols = K[r0:r0 + nr], K[c0:c0 + nc]
-        push[r0:r0 + nr] += w.sum(1, keepdim=True) * rows - w @ cols
-        push[c0:c0 + nc] += w.sum(0)[:, None] * cols - w.T @ rows
-        exact = torch.nonzero(near)
-        if exact.numel():  # nearly coincident pairs: the exact difference
-            e, f = r0 + exact[:, 0], c0 + exact[:, 1]
-            term = (K[e] - K[f]) / D[exact[:, 0], exact[:, 1]].clamp_min(REPULSION_EPS)[:, None]
-            push.index_add_(0, e, term)
-            push.index_add_(0, f, -term)
+        i, j = torch.nonzero((D < theta) & upper, as_tuple=True)
+        e, f = r0 + i, c0 + j
+        term = (K[e] - K[f]) / D[i, j].clamp_min(REPULSION_EPS)[:, None]
+        push.index_add_(0, e, term).index_add_(0, f, -term)
+        ones = torch.ones_like(e)
+        close.index_add_(0, e, ones).index_add_(0, f, ones)
     return push, close
 
 
