@@ -274,12 +274,12 @@ inline void check_keystore_stats_inputs(const char* op, const at::Tensor& query,
 inline void check_keystore_update_inputs(const char* op, const at::Tensor& keys,
                                          const at::Tensor& velocity, const at::Tensor& usage,
                                          const at::Tensor& sum_q, const at::Tensor& mass,
-                                         const at::Tensor& counts, const at::Tensor& coselect,
-                                         double alpha, double beta, double delta,
-                                         double theta_percentile, double ema_decay) {
+                                         const at::Tensor& counts, const at::Tensor& peer_sum,
+                                         const at::Tensor& peer_count, double alpha, double beta,
+                                         double delta, double theta_percentile, double ema_decay) {
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"keys", &keys}, {"velocity", &velocity},
                          {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass}, {"counts", &counts},
-                         {"coselect", &coselect}})
+                         {"peer_sum", &peer_sum}, {"peer_count", &peer_count}})
     check_defined(op, name, *t);
   check_dim(op, "keys", keys, 2);
   const int64_t N = keys.size(0);
@@ -290,25 +290,26 @@ inline void check_keystore_update_inputs(const char* op, const at::Tensor& keys,
                     shape_str(velocity), " but 'keys' has shape ", shape_str(keys));
   TORCH_CHECK_VALUE(sum_q.sizes() == keys.sizes(), op, ": 'sum_q' has shape ",
                     shape_str(sum_q), " but 'keys' has shape ", shape_str(keys));
+  TORCH_CHECK_VALUE(peer_sum.sizes() == keys.sizes(), op, ": 'peer_sum' has shape ",
+                    shape_str(peer_sum), " but 'keys' has shape ", shape_str(keys));
   check_dim(op, "usage", usage, 1);
   check_size(op, "usage", usage, 0, N, "the number of experts N");
   check_dim(op, "mass", mass, 1);
   check_size(op, "mass", mass, 0, N, "the number of experts N");
   check_dim(op, "counts", counts, 1);
   check_size(op, "counts", counts, 0, N, "the number of experts N");
-  check_dim(op, "coselect", coselect, 2);
-  TORCH_CHECK_VALUE(coselect.size(0) == N && coselect.size(1) == N, op,
-                    ": 'coselect' must have shape [N, N] = [", N, ", ", N, "], got ",
-                    shape_str(coselect));
+  check_dim(op, "peer_count", peer_count, 1);
+  check_size(op, "peer_count", peer_count, 0, N, "the number of experts N");
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
-                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass}}) {
+                         {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass},
+                         {"peer_sum", &peer_sum}}) {
     check_same_dtype(op, name, *t, "keys", keys);
   }
   check_dtype(op, "counts", counts, at::kLong);
-  check_dtype(op, "coselect", coselect, at::kLong);
+  check_dtype(op, "peer_count", peer_count, at::kLong);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"velocity", &velocity},
                          {"usage", &usage}, {"sum_q", &sum_q}, {"mass", &mass},
-                         {"counts", &counts}, {"coselect", &coselect}})
+                         {"counts", &counts}, {"peer_sum", &peer_sum}, {"peer_count", &peer_count}})
     check_same_device(op, name, *t, "keys", keys);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"keys", &keys},
                          {"velocity", &velocity}, {"usage", &usage}})

@@ -59,13 +59,17 @@ TORCH_LIBRARY(some, m) {
   // docs/method.md §4: sufficient statistics (sums, so they can be all-reduced) and the
   // in-place self-organization step. `keystore_update` returns a bool scalar
   // that is False when non-finite statistics made it leave the store untouched.
+  // The co-selection C enters as what peer-pull reads of it, peer_sum = Σ_f C_ef K_f
+  // (N, d) and peer_count = Σ_f C_ef (N), f ≠ e: some.ops.coselect makes both from a
+  // dense or a compact C, so no N × N matrix has to exist (some.ops.keystore_stats /
+  // keystore_update keep SPEC §5's (…, coselect) signatures).
   m.def(
       "keystore_stats(Tensor query, Tensor indices, Tensor gates, int num_experts) "
-      "-> (Tensor sum_q, Tensor mass, Tensor counts, Tensor coselect)");
+      "-> (Tensor sum_q, Tensor mass, Tensor counts)");
   m.def(
       "keystore_update(Tensor(a!) keys, Tensor(b!) velocity, Tensor(c!) usage, Tensor sum_q, "
-      "Tensor mass, Tensor counts, Tensor coselect, float alpha, float beta, float delta, "
-      "float theta_percentile, float ema_decay, bool normalize=True) -> Tensor");
+      "Tensor mass, Tensor counts, Tensor peer_sum, Tensor peer_count, float alpha, float beta, "
+      "float delta, float theta_percentile, float ema_decay, bool normalize=True) -> Tensor");
 }
 
 namespace py = pybind11;

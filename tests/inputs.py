@@ -33,3 +33,11 @@ def random_routing(T, N, k, dtype, device="cpu", seed=0, empty_frac=0.15):
     gates = torch.rand(T, k, generator=g, dtype=torch.float64)
     gates[idx < 0] = 0
     return idx.to(device), gates.to(device=device, dtype=dtype)
+
+
+def update_op_inputs(stats, keys):
+    """The statistics as ``torch.ops.some.keystore_update`` takes them: the co-selection
+    counts as their peer-pull sums (some.ops.keystore_update makes these itself)."""
+    from some.ops.coselect import peer_sums
+
+    return (*stats[:3], *peer_sums(stats[3], keys))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from inputs import make_experts, make_route_inputs, random_routing
+from inputs import make_experts, make_route_inputs, random_routing, update_op_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 from some import ops
@@ -345,7 +345,7 @@ def test_keystore_opcheck(device):
     torch.library.opcheck(torch.ops.some.keystore_stats.default, (q, idx, gates.float(), 8))
     stats = ops.keystore_stats(q, idx, gates, 8)
     torch.library.opcheck(torch.ops.some.keystore_update.default,
-                          (K, V, u, *stats, 0.01, 0.005, 0.001, 0.05, 0.99, True))
+                          (K, V, u, *update_op_inputs(stats, K), 0.01, 0.005, 0.001, 0.05, 0.99, True))
 
 
 # ------------------------------------------------------------ determinism

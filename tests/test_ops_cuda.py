@@ -410,7 +410,8 @@ def test_keystore_update_nonfinite_stats_leave_store_untouched():
     stats = list(ops.keystore_stats(q, idx, gates, K.shape[0]))
     stats[0][2, 2] = float("nan")
     K0, V0, u0 = K.clone(), V.clone(), u.clone()
-    applied = torch.ops.some.keystore_update(K, V, u, *stats, 0.01, 0.005, 0.001, 0.05, 0.99, True)
+    applied = torch.ops.some.keystore_update(K, V, u, *inputs.update_op_inputs(stats, K), 0.01, 0.005, 0.001, 0.05,
+                                             0.99, True)
     assert applied.device.type == DEV and applied.dtype == torch.bool and not bool(applied)
     assert torch.equal(K, K0) and torch.equal(V, V0) and torch.equal(u, u0)
     with pytest.warns(RuntimeWarning, match="left untouched"):
@@ -438,7 +439,7 @@ def test_keystore_opcheck():
     torch.library.opcheck(torch.ops.some.keystore_stats.default, (q, idx, gates.float(), 8))
     stats = ops.keystore_stats(q, idx, gates, 8)
     torch.library.opcheck(torch.ops.some.keystore_update.default,
-                          (K, V, u, *stats, 0.01, 0.005, 0.001, 0.05, 0.99, True))
+                          (K, V, u, *inputs.update_op_inputs(stats, K), 0.01, 0.005, 0.001, 0.05, 0.99, True))
 
 
 # ------------------------------------------------------------ determinism
@@ -460,7 +461,8 @@ def test_ops_bit_identical_across_runs(dtype):
         y.float().square().sum().backward()
         st = ops.keystore_stats(q, r.indices, r.gates, N)
         K2, V2, u2 = K.clone(), torch.zeros(N, d, device=DEV), torch.zeros(N, device=DEV)
-        torch.ops.some.keystore_update(K2, V2, u2, *st, 0.01, 0.005, 0.001, 0.05, 0.99, True)
+        torch.ops.some.keystore_update(K2, V2, u2, *inputs.update_op_inputs(st, K2), 0.01, 0.005, 0.001, 0.05, 0.99,
+                                       True)
         return [r.indices, r.gates, y, q.grad.clone(), x.grad.clone(), K2, V2, u2, *st]
 
     a, b = run(), run()
@@ -500,7 +502,8 @@ def test_keystore_update_does_not_synchronize():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        applied = torch.ops.some.keystore_update(K, V, u, *stats, 0.01, 0.005, 0.001, 0.05, 0.99, True)
+        applied = torch.ops.some.keystore_update(K, V, u, *inputs.update_op_inputs(stats, K), 0.01, 0.005, 0.001, 0.05,
+                                             0.99, True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bool(applied)
@@ -610,7 +613,8 @@ def test_keystore_bad_inputs():
         Kt = torch.randn(K.shape[1], K.shape[0], device=DEV).T
         ops.keystore_update(Kt, V, u, *stats, *args)
     with pytest.raises(ValueError, match="same device"):
-        torch.ops.some.keystore_update(K, V, u, stats[0].cpu(), *stats[1:], *args, True)
+        torch.ops.some.keystore_update(K, V, u, stats[0].cpu(), *inputs.update_op_inputs(stats, K)[1:], *args,
+                                       True)
 
 
 @pytest.mark.parametrize("storage", ["materialized", "procedural"])

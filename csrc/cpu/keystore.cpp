@@ -23,7 +23,7 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
     const at::Tensor& query, const at::Tensor& indices, const at::Tensor& gates,
     int64_t num_experts) {
   const char* op = "some.keystore_stats";
@@ -45,17 +45,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
   auto sum_q = at::zeros({N, d}, q.options());
   auto mass = at::zeros({N}, q.options());
   auto counts = at::zeros({N}, idx.options());
-  auto coselect = at::zeros({N, N}, idx.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* ord = order.data_ptr<int64_t>();
-  const int64_t* I = idx.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(acc, "some_keystore_stats_cpu", [&] {
     const scalar_t* Q = q.data_ptr<scalar_t>();
     const scalar_t* G = g.data_ptr<scalar_t>();
     scalar_t* SQ = sum_q.data_ptr<scalar_t>();
     scalar_t* M = mass.data_ptr<scalar_t>();
     int64_t* C = counts.data_ptr<int64_t>();
-    int64_t* CS = coselect.data_ptr<int64_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         scalar_t* sq = SQ + e * d;
@@ -65,26 +62,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cpu(
           M[e] += w;
           const scalar_t* qt = Q + t * d;
           for (int64_t c = 0; c < d; ++c) sq[c] += w * qt[c];
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t other = I[t * k + j];
-            if (other >= 0 && other != e) ++CS[e * N + other];
-          }
         }
         C[e] = off[e + 1] - off[e];
       }
     });
   });
-  return {sum_q, mass, counts, coselect};
+  return {sum_q, mass, counts};
 }
 
 at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tensor& usage,
                                const at::Tensor& sum_q, const at::Tensor& mass,
-                               const at::Tensor& counts, const at::Tensor& coselect, double alpha,
-                               double beta, double delta, double theta_percentile,
-                               double ema_decay, bool normalize) {
+                               const at::Tensor& counts, const at::Tensor& peer_sum,
+                               const at::Tensor& peer_count, double alpha, double beta, double delta,
+                               double theta_percentile, double ema_decay, bool normalize) {
   const char* op = "some.keystore_update";
-  check_keystore_update_inputs(op, keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta,
-                               delta, theta_percentile, ema_decay);
+  check_keystore_update_inputs(op, keys, velocity, usage, sum_q, mass, counts, peer_sum, peer_count, alpha,
+                               beta, delta, theta_percentile, ema_decay);
   const int64_t N = keys.size(0), d = keys.size(1);
 
   // Non-finite statistics (or a store already corrupted) leave everything untouched.
@@ -96,14 +89,16 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
 
   const auto sq = sum_q.contiguous();
   const auto m = mass.contiguous();
-  const auto cs = coselect.contiguous();
+  const auto pull = peer_sum.contiguous();
+  const auto pull_n = peer_count.contiguous();
   const auto cnt = counts.contiguous();
   bool result_finite = true;
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "some_keystore_update_cpu", [&] {
     const scalar_t* K = keys.data_ptr<scalar_t>();
     const scalar_t* SQ = sq.data_ptr<scalar_t>();
     const scalar_t* M = m.data_ptr<scalar_t>();
-    const int64_t* CS = cs.data_ptr<int64_t>();
+    const scalar_t* PULL = pull.data_ptr<scalar_t>();
+    const int64_t* PULL_N = pull_n.data_ptr<int64_t>();
     scalar_t* V = velocity.data_ptr<scalar_t>();
     scalar_t* U = usage.data_ptr<scalar_t>();
     const int64_t* C = cnt.data_ptr<int64_t>();
@@ -125,20 +120,9 @@ at::Tensor keystore_update_cpu(at::Tensor& keys, at::Tensor& velocity, at::Tenso
         if (a != 0 && M[e] > 0) {  // attraction to the gate-weighted mean query
           for (int64_t c = 0; c < d; ++c) delta_e[c] += a * (SQ[e * d + c] / M[e] - ke[c]);
         }
-        if (bt != 0) {  // peer-pull to the co-selection-weighted mean key
-          int64_t row = 0;
-          for (int64_t f = 0; f < N; ++f)
-            if (f != e) row += CS[e * N + f];
-          if (row > 0) {
-            std::vector<scalar_t> pull(d, scalar_t(0));
-            for (int64_t f = 0; f < N; ++f) {
-              const int64_t w = f == e ? 0 : CS[e * N + f];
-              if (w == 0) continue;
-              for (int64_t c = 0; c < d; ++c) pull[c] += static_cast<scalar_t>(w) * K[f * d + c];
-            }
-            for (int64_t c = 0; c < d; ++c)
-              delta_e[c] += bt * (pull[c] / static_cast<scalar_t>(row) - ke[c]);
-          }
+        if (bt != 0 && PULL_N[e] > 0) {  // peer-pull to the co-selection-weighted mean key
+          const scalar_t row = static_cast<scalar_t>(PULL_N[e]);
+          for (int64_t c = 0; c < d; ++c) delta_e[c] += bt * (PULL[e * d + c] / row - ke[c]);
         }
         if (repel && close[e] > 0) {  // push away from the keys closer than θ
           for (int64_t c = 0; c < d; ++c)

@@ -3,8 +3,8 @@
 // keystore_stats: sums per expert from the device-side grouping (common.cuh),
 // in two deterministic passes (per row tile of an expert's segment, then per
 // expert over its tiles in order), so the sums are bit-identical run to run
-// and no expert's token count serializes the work. The co-selection counts use
-// integer atomics, whose result does not depend on their order.
+// and no expert's token count serializes the work. (The co-selection counts
+// are some.ops.coselect's, from the indices, on any device.)
 //
 // Differences from the CPU, both to avoid a host synchronization:
 //   * keystore_stats does not raise on a non-finite query or gate: NaN/Inf
@@ -90,23 +90,7 @@ __global__ void stats_reduce_kernel(const acc_t* __restrict__ partial,
   else mass[e] = s;
 }
 
-// coselect[e, f] += 1 for every slot pair (j, j') of a token with experts
-// e != f (as the CPU, which counts per selected pair). Integer atomics: the
-// result does not depend on their order.
-__global__ void coselect_kernel(const int64_t* __restrict__ idx, int64_t P, int64_t k, int64_t N,
-                                unsigned long long* __restrict__ coselect) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= P) return;
-  const int64_t e = idx[p];
-  if (e < 0 || e >= N) return;
-  const int64_t t = p / k;
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t f = idx[t * k + j];
-    if (f >= 0 && f < N && f != e) atomicAdd(coselect + e * N + f, 1ull);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
     const at::Tensor& query, const at::Tensor& indices, const at::Tensor& gates,
     int64_t num_experts) {
   const char* op = "some.keystore_stats";
@@ -127,11 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
   auto sum_q = at::empty({N, d}, q.options());
   auto mass = at::empty({N}, q.options());
   auto counts = offsets.narrow(0, 1, N) - offsets.narrow(0, 0, N);
-  auto coselect = at::zeros({N, N}, idx.options());
   if (P == 0) {
     sum_q.zero_();
     mass.zero_();
-    return {sum_q, mass, counts, coselect};
+    return {sum_q, mass, counts};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto tile_start = tile_schedule_cuda(offsets, N, kStatRows);
@@ -150,17 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keystore_stats_cuda(
         mass.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  coselect_kernel<<<static_cast<unsigned>(ceil_div(P, 256)), 256, 0, stream>>>(
-      idx.data_ptr<int64_t>(), P, k, N,
-      reinterpret_cast<unsigned long long*>(coselect.data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sum_q, mass, counts, coselect};
+  return {sum_q, mass, counts};
 }
 
 // --------------------------------------------------------------- update
 
-// The peer-pull and repulsion sums come from matrix products (cuBLAS, through
-// ATen) before the update kernel; the kernel itself is O(N · d).
+// The repulsion sums come from matrix products (cuBLAS, through ATen) before
+// the update kernel (the peer-pull sums are the op's input); the kernel itself
+// is O(N · d).
 //
 // Repulsion on the GPU: all N² distances at once in float64 (one product), the
 // upper triangle's value serving both (e, f) and (f, e) so D is symmetric, θ by
@@ -198,7 +178,7 @@ struct UpdateParams {
   const scalar_t* V;
   const scalar_t* SQ;
   const scalar_t* M;
-  const scalar_t* pull;   // [N, d] Σ_f C_ef K_f, or nullptr (β = 0)
+  const scalar_t* pull;   // [N, d] Σ_f C_ef K_f (f ≠ e), or nullptr (β = 0)
   const int64_t* row;     // [N] Σ_f C_ef (f ≠ e), with pull
   const scalar_t* push;   // [N, d] Σ_{f close} (K_e − K_f) / max(D, eps), or nullptr (no repulsion)
   const int64_t* close;   // [N] how many f are close, with push
@@ -267,12 +247,12 @@ __global__ void commit_kernel(const bool* __restrict__ ok, const scalar_t* __res
 
 at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tensor& usage,
                                 const at::Tensor& sum_q, const at::Tensor& mass,
-                                const at::Tensor& counts, const at::Tensor& coselect, double alpha,
-                                double beta, double delta, double theta_percentile,
-                                double ema_decay, bool normalize) {
+                                const at::Tensor& counts, const at::Tensor& peer_sum,
+                                const at::Tensor& peer_count, double alpha, double beta, double delta,
+                                double theta_percentile, double ema_decay, bool normalize) {
   const char* op = "some.keystore_update";
-  check_keystore_update_inputs(op, keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta,
-                               delta, theta_percentile, ema_decay);
+  check_keystore_update_inputs(op, keys, velocity, usage, sum_q, mass, counts, peer_sum, peer_count, alpha,
+                               beta, delta, theta_percentile, ema_decay);
   const int64_t N = keys.size(0), d = keys.size(1);
   c10::cuda::CUDAGuard guard(keys.device());
 
@@ -290,13 +270,8 @@ at::Tensor keystore_update_cuda(at::Tensor& keys, at::Tensor& velocity, at::Tens
   const auto total = cnt.sum();  // 0-dim int64, on the device
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool repel = delta != 0 && N > 1;
-  // peer-pull: Σ_f C_ef K_f as one product, the diagonal (a key with itself) left out
-  at::Tensor pull, row;
-  if (beta != 0) {
-    const auto C = coselect.masked_fill(at::eye(N, coselect.options().dtype(at::kBool)), 0);
-    row = C.sum(1).contiguous();
-    pull = at::mm(C.to(keys.scalar_type()), keys).contiguous();
-  }
+  const auto pull = peer_sum.contiguous();
+  const auto row = peer_count.contiguous();
   at::Tensor push, close;
   if (repel) std::tie(push, close) = push_sums(keys, theta_percentile);
 

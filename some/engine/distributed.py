@@ -120,6 +120,9 @@ def all_reduce_keystore_stats(ctx: DistContext, layers) -> None:
         return
     tensors = [t for layer in layers for t in layer.pending_reducibles()]
     all_reduce_sum(ctx, tensors, what="all-reduce of the key-store statistics")
+    for layer in layers:  # the co-selection counts, compact: gathered, summed
+        layer.set_pending_coselect(sparse_sum(ctx, layer.pending_coselect(),
+                                              what="all-gather of the co-selection counts"))
     # dead-key revival draws from the routed tokens of all ranks: gather each rank's candidates
     for layer in layers:
         local = layer.pending_candidates()
@@ -128,6 +131,31 @@ def all_reduce_keystore_stats(ctx: DistContext, layers) -> None:
             _collective(ctx, lambda g=gathered, t=local: dist.all_gather(g, t.contiguous()),
                         "all-gather of the revival candidates")
             layer.set_pending_candidates(torch.cat(gathered))
+
+
+def sparse_sum(ctx: DistContext, t: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
+    """The sum over the ranks of a sparse COO tensor, coalesced (the same on every rank): its
+    entries are gathered, not a dense all-reduce, so the traffic follows the non-zeros."""
+    t = t.coalesce()
+    if not ctx.enabled:
+        return t
+    indices, values = t.indices(), t.values()
+    n = torch.tensor([values.numel()], device=values.device)
+    sizes = [torch.zeros_like(n) for _ in range(ctx.world_size)]
+    _collective(ctx, lambda: dist.all_gather(sizes, n), what)
+    longest = int(max(int(s) for s in sizes))
+    padded_i = indices.new_zeros(indices.shape[0], longest)
+    padded_i[:, :values.numel()] = indices
+    padded_v = values.new_zeros(longest)
+    padded_v[:values.numel()] = values
+    all_i = [torch.empty_like(padded_i) for _ in range(ctx.world_size)]
+    all_v = [torch.empty_like(padded_v) for _ in range(ctx.world_size)]
+    _collective(ctx, lambda: dist.all_gather(all_i, padded_i), what)
+    _collective(ctx, lambda: dist.all_gather(all_v, padded_v), what)
+    size = [int(s) for s in sizes]
+    return torch.sparse_coo_tensor(torch.cat([i[:, :m] for i, m in zip(all_i, size)], dim=1),
+                                   torch.cat([v[:m] for v, m in zip(all_v, size)]), t.shape,
+                                   check_invariants=False).coalesce()
 
 
 def shard_range(n: int, ctx: DistContext) -> range:

@@ -89,7 +89,8 @@ class KeyStore(nn.Module):
         (padding masked out) and, for revival and the adaptive process, the routed rows.
         ``candidate_generator()`` makes the generator of this step's revival candidates."""
         cfg = self.config
-        stats = ops.keystore_stats(queries.per_token(queries.rows.detach()), indices, gates.detach(), cfg.num_experts)
+        stats = ops.keystore_stats(queries.per_token(queries.rows.detach()), indices, gates.detach(), cfg.num_experts,
+                                   sparse_coselect=True)  # T·k·(k−1) pairs at most, not N × N
         self._pending = stats if self._pending is None else self._pending + stats
         if cfg.revive_after and self._pending_candidates is None:  # the step's first micro-batch
             self._pending_candidates = draw_candidates(queries.rows.detach(), queries.real, cfg.num_experts,
@@ -122,18 +123,29 @@ class KeyStore(nn.Module):
             self._pending = KeystoreStats(torch.zeros(N, d, dtype=acc, device=dev),
                                           torch.zeros(N, dtype=acc, device=dev),
                                           torch.zeros(N, dtype=torch.long, device=dev),
-                                          torch.zeros(N, N, dtype=torch.long, device=dev))
+                                          torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long, device=dev),
+                                                                  torch.zeros(0, dtype=torch.long, device=dev),
+                                                                  (N, N), check_invariants=False))
         return self._pending
 
     def pending_reducibles(self) -> list[Tensor]:
-        """Every pending per-step sum that data-parallel ranks all-reduce (in place) before
-        :meth:`update`: the statistics and, with the adaptive process, the unmatched sum."""
-        tensors = list(self.pending_stats(zeros_if_none=True))
+        """Every pending dense per-step sum that data-parallel ranks all-reduce (in place)
+        before :meth:`update`: the statistics but the co-selection counts (compact:
+        :meth:`pending_coselect`) and, with the adaptive process, the unmatched sum."""
+        tensors = list(self.pending_stats(zeros_if_none=True))[:3]
         if self.config.adaptive:
             if self._pending_unmatched is None:
                 self._pending_unmatched = torch.zeros_like(self.window_unmatched)
             tensors.append(self._pending_unmatched)
         return tensors
+
+    def pending_coselect(self) -> Tensor:
+        """The pending co-selection counts (sparse COO), which data-parallel ranks sum by
+        gathering their entries (:func:`some.engine.distributed.sparse_sum`)."""
+        return self.pending_stats(zeros_if_none=True).coselect
+
+    def set_pending_coselect(self, coselect: Tensor) -> None:
+        self._pending = self.pending_stats(zeros_if_none=True)._replace(coselect=coselect)
 
     def pending_candidates(self) -> Tensor | None:
         """This rank's revival candidates of the step, ``(N, d + 1)`` (zeros if it routed

@@ -137,6 +137,12 @@ class SoMELayer(nn.Module):
     def pending_stats(self, zeros_if_none: bool = False):
         return self.key_store.pending_stats(zeros_if_none)
 
+    def pending_coselect(self) -> Tensor:
+        return self.key_store.pending_coselect()
+
+    def set_pending_coselect(self, coselect: Tensor) -> None:
+        self.key_store.set_pending_coselect(coselect)
+
     def pending_candidates(self) -> Tensor | None:
         return self.key_store.pending_candidates()
 

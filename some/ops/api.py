@@ -13,6 +13,8 @@ from torch import Tensor
 
 from . import torch_backend
 from .backend import backend_for
+from .checks import check_coselect
+from .coselect import coselect_counts, peer_sums
 from .types import GATINGS, SCORE_MODES, ExpertSpec, KeystoreStats, RouteResult
 
 __all__ = ["experts", "keystore_stats", "keystore_update", "procedural_experts", "route"]
@@ -155,20 +157,25 @@ def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, spec: ExpertSp
 # --------------------------------------------------------------------------
 
 
-def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> KeystoreStats:
+def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int, *,
+                   sparse_coselect: bool = False) -> KeystoreStats:
     """The sums of docs/method.md §4 for one batch: ``(sum_q, mass, counts, coselect)``.
 
     ``sum_q`` uses the normalized queries. The result is a sum over tokens, so
     statistics of several micro-batches (or data-parallel ranks) add up.
+    ``coselect`` is dense ``(N, N)``, or with ``sparse_coselect`` a sparse COO tensor
+    holding only the pairs the batch selected (:mod:`some.ops.coselect`).
     Raises ``ValueError`` when ``query`` or ``gates`` hold NaN/Inf.
     """
     for name, t in (("query", query), ("indices", indices), ("gates", gates)):
         _check_tensor(name, t)
     _check_devices("keystore_stats", query=query, indices=indices, gates=gates)
     if backend_for(query.device) == "torch":
-        return torch_backend.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
-    out = torch.ops.some.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
-    return KeystoreStats(*out)
+        sums = torch_backend.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
+    else:
+        sums = torch.ops.some.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
+    # (the op has checked the indices)
+    return KeystoreStats(*sums, coselect_counts(indices, int(num_experts), sparse=sparse_coselect))
 
 
 def keystore_update(
@@ -201,12 +208,14 @@ def keystore_update(
         _check_tensor(name, t)
     _check_devices("keystore_update", keys=keys, velocity=velocity, usage=usage, sum_q=sum_q,
                    mass=mass, counts=counts, coselect=coselect)
+    check_coselect("some.keystore_update", coselect, keys)
     args = (float(alpha), float(beta), float(delta), float(theta_percentile), float(ema_decay), bool(normalize))
     with torch.no_grad():
+        peer = peer_sums(coselect, keys)
         if backend_for(keys.device) == "torch":
-            ok = torch_backend.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args)
+            ok = torch_backend.keystore_update(keys, velocity, usage, sum_q, mass, counts, *peer, *args)
         else:
-            flag = torch.ops.some.keystore_update(keys, velocity, usage, sum_q, mass, counts, coselect, *args)
+            flag = torch.ops.some.keystore_update(keys, velocity, usage, sum_q, mass, counts, *peer, *args)
             if not wait:
                 return flag
             ok = bool(flag)

@@ -252,28 +252,38 @@ def check_experts_backward(op: str, grad_y: Tensor, indices: Tensor, gates: Tens
         _same_device(op, name, t, "grad_y", grad_y)
 
 
+def check_coselect(op: str, coselect: Tensor, keys: Tensor) -> None:
+    """The co-selection counts ``(N, N)`` int64, dense or sparse COO, on the keys' device."""
+    N = keys.shape[0] if keys.dim() >= 1 else 0
+    if coselect.layout not in (torch.strided, torch.sparse_coo):
+        raise ValueError(f"{op}: 'coselect' must be a dense or sparse COO tensor, got layout {coselect.layout}")
+    if coselect.dim() != 2 or tuple(coselect.shape) != (N, N):
+        raise ValueError(f"{op}: 'coselect' must have shape [N, N] = [{N}, {N}], got {_shape(coselect)}")
+    _dtype(op, "coselect", coselect, torch.long)
+    _same_device(op, "coselect", coselect, "keys", keys)
+
+
 def check_keystore_update(op: str, keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor, mass: Tensor,
-                          counts: Tensor, coselect: Tensor, alpha: float, beta: float, delta: float,
-                          theta_percentile: float, ema_decay: float) -> None:
+                          counts: Tensor, peer_sum: Tensor, peer_count: Tensor, alpha: float, beta: float,
+                          delta: float, theta_percentile: float, ema_decay: float) -> None:
     _dim(op, "keys", keys, 2)
     N = keys.shape[0]
     if keys.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: 'keys' must be float32 or float64 (the key store is kept in full precision), "
                         f"got {_name(keys.dtype)}")
-    for name, t in (("velocity", velocity), ("sum_q", sum_q)):
+    for name, t in (("velocity", velocity), ("sum_q", sum_q), ("peer_sum", peer_sum)):
         if t.shape != keys.shape:
             raise ValueError(f"{op}: '{name}' has shape {_shape(t)} but 'keys' has shape {_shape(keys)}")
-    for name, t in (("usage", usage), ("mass", mass), ("counts", counts)):
+    for name, t in (("usage", usage), ("mass", mass), ("counts", counts), ("peer_count", peer_count)):
         _dim(op, name, t, 1)
         _size(op, name, t, 0, N, "the number of experts N")
-    if coselect.dim() != 2 or tuple(coselect.shape) != (N, N):
-        raise ValueError(f"{op}: 'coselect' must have shape [N, N] = [{N}, {N}], got {_shape(coselect)}")
-    for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass)):
+    for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass),
+                    ("peer_sum", peer_sum)):
         _same_dtype(op, name, t, "keys", keys)
     _dtype(op, "counts", counts, torch.long)
-    _dtype(op, "coselect", coselect, torch.long)
+    _dtype(op, "peer_count", peer_count, torch.long)
     for name, t in (("velocity", velocity), ("usage", usage), ("sum_q", sum_q), ("mass", mass), ("counts", counts),
-                    ("coselect", coselect)):
+                    ("peer_sum", peer_sum), ("peer_count", peer_count)):
         _same_device(op, name, t, "keys", keys)
     if not is_fake(keys) and keys.device.type != "meta":  # (fake tensors have no storage to compare)
         storages = [t.untyped_storage().data_ptr() for t in (keys, velocity, usage)]

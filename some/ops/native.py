@@ -196,14 +196,13 @@ def _keystore_stats_fake(query, indices, gates, num_experts):
     checks.check_keystore_stats("some.keystore_stats", query, indices, gates, num_experts, values=False)
     N, d = num_experts, query.shape[1]
     acc = checks.stats_dtype(query.dtype)
-    return (query.new_empty((N, d), dtype=acc), query.new_empty((N,), dtype=acc),
-            indices.new_empty((N,)), indices.new_empty((N, N)))
+    return query.new_empty((N, d), dtype=acc), query.new_empty((N,), dtype=acc), indices.new_empty((N,))
 
 
-def _keystore_update_fake(keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
+def _keystore_update_fake(keys, velocity, usage, sum_q, mass, counts, peer_sum, peer_count, alpha, beta, delta,
                           theta_percentile, ema_decay, normalize=True):
-    checks.check_keystore_update("some.keystore_update", keys, velocity, usage, sum_q, mass, counts, coselect,
-                                 alpha, beta, delta, theta_percentile, ema_decay)
+    checks.check_keystore_update("some.keystore_update", keys, velocity, usage, sum_q, mass, counts, peer_sum,
+                                 peer_count, alpha, beta, delta, theta_percentile, ema_decay)
     return keys.new_empty((), dtype=torch.bool)
 
 

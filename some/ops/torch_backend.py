@@ -36,7 +36,7 @@ from .checks import (
     check_route,
     stats_dtype,
 )
-from .types import KeystoreStats, RouteResult
+from .types import RouteResult
 
 __all__ = ["experts", "grouped_matmul", "keystore_stats", "keystore_update", "procedural_experts", "route"]
 
@@ -298,7 +298,8 @@ def procedural_experts(x: Tensor, indices: Tensor, gates: Tensor, seed: int, lay
 # --------------------------------------------------------------------------
 
 
-def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> KeystoreStats:
+def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum_q, mass, counts)`` (the co-selection counts are some.ops.coselect's)."""
     op = "some.keystore_stats"
     check_keystore_stats(op, query, indices, gates, num_experts)
     if not bool(torch.isfinite(query).all()):
@@ -317,11 +318,7 @@ def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: i
     mass = torch.zeros(N, dtype=acc, device=q.device).index_add_(0, e, g)
     sum_q = torch.zeros(N, q.shape[1], dtype=acc, device=q.device).index_add_(0, e, g[:, None] * q[tok])
     counts = torch.bincount(e, minlength=N)
-    # C[e, e'] = #(slot a, slot b) of one token with I_a = e, I_b = e' != e
-    a, b = indices.unsqueeze(2).expand(T, k, k), indices.unsqueeze(1).expand(T, k, k)
-    both = (a >= 0) & (b >= 0) & (a != b)
-    coselect = torch.bincount((a[both] * N + b[both]), minlength=N * N).reshape(N, N)
-    return KeystoreStats(sum_q, mass, counts, coselect)
+    return sum_q, mass, counts
 
 
 NEAR_FRACTION = 1e-2  # D² below this share of |K_e|² + |K_f|²: from the difference (csrc/cpu/repulsion.h)
@@ -428,10 +425,10 @@ def _push_sums(K: Tensor, theta_percentile: float) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def keystore_update(keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor, mass: Tensor, counts: Tensor,
-                    coselect: Tensor, alpha: float, beta: float, delta: float, theta_percentile: float,
-                    ema_decay: float, normalize: bool = True) -> bool:
+                    peer_sum: Tensor, peer_count: Tensor, alpha: float, beta: float, delta: float,
+                    theta_percentile: float, ema_decay: float, normalize: bool = True) -> bool:
     op = "some.keystore_update"
-    check_keystore_update(op, keys, velocity, usage, sum_q, mass, counts, coselect, alpha, beta, delta,
+    check_keystore_update(op, keys, velocity, usage, sum_q, mass, counts, peer_sum, peer_count, alpha, beta, delta,
                           theta_percentile, ema_decay)
     finite = all(bool(torch.isfinite(t).all()) for t in (sum_q, mass, keys, velocity))
     if not finite:
@@ -443,9 +440,8 @@ def keystore_update(keys: Tensor, velocity: Tensor, usage: Tensor, sum_q: Tensor
         has = (mass > 0).unsqueeze(1)
         step += alpha * torch.where(has, sum_q / torch.where(has, mass.unsqueeze(1), 1.0) - K, 0.0)
     if beta != 0:  # peer-pull to the co-selection-weighted mean key
-        C = coselect.to(K.dtype).fill_diagonal_(0)
-        row = C.sum(dim=1, keepdim=True)
-        step += beta * torch.where(row > 0, (C @ K) / row.clamp_min(1.0) - K, 0.0)
+        row = peer_count.unsqueeze(1)
+        step += beta * torch.where(row > 0, peer_sum / row.clamp_min(1).to(K.dtype) - K, 0.0)
     if delta != 0 and N > 1:  # push away from the keys closer than θ
         push, n_close = _push_sums(K, theta_percentile)
         n_close = n_close.unsqueeze(1)

@@ -23,7 +23,7 @@ class KeystoreStats(NamedTuple):
     sum_q: Tensor  # (N, d) Σ g q̂ per expert (float32, float64 for float64 queries)
     mass: Tensor  # (N,) Σ g per expert
     counts: Tensor  # (N,) int64 selections per expert
-    coselect: Tensor  # (N, N) int64 co-selection counts, zero diagonal
+    coselect: Tensor  # (N, N) int64 co-selection counts, zero diagonal: dense or sparse COO (some.ops.coselect)
 
     def __add__(self, other: KeystoreStats) -> KeystoreStats:  # type: ignore[override]
         return KeystoreStats(*(a + b for a, b in zip(self, other, strict=True)))
