@@ -15,8 +15,9 @@
 //
 // θ is an exact selection in two passes over the tiles: a histogram of the
 // distances' leading bits finds the buckets that hold the two ranks the
-// interpolation needs, and only those buckets are kept and partially sorted.
-// The repulsion sums visit only the pairs under θ (theta_percentile of them),
+// interpolation needs, and only those buckets are kept and partially sorted; the
+// second pass also adds the repulsion of every pair already known to lie under θ
+// (see push_sums). The repulsion sums visit only the pairs under θ (theta_percentile of them),
 // each from its exact difference K_e − K_f: a dense product W·K over all pairs
 // would cost N²·d whatever θ, and lose every digit of a nearly coincident
 // pair's difference to the cancellation of (Σ w) K_e − Σ w K_f.
@@ -81,7 +82,7 @@ class Distances {
       for (int64_t b = a; b < grid_; ++b) tiles_.push_back({a * side_, b * side_});
     cache_ = N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * budget;
     if (cache_) cached_.resize(tiles_.size());
-    sq_ = (K_ * K_).sum(1);
+    sq_ = (K_ * K_).sum(1).contiguous();
   }
 
   struct Tile {
@@ -98,30 +99,42 @@ class Distances {
     if (cache_ && cached_[t].defined()) return cached_[t];
     const Tile& tl = tiles_[t];
     const int64_t nr = extent(tl.r0), nc = extent(tl.c0);
-    // scale = |K_e|² + |K_f|², then D² = scale − 2 K_rows K_colsᵀ in one product
-    const at::Tensor scale = sq_.narrow(0, tl.r0, nr).unsqueeze(1) + sq_.narrow(0, tl.c0, nc).unsqueeze(0);
-    at::Tensor D = at::addmm(scale, K_.narrow(0, tl.r0, nr), K_.narrow(0, tl.c0, nc).t(), 1, -2).contiguous();
-    // cancellation: the pairs under kNearFraction of their scale, from the difference
-    const at::Tensor near = at::nonzero(D.lt(scale * kNearFraction));
-    const int64_t n_near = near.size(0);
-    if (n_near > 0) {
-      const int64_t* ij = near.data_ptr<int64_t>();
-      scalar_t* out = D.data_ptr<scalar_t>();
-      const scalar_t* k = K_.data_ptr<scalar_t>();
-      at::parallel_for(0, n_near, 64, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t i = ij[2 * p], j = ij[2 * p + 1], e = tl.r0 + i, f = tl.c0 + j;
-          if (f <= e) continue;  // not a pair of this tile
-          scalar_t d2 = 0;
-          for (int64_t c = 0; c < d_; ++c) {
-            const scalar_t diff = k[e * d_ + c] - k[f * d_ + c];
-            d2 += diff * diff;
+    at::Tensor D = at::mm(K_.narrow(0, tl.r0, nr), K_.narrow(0, tl.c0, nc).t()).contiguous();  // Gram
+    scalar_t* out = D.data_ptr<scalar_t>();
+    const scalar_t* k = K_.data_ptr<scalar_t>();
+    const scalar_t* sq = sq_.data_ptr<scalar_t>();
+    const scalar_t near = static_cast<scalar_t>(kNearFraction);
+    // one pass per row, written so that the compiler vectorizes its loops (keystore.cpp
+    // is built with -fno-math-errno for the square roots)
+    // rows i and nr − 1 − i together, as in for_each_pair (a diagonal tile is a triangle)
+    at::parallel_for(0, 2 * ((nr + 1) / 2), 2, [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t i = a % 2 == 0 ? a / 2 : nr - 1 - a / 2;
+        if (a % 2 == 1 && i == a / 2) continue;  // the middle row of an odd count, once
+        const int64_t e = tl.r0 + i, j0 = first_col(tl, i);
+        scalar_t* row = out + i * nc;
+        const scalar_t* sq_f = sq + tl.c0;
+        const scalar_t sq_e = sq[e];
+        for (int64_t j = j0; j < nc; ++j) row[j] = sq_e + sq_f[j] - scalar_t(2) * row[j];
+        int64_t first_near = nc;
+        for (int64_t j = j0; j < nc; ++j)
+          if (row[j] < near * (sq_e + sq_f[j])) {
+            first_near = j;
+            break;
           }
-          out[i * nc + j] = d2;
+        if (first_near < nc) {  // cancellation: those pairs from their difference
+          for (int64_t j = first_near; j < nc; ++j) {
+            if (!(row[j] < near * (sq_e + sq_f[j]))) continue;
+            const scalar_t* ke = k + e * d_;
+            const scalar_t* kf = k + (tl.c0 + j) * d_;
+            scalar_t d2 = 0;
+            for (int64_t c = 0; c < d_; ++c) d2 += (ke[c] - kf[c]) * (ke[c] - kf[c]);
+            row[j] = d2;
+          }
         }
-      });
-    }
-    D.clamp_min_(0).sqrt_();
+        for (int64_t j = j0; j < nc; ++j) row[j] = std::sqrt(row[j] > scalar_t(0) ? row[j] : scalar_t(0));
+      }
+    });
     if (cache_) cached_[t] = D;
     return D;
   }
@@ -148,24 +161,47 @@ void for_each_pair(Distances<scalar_t>& dist, int64_t t, const Visit& visit) {
   const auto& tl = dist.tile(t);
   const int64_t nr = dist.extent(tl.r0), nc = dist.extent(tl.c0);
   const scalar_t* rows = D.data_ptr<scalar_t>();
-  at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+  // Rows i and nr − 1 − i go to the same thread: a diagonal tile's rows shrink from nc
+  // pairs to none, and the threads of a static split would wait for the first one.
+  const int64_t halves = (nr + 1) / 2;
+  at::parallel_for(0, halves, 1, [&](int64_t h0, int64_t h1) {
     const int tid = at::get_thread_num();
-    for (int64_t i = i0; i < i1; ++i)
+    auto visit_row = [&](int64_t i) {
       for (int64_t j = dist.first_col(tl, i); j < nc; ++j) visit(tid, tl.r0 + i, tl.c0 + j, rows[i * nc + j]);
+    };
+    for (int64_t h = h0; h < h1; ++h) {
+      visit_row(h);
+      if (nr - 1 - h != h) visit_row(nr - 1 - h);  // (the middle row of an odd count once)
+    }
   });
 }
 
-// θ: the q-quantile of the upper-triangle distances, exact, two passes.
+// push (N, d): Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8); close (N): how many such f.
+//
+// Two passes over the tiles. The first builds a histogram of the distances'
+// buckets, which locates the buckets of the two ranks θ interpolates between.
+// The second already knows every pair outside a narrow band of buckets around
+// them: below it a pair is closer than θ whatever θ turns out to be (its
+// repulsion term is added at once), above it it is not; the pairs inside the
+// band are kept, θ is selected among their distances, and then their terms are
+// added. (The band is one bucket wider on each side than the two ranks' buckets:
+// θ, a rounded interpolation, may fall an ulp outside [D_lo, D_hi].)
+//
+// A close pair adds its exact difference to its row key (owned by the thread that
+// visits the row) and subtracts it from its column key in that thread's buffer of
+// the tile's columns, summed after each tile: no races, no N × N weights.
 template <typename scalar_t>
-scalar_t theta(Distances<scalar_t>& dist, int64_t N, double q) {
+void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push, std::vector<int64_t>& close) {
   using B = Buckets<scalar_t>;
+  const int64_t N = keys.size(0), d = keys.size(1);
   const int64_t M = N * (N - 1) / 2;
-  const double rank = q * static_cast<double>(M - 1);
+  const double rank = theta_percentile * static_cast<double>(M - 1);
   const int64_t lo = static_cast<int64_t>(std::floor(rank));
   const int64_t hi = std::min<int64_t>(lo + 1, M - 1);
+  Distances<scalar_t> dist(keys);
+  const int threads = at::get_num_threads();
 
   // Pass 1: histogram of the buckets (one per thread, summed after).
-  const int threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> local(threads);
   for (int64_t t = 0; t < dist.tiles(); ++t)
     for_each_pair(dist, t, [&](int tid, int64_t, int64_t, scalar_t v) {
@@ -177,82 +213,60 @@ scalar_t theta(Distances<scalar_t>& dist, int64_t N, double q) {
   for (const auto& h : local)
     if (!h.empty())
       for (int64_t j = 0; j < B::kCount; ++j) hist[j] += h[j];
-  // buckets of ranks lo and hi, and how many values lie below the first
-  int64_t below = 0, first = -1, last = -1;
-  for (int64_t j = 0, seen = 0; j < B::kCount; ++j) {
-    if (first < 0 && seen + hist[j] > lo) {
-      first = j;
-      below = seen;
-    }
-    if (seen + hist[j] > hi) {
-      last = j;
-      break;
-    }
+  int64_t first = -1, last = -1;  // buckets of ranks lo and hi
+  for (int64_t j = 0, seen = 0; j < B::kCount && last < 0; ++j) {
+    if (first < 0 && seen + hist[j] > lo) first = j;
+    if (seen + hist[j] > hi) last = j;
     seen += hist[j];
   }
   TORCH_INTERNAL_ASSERT(first >= 0 && last >= first, "some.keystore_update: distance histogram");
-  int64_t expected = 0;
-  for (int64_t j = first; j <= last; ++j) expected += hist[j];
+  const int64_t band_lo = std::max<int64_t>(first - 1, 0), band_hi = std::min<int64_t>(last + 1, B::kCount - 1);
+  int64_t below = 0, in_band = 0;
+  for (int64_t j = 0; j < band_lo; ++j) below += hist[j];
+  for (int64_t j = band_lo; j <= band_hi; ++j) in_band += hist[j];
 
-  // Pass 2: the values in buckets first..last, then a partial sort of those only.
-  std::vector<std::vector<scalar_t>> kept(threads);
-  for (int64_t t = 0; t < dist.tiles(); ++t)
-    for_each_pair(dist, t, [&](int tid, int64_t, int64_t, scalar_t v) {
-      const int64_t j = B::of(v);
-      if (j >= first && j <= last) kept[tid].push_back(v);
-    });
-  std::vector<scalar_t> v;
-  v.reserve(expected);
-  for (const auto& part : kept) v.insert(v.end(), part.begin(), part.end());
-  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(v.size()) == expected,
-                        "some.keystore_update: the distances changed between the two passes");
-  const int64_t at_lo = lo - below;
-  std::nth_element(v.begin(), v.begin() + at_lo, v.end());
-  const scalar_t v_lo = v[at_lo];
-  const scalar_t v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + at_lo + 1, v.end());
-  return lerp<scalar_t>(v_lo, v_hi, static_cast<scalar_t>(rank - static_cast<double>(lo)));
-}
-
-// push (N, d): Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8); close (N): how many such f.
-// Each close pair of a tile adds its exact difference to its row key (owned by the
-// thread that visits the row) and subtracts it from its column key in that thread's
-// buffer of the tile's columns, summed after: no races, no N × N weights.
-template <typename scalar_t>
-void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push, std::vector<int64_t>& close) {
-  const int64_t N = keys.size(0), d = keys.size(1);
-  Distances<scalar_t> dist(keys);
-  const scalar_t th = theta<scalar_t>(dist, N, theta_percentile);
+  // Pass 2: the sure pairs' terms, and the band kept.
   push = at::zeros({N, d}, keys.options());
   close.assign(N, 0);
   scalar_t* P = push.data_ptr<scalar_t>();
   const scalar_t* k = keys.data_ptr<scalar_t>();
   const scalar_t eps = static_cast<scalar_t>(kRepulsionEps);
-  const int threads = at::get_num_threads();
+  struct Pair {
+    int64_t e, f;
+    scalar_t D;
+  };
+  std::vector<std::vector<Pair>> band(threads);
   std::vector<std::vector<scalar_t>> col_push(threads);
   std::vector<std::vector<int64_t>> col_close(threads);
+  auto add_term = [&](scalar_t* pe, scalar_t* pf, int64_t e, int64_t f, scalar_t Dv) {
+    const scalar_t inv = scalar_t(1) / std::max(Dv, eps);
+    const scalar_t* ke = k + e * d;
+    const scalar_t* kf = k + f * d;
+    for (int64_t c = 0; c < d; ++c) {
+      const scalar_t term = (ke[c] - kf[c]) * inv;
+      pe[c] += term;
+      pf[c] -= term;
+    }
+  };
   for (int64_t t = 0; t < dist.tiles(); ++t) {
     const auto& tl = dist.tile(t);
     const int64_t nc = dist.extent(tl.c0);
     for (auto& v : col_push) v.clear();
     for (auto& v : col_close) v.clear();
     for_each_pair(dist, t, [&](int tid, int64_t e, int64_t f, scalar_t Dv) {
-      if (!(Dv < th)) return;
+      const int64_t j = B::of(Dv);
+      if (j > band_hi) return;
+      if (j >= band_lo) {
+        band[tid].push_back({e, f, Dv});
+        return;
+      }
       auto& cp = col_push[tid];
       auto& cc = col_close[tid];
       if (cc.empty()) {
         cp.assign(nc * d, scalar_t(0));
         cc.assign(nc, 0);
       }
-      const scalar_t inv = scalar_t(1) / std::max(Dv, eps);
-      scalar_t* pe = P + e * d;
-      scalar_t* pf = cp.data() + (f - tl.c0) * d;
-      const scalar_t* ke = k + e * d;
-      const scalar_t* kf = k + f * d;
-      for (int64_t c = 0; c < d; ++c) {
-        const scalar_t term = (ke[c] - kf[c]) * inv;
-        pe[c] += term;
-        pf[c] -= term;
-      }
+      add_term(P + e * d, cp.data() + (f - tl.c0) * d, e, f, Dv);
       ++close[e];  // row e belongs to this thread
       ++cc[f - tl.c0];
     });
@@ -266,6 +280,26 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
       }
     }
   }
+
+  // θ among the band's distances (ranks lo and hi lie in it), then the band's close pairs.
+  std::vector<scalar_t> v;
+  v.reserve(in_band);
+  for (const auto& part : band)
+    for (const auto& p : part) v.push_back(p.D);
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(v.size()) == in_band,
+                        "some.keystore_update: the distances changed between the two passes");
+  const int64_t at_lo = lo - below;
+  std::nth_element(v.begin(), v.begin() + at_lo, v.end());
+  const scalar_t v_lo = v[at_lo];
+  const scalar_t v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + at_lo + 1, v.end());
+  const scalar_t th = lerp<scalar_t>(v_lo, v_hi, static_cast<scalar_t>(rank - static_cast<double>(lo)));
+  for (const auto& part : band)
+    for (const auto& p : part) {
+      if (!(p.D < th)) continue;
+      add_term(P + p.e * d, P + p.f * d, p.e, p.f, p.D);
+      ++close[p.e];
+      ++close[p.f];
+    }
 }
 
 }  // namespace repulsion

@@ -211,7 +211,8 @@ def keystore_update(
     check_coselect("some.keystore_update", coselect, keys)
     args = (float(alpha), float(beta), float(delta), float(theta_percentile), float(ema_decay), bool(normalize))
     with torch.no_grad():
-        peer = peer_sums(coselect, keys)
+        peer = peer_sums(coselect, keys) if beta != 0 else \
+            (torch.zeros_like(keys), torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device))
         if backend_for(keys.device) == "torch":
             ok = torch_backend.keystore_update(keys, velocity, usage, sum_q, mass, counts, *peer, *args)
         else:
