@@ -134,3 +134,36 @@ def test_masked_experts_in_a_layer(backend):
     store.update(RoutingTelemetry(48), lambda: torch.Generator(), wait=True)
     for got, ref in zip((store.keys, store.key_velocity, store.key_usage), want):
         torch.testing.assert_close(got, ref, atol=1e-9, rtol=0)
+
+
+def test_sparse_coselect_is_the_dense_one(backend):
+    # the compact co-selection counts hold the same C, add up across micro-batches,
+    # and give the same update as the dense matrix
+    N, d = 50, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(80, d, generator=g, dtype=torch.float64)
+    idx, gates = random_routing(80, N, 4, torch.float64, seed=7)
+    dense = ops.keystore_stats(q, idx, gates, N)
+    parts = [ops.keystore_stats(q[s], idx[s], gates[s], N, sparse_coselect=True) for s in (slice(0, 30), slice(30, 80))]
+    sparse = parts[0] + parts[1]
+    assert sparse.coselect.is_sparse and not dense.coselect.is_sparse
+    assert sparse.coselect.coalesce()._nnz() <= 80 * 4 * 3  # T·k·(k−1) at most
+    torch.testing.assert_close(sparse.coselect.to_dense(), dense.coselect, rtol=0, atol=0)
+    K = _unit(N, d, seed=7)
+    out = []
+    for stats in (dense, sparse):
+        keys, V, u = K.clone(), torch.zeros_like(K), torch.zeros(N, dtype=torch.float64)
+        assert ops.keystore_update(keys, V, u, *stats, **STRONG, theta_percentile=0.1)
+        out.append(keys)
+    torch.testing.assert_close(out[0], out[1], atol=1e-12, rtol=0)
+
+
+def test_coselect_errors_name_the_problem():
+    K = _unit(6, 4)
+    stats = _stats(6, 4)
+    with pytest.raises(ValueError, match="'coselect' must have shape"):
+        ops.keystore_update(K.clone(), torch.zeros_like(K), torch.zeros(6, dtype=torch.float64), *stats[:3],
+                            stats.coselect[:5], **STRONG, theta_percentile=0.1)
+    with pytest.raises(TypeError, match="coselect"):
+        ops.keystore_update(K.clone(), torch.zeros_like(K), torch.zeros(6, dtype=torch.float64), *stats[:3],
+                            stats.coselect.double(), **STRONG, theta_percentile=0.1)
