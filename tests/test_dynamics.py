@@ -322,3 +322,37 @@ def test_dynamics_records_of_a_model():
     records = dynamics_records(model, step=1, dead_after=5)
     assert [r["layer"] for r in records] == [0, 1] and all(r["step"] == 1 for r in records)
     assert all(sum(r["counts"]) == 2 * 16 * model_cfg.top_k for r in records)
+
+
+def test_shared_direction_share():
+    # ||mean||² / mean ||·||²: 1 for identical rows, ~1/d for random directions, masked rows
+    # left out, and zero-started when a checkpoint predates the buffers
+    from some.nn.telemetry import RoutingTelemetry
+
+    d = 64
+    tel = RoutingTelemetry(8, d, dtype=torch.float64)
+    same = torch.randn(1, d, dtype=torch.float64).expand(50, d)
+    noise = torch.randn(400, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tel.observe_shared(same, None, noise, None)
+    shared_input, shared_query = tel.shared_share()
+    assert abs(shared_input - 1.0) < 1e-12
+    assert 0.5 / 400 < shared_query < 3.0 / 400  # ~1/n for n rows in random directions
+    tel.reset_window()
+    assert tel.shared_share() == (None, None)
+    real = torch.zeros(400, dtype=torch.bool)
+    real[:10] = True
+    tel.observe_shared(torch.cat([same[:10], noise[10:]]), real, same[:3], None)
+    assert abs(tel.shared_share()[0] - 1.0) < 1e-12  # only the 10 real (identical) rows count
+    state = {k: v for k, v in tel.state_dict().items() if not k.startswith("shared")}
+    fresh = RoutingTelemetry(8, d, dtype=torch.float64)
+    fresh.load_state_dict(state)  # strict: the later buffers may be absent
+    assert fresh.shared_share() == (None, None)
+
+
+def test_dynamics_records_hold_the_shared_share():
+    torch.manual_seed(0)
+    layer = SoMELayer(SoMELayerConfig(d_model=16, num_experts=8, top_k=2, d_ffn=8)).train()
+    x = torch.randn(1, 16).expand(4, 16).reshape(1, 4, 16).clone()  # one direction for every token
+    layer(x)
+    record = layer_record(layer, dead_after=10)
+    assert abs(record["shared_input"] - 1.0) < 1e-5 and record["shared_query"] > 0.99

@@ -36,6 +36,9 @@ DYNAMICS_FIELDS = {
     "key_cosine": "mean pairwise cosine of the active keys (1 = all keys equal)",
     "top_set_share": "share of a probed batch's tokens routed to the most common top-k set",
     "revived": "keys moved by dead-expert revival in the window",
+    "shared_input": "share of the layer input common to all tokens, ||mean x||² / mean ||x||² over the window's "
+                    "real tokens (1 = one shared direction, ~1/tokens = none)",
+    "shared_query": "the same for the router outputs that are scored",
 }
 
 
@@ -60,6 +63,7 @@ def layer_record(layer, *, dead_after: int) -> dict[str, Any]:
     probe = tel.probe.double().cpu().tolist()
     active = layer.expert_active.cpu()
     ent = entropy_bits(counts) if int(counts.sum()) else 0.0
+    shared_input, shared_query = tel.shared_share()
     return {
         "layer": layer.layer,
         "updates": updates,
@@ -77,6 +81,8 @@ def layer_record(layer, *, dead_after: int) -> dict[str, Any]:
         "key_cosine": mean_pairwise_cosine(layer.keys[layer.expert_active]),
         "top_set_share": probe[0] / probe[1] if probe[1] else None,
         "revived": int(tel.revived),
+        "shared_input": shared_input,
+        "shared_query": shared_query,
         "counts": counts.tolist(),
     }
 

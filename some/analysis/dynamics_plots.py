@@ -127,15 +127,18 @@ def dynamics_comparison(series: Mapping[str, Mapping[str, list]], path: PathLike
 
 
 def dynamics_curves(records: list[dict[str, Any]], path: PathLike, title: str = "Routing dynamics") -> Path:
-    """Four panels over optimizer steps, one line per SoME layer: experts used in
+    """Five panels over optimizer steps, one line per SoME layer: experts used in
     each window (solid) with the effective experts 2^H (dashed); dead experts;
-    mean key movement per update (log); the probed top-set share (a collapse
-    signal: 1 = every token picks the same k experts)."""
+    the share of the layer input (solid) and of the query (dashed) common to all
+    tokens (a shared direction rising precedes a collapse; runs recorded before
+    it have no such lines); mean key movement per update (log); the probed
+    top-set share (a collapse signal: 1 = every token picks the same k experts)."""
     by_layer: dict[int, list[dict[str, Any]]] = {}
     for r in records:
         by_layer.setdefault(int(r["layer"]), []).append(r)
-    fig = new_figure(11, 7)
-    (ax_used, ax_dead), (ax_move, ax_share) = fig.subplots(2, 2, sharex=True)
+    fig = new_figure(15, 7)
+    (ax_used, ax_dead, ax_common), (ax_move, ax_share, ax_spare) = fig.subplots(2, 3, sharex=True)
+    ax_spare.set_visible(False)
     cmap = _cmap("tab10")
     n_experts = max((len(r.get("counts", [])) for r in records), default=0)
     for i, (layer, rs) in enumerate(sorted(by_layer.items())):
@@ -149,6 +152,10 @@ def dynamics_curves(records: list[dict[str, Any]], path: PathLike, title: str = 
         share = [(r["step"], r["top_set_share"]) for r in rs if r.get("top_set_share") is not None]
         if share:
             ax_share.plot(*zip(*share, strict=True), color=color, linewidth=1.3, marker=".", markersize=3)
+        for key, style in (("shared_input", "-"), ("shared_query", "--")):
+            common = [(r["step"], r[key]) for r in rs if r.get(key) is not None]
+            if common:
+                ax_common.plot(*zip(*common, strict=True), color=color, linewidth=1.3, linestyle=style)
     if n_experts:
         ax_used.axhline(n_experts, color="grey", linestyle=":", linewidth=1)
         ax_used.set_ylim(0, n_experts * 1.05)
@@ -161,9 +168,12 @@ def dynamics_curves(records: list[dict[str, Any]], path: PathLike, title: str = 
         ax_move.set_yscale("log")
     ax_share.set_title("share of a batch's tokens on the most common top-k set", fontsize=9)
     ax_share.set_ylim(0, 1.02)
-    for ax in (ax_move, ax_share):
+    ax_common.set_title("common to all tokens: ||mean||² / mean ||·||²\n(layer input solid, query dashed)",
+                        fontsize=9)
+    ax_common.set_ylim(0, 1.02)
+    for ax in (ax_move, ax_share, ax_common):
         ax.set_xlabel("optimizer step")
-    for ax in (ax_used, ax_dead, ax_move, ax_share):
+    for ax in (ax_used, ax_dead, ax_common, ax_move, ax_share):
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=11)

@@ -62,7 +62,7 @@ class SoMELayer(nn.Module):
         spec = ExpertSpec(seed, layer, N, d, h, expert_dtype or dtype or torch.get_default_dtype())
         self.experts = ExpertStore(spec, config.expert_storage, from_generator=config.expert_init == "default",
                                    device=device)
-        self.telemetry = RoutingTelemetry(N, device=device, dtype=self.key_store.keys.dtype)
+        self.telemetry = RoutingTelemetry(N, config.d_model, device=device, dtype=self.key_store.keys.dtype)
         self.usage = UsageRecorder(N, device=device)
         self._register_load_state_dict_pre_hook(self._rename_old_state)
         self.reset_parameters()
@@ -108,6 +108,7 @@ class SoMELayer(nn.Module):
         if self.training:
             self.key_store.observe(queries, routed, indices, gates, lambda: self._step_generator(0))
             self.telemetry.observe_routing(indices, queries.per_token(routed.scores).detach())
+            self.telemetry.observe_shared(x.reshape(B * S, d), token_mask, queries.rows, queries.real)
         self.usage.observe(indices, token_mask)
         return y.to(x.dtype).reshape(shape)
 

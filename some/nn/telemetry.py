@@ -21,7 +21,10 @@ __all__ = ["RoutingTelemetry", "UsageRecorder"]
 class RoutingTelemetry(nn.Module):
     """Window sums of one layer's routing dynamics (reset at each report)."""
 
-    def __init__(self, num_experts: int, device=None, dtype: torch.dtype = torch.float32):
+    # buffers added after runs were saved: a checkpoint without them starts them at zero
+    LATER_BUFFERS = ("shared_sums", "shared_norms")
+
+    def __init__(self, num_experts: int, d_model: int = 0, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         N = num_experts
         # the current window
@@ -32,6 +35,11 @@ class RoutingTelemetry(nn.Module):
         self.register_buffer("updates", torch.zeros((), device=device, dtype=torch.long))  # key updates
         self.register_buffer("probe", torch.zeros(2, device=device, dtype=dtype))  # top-set mode count, tokens
         self.register_buffer("revived", torch.zeros((), device=device, dtype=torch.long))  # keys revived
+        # the direction common to all tokens (issue 22: a shared direction of the residual stream
+        # precedes the collapse): Σ x and Σ q over the window's real tokens (rows 0 and 1, d_model
+        # wide; none without d_model), and [Σ ||x||², tokens, Σ ||q||², routed rows]
+        self.register_buffer("shared_sums", torch.zeros(2, d_model, device=device, dtype=dtype))
+        self.register_buffer("shared_norms", torch.zeros(4, device=device, dtype=dtype))
         # since the start
         self.register_buffer("step", torch.zeros((), device=device, dtype=torch.long))  # key updates so far
         self.register_buffer("last_used", torch.full((N,), -1, device=device, dtype=torch.long))  # update step
@@ -52,6 +60,31 @@ class RoutingTelemetry(nn.Module):
         if self.probe_next:
             self.probe_next = False
             self._probe(indices)
+
+    @torch.no_grad()
+    def observe_shared(self, x: Tensor, x_real: Tensor | None, q: Tensor, q_real: Tensor | None) -> None:
+        """A training forward's layer input ``x`` ``(T, d)`` and routed queries ``q`` ``(R, d)``,
+        with masks of their real rows (None: all real): the sums of :meth:`shared_share`."""
+        if not self.shared_sums.shape[1]:
+            return
+        norms = []
+        for row, (t, real) in enumerate(((x, x_real), (q, q_real))):
+            t = t.detach().to(self.shared_sums.dtype)
+            if real is not None:
+                t = t * real.reshape(-1, 1).to(t.dtype)
+            self.shared_sums[row] += t.sum(0)
+            count = t.new_tensor(float(t.shape[0])) if real is None else real.sum().to(t.dtype)
+            norms += [t.square().sum(), count]
+        self.shared_norms += torch.stack(norms)
+
+    def shared_share(self) -> tuple[float | None, float | None]:
+        """(input, query): ||mean||² / mean ||·||² over the window's real rows; 1 when every
+        row is the same vector, ~1/n for n rows in random directions; None without data."""
+        sums, norms = self.shared_sums.double().cpu(), self.shared_norms.double().cpu().tolist()
+        out = []
+        for row, (sq, n) in enumerate(((norms[0], norms[1]), (norms[2], norms[3]))):
+            out.append(float(sums[row].square().sum()) / (n * sq) if n and sq and sums.shape[1] else None)
+        return out[0], out[1]
 
     def _probe(self, indices: Tensor) -> None:
         """The count of the most common top-k set among the routed tokens (a host sync)."""
@@ -87,13 +120,14 @@ class RoutingTelemetry(nn.Module):
         return (self.step - 1 - self.last_used) >= after
 
     def reset_window(self) -> None:
-        for buf in (self.counts, self.scores, self.move, self.updates, self.probe, self.revived):
+        for buf in (self.counts, self.scores, self.move, self.updates, self.probe, self.revived, self.shared_sums,
+                    self.shared_norms):
             buf.zero_()
 
     def window_reducibles(self) -> list[Tensor]:
         """The sums of the forward passes, which data-parallel ranks add before a report
         (the update sums come from statistics that are already all-reduced)."""
-        return [self.scores, self.probe]
+        return [self.scores, self.probe, self.shared_sums, self.shared_norms]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -102,6 +136,8 @@ class RoutingTelemetry(nn.Module):
                                       error_msgs)
         if len(absent) == len(self._buffers):  # a checkpoint from before the telemetry: start it afresh
             missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+        elif set(absent) <= set(self.LATER_BUFFERS):  # from before those buffers: they start at zero
+            missing_keys[:] = [k for k in missing_keys if k not in {prefix + b for b in absent}]
         self.steps_taken = int(self.step)
 
 

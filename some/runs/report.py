@@ -224,7 +224,7 @@ def _dynamics_section(run_dir: Path, cfg: SoMEConfig, middle: int) -> list[str]:
               f"routing; dead = not selected in the last {cfg.dead_after} key updates"
               + (f"; revival of dead keys after {cfg.revive_after} updates" if cfg.revive_after else "") + ").", ""]
     head = ["Layer", "Step", "Used (window)", "Used (total)", "Dead", "Effective", "Gini", "Top-1 score",
-            "Key move", "Key cos", "Top-set share"]
+            "Key move", "Key cos", "Top-set share", "Common (input)", "Common (query)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(v, spec):
@@ -238,10 +238,12 @@ def _dynamics_section(run_dir: Path, cfg: SoMEConfig, middle: int) -> list[str]:
             lines.append("| " + " | ".join([
                 str(layer), str(r["step"]), str(r["experts_used"]), str(r["experts_used_total"]), str(r["dead"]),
                 f"{r['effective_experts']:.1f}", f"{r['gini']:.3f}", fmt(r["top1_score"], ".3f"),
-                f"{r['key_move_mean']:.2e}", f"{r['key_cosine']:.3f}", fmt(r["top_set_share"], ".3f")]) + " |")
+                f"{r['key_move_mean']:.2e}", f"{r['key_cosine']:.3f}", fmt(r["top_set_share"], ".3f"),
+                fmt(r.get("shared_input"), ".3f"), fmt(r.get("shared_query"), ".3f")]) + " |")
     lines += ["", "Window = the steps since the previous record; effective experts = 2^entropy of the window's "
               "selections; key move = mean per-key ||ΔK|| per update; top-set share = share of one batch's tokens "
-              "routed to its most common top-k set.", ""]
+              "routed to its most common top-k set; common = ||mean||² / mean ||·||² of the window's layer inputs "
+              "and queries (1: every token the same direction, the state that precedes a collapse).", ""]
     for name, caption in (("usage_heatmap.png", f"Usage heat map, layer {middle}"),
                           ("dynamics.png", "Routing dynamics curves")):
         if (run_dir / name).is_file():
