@@ -131,3 +131,12 @@ def test_dead_rank_stops_the_other_with_a_clear_error(tmp_path):
     text = outs[0][0] + outs[0][1]
     assert "another rank" in text and "Traceback" not in text, text[-2000:]
     assert elapsed < 200
+
+
+def test_ranks_keep_identical_query_means(tmp_path):
+    # center_queries: μ comes from the step's real rows of every rank (summed before the
+    # update), so two ranks hold the same μ, keys and parameters after every step
+    out = tmp_path / "centered"
+    run_train(out, "--set", "center_queries=true", nproc=2, faults={"state_digest": "1"})
+    rank0 = (out / "digest.rank0.jsonl").read_text().splitlines()
+    assert rank0 == (out / "digest.rank1.jsonl").read_text().splitlines() and len(rank0) == 16

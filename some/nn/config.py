@@ -69,6 +69,12 @@ class SoMELayerConfig:
     # generator seeded by seed, layer and step: the same on every rank), with
     # its velocity and usage reset.
     revive_after: int = 0
+    # Routing health (SPEC §4.1, off in the seed's presets). center_queries: score and
+    # update with q − μ, μ a running mean of the real tokens' router outputs (rows routed),
+    # updated after every optimizer step from the step's tokens (all micro-batches and
+    # ranks; the first step sets it, later ones move it by center_momentum), frozen in eval.
+    center_queries: bool = False
+    center_momentum: float = 0.1
 
     @validator
     def validate(self) -> SoMELayerConfig:
@@ -95,6 +101,7 @@ class SoMELayerConfig:
             check_range(name, getattr(self, name), 0, 1)
         check_range("adaptive_threshold", self.adaptive_threshold)
         check_size("revive_after", self.revive_after, 0)
+        check_range("center_momentum", self.center_momentum, 0, 1, lo_open=True)
         if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
             raise ConfigError(f"config field 'initial_experts' must be in top_k..num_experts = "
                               f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")

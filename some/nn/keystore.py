@@ -52,6 +52,13 @@ class KeyStore(nn.Module):
         self._pending_unmatched: Tensor | None = None  # (d + 1,): Σ raw q of unmatched tokens, their count
         # revive_after > 0: this step's revival candidates, N rows of [q̂, real] (all ranks' once gathered)
         self._pending_candidates: Tensor | None = None
+        # center_queries: μ, the running mean of the routed rows, and how many updates set it
+        # (registered only then: the state of a layer without it is unchanged); this step's
+        # Σ rows and their count until update() consumes them
+        if config.center_queries:
+            self.register_buffer("query_mean", torch.zeros(d, device=device, dtype=kdt))
+            self.register_buffer("query_mean_updates", torch.zeros((), device=device, dtype=torch.long))
+        self._pending_query_sum: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -75,6 +82,21 @@ class KeyStore(nn.Module):
         self.window_steps.zero_()
 
     # --------------------------------------------------------------- routing
+    def center(self, rows: Tensor, real: Tensor | None, *, training: bool) -> Tensor:
+        """``rows`` ``(R, d)`` minus μ with center_queries (as they are otherwise); in
+        training, their real rows' sum joins the step's statistics for μ's update."""
+        if not self.config.center_queries:
+            return rows
+        if training:
+            with torch.no_grad():
+                r = rows.detach().to(self.query_mean.dtype)
+                if real is not None:
+                    r = r * real.reshape(-1, 1).to(r.dtype)
+                count = r.new_tensor(float(r.shape[0])) if real is None else real.sum().to(r.dtype)
+                add = torch.cat([r.sum(0), count.reshape(1)])
+                self._pending_query_sum = add if self._pending_query_sum is None else self._pending_query_sum + add
+        return rows - self.query_mean.to(rows.dtype)
+
     def route(self, query: Tensor, *, training: bool) -> ops.RouteResult:
         """Scores, selection and gates of ``query`` ``(R, d)`` against the active keys (§3 steps 2-4)."""
         cfg = self.config
@@ -137,6 +159,10 @@ class KeyStore(nn.Module):
             if self._pending_unmatched is None:
                 self._pending_unmatched = torch.zeros_like(self.window_unmatched)
             tensors.append(self._pending_unmatched)
+        if self.config.center_queries:
+            if self._pending_query_sum is None:
+                self._pending_query_sum = self.query_mean.new_zeros(self.config.d_model + 1)
+            tensors.append(self._pending_query_sum)
         return tensors
 
     def pending_coselect(self) -> Tensor:
@@ -170,6 +196,7 @@ class KeyStore(nn.Module):
         this step's revival draws. Returns the op's verdict, None when there was nothing."""
         cfg = self.config
         stats, self._pending = self._pending, None
+        self._update_query_mean()
         if stats is None:
             self._pending_candidates = None
             return None
@@ -188,6 +215,19 @@ class KeyStore(nn.Module):
             self._adapt(counts)
         self._pending_unmatched = None
         return applied
+
+    def _update_query_mean(self) -> None:
+        """μ from this step's routed rows (center_queries): set by the first step that routed
+        any, then moved by center_momentum towards each step's mean."""
+        pending, self._pending_query_sum = self._pending_query_sum, None
+        if pending is None or not self.config.center_queries or not float(pending[-1]) > 0:
+            return
+        mean = pending[:-1] / pending[-1]
+        if int(self.query_mean_updates) == 0:
+            self.query_mean.copy_(mean)
+        else:
+            self.query_mean.lerp_(mean, self.config.center_momentum)
+        self.query_mean_updates += 1
 
     def _adapt(self, counts: Tensor) -> None:
         """One step of the adaptive process's window (docs/method.md §4, DynMoE)."""
@@ -220,6 +260,9 @@ class KeyStore(nn.Module):
         self.window_counts.zero_()
         self.window_unmatched.zero_()
         self.window_steps.zero_()
+        if self.config.center_queries:
+            self.query_mean.zero_()
+            self.query_mean_updates.zero_()
 
     @property
     def active_experts(self) -> int:

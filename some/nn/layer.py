@@ -12,6 +12,7 @@ of ``some.ops`` (C++/CUDA kernels in ``csrc/``).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,7 @@ class SoMELayer(nn.Module):
         B, S, _ = x.shape
 
         queries = self.router(x, token_mask)  # step 1
+        queries = replace(queries, rows=self.key_store.center(queries.rows, queries.real, training=self.training))
         if queries.rows.device.type == "cpu" and not bool(torch.isfinite(queries.rows).all()):  # (a sync on GPUs)
             raise TrainingDiverged(f"the router's output is not finite (NaN/Inf) in SoME layer {self.layer}")
         routed = self.key_store.route(queries.rows, training=self.training)  # steps 2-4

@@ -455,7 +455,7 @@ class Trainer:
         self.dynamics.after_step(step)
         layers = self.model.some_layers()
         self.faults.write_digest(self.out, step, self.parallel.rank,
-                                 (t for layer in layers for t in (layer.keys, layer.key_velocity, layer.key_usage)),
+                                 (t for layer in layers for t in layer.key_store.buffers()),  # keys, μ, ...
                                  self.trainable)
         return result.loss
 
