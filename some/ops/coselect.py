@@ -22,6 +22,9 @@ def coselect_counts(indices: Tensor, num_experts: int, *, sparse: bool = False) 
     dense or sparse COO (coalesced); indices are checked by the caller's op."""
     N = num_experts
     T, k = indices.shape
+    if sparse and indices.device.type == "meta":  # no values to find the pairs in: an empty C of the shape
+        empty = indices.new_zeros(2, 0)
+        return torch.sparse_coo_tensor(empty, indices.new_zeros(0), (N, N), check_invariants=False)
     a = indices.unsqueeze(2).expand(T, k, k)
     b = indices.unsqueeze(1).expand(T, k, k)
     both = (a >= 0) & (b >= 0) & (a != b)
