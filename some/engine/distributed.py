@@ -144,6 +144,8 @@ def sparse_sum(ctx: DistContext, t: torch.Tensor, what: str = "all-gather") -> t
     sizes = [torch.zeros_like(n) for _ in range(ctx.world_size)]
     _collective(ctx, lambda: dist.all_gather(sizes, n), what)
     longest = int(max(int(s) for s in sizes))
+    if longest == 0:  # every rank knows it now: no empty collectives
+        return t
     padded_i = indices.new_zeros(indices.shape[0], longest)
     padded_i[:, :values.numel()] = indices
     padded_v = values.new_zeros(longest)
