@@ -70,6 +70,20 @@ struct Buckets {
   }
 };
 
+// Calls fn(thread, i) for rows i in [0, n), rows i and n − 1 − i on the same thread: the
+// rows of a diagonal tile shrink from a full row of pairs to none, and the threads of a
+// static split would wait for the one holding the long rows.
+template <typename Fn>
+void for_balanced_rows(int64_t n, const Fn& fn) {
+  at::parallel_for(0, (n + 1) / 2, 1, [&](int64_t h0, int64_t h1) {
+    const int tid = at::get_thread_num();
+    for (int64_t h = h0; h < h1; ++h) {
+      fn(tid, h);
+      if (n - 1 - h != h) fn(tid, n - 1 - h);  // (the middle row of an odd count once)
+    }
+  });
+}
+
 template <typename scalar_t>
 class Distances {
  public:
@@ -77,9 +91,9 @@ class Distances {
     const int64_t budget = block_bytes();
     const int64_t cells = std::max<int64_t>(budget / static_cast<int64_t>(sizeof(scalar_t)), 1);
     side_ = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(cells))), 1, N_);
-    grid_ = (N_ + side_ - 1) / side_;
-    for (int64_t a = 0; a < grid_; ++a)
-      for (int64_t b = a; b < grid_; ++b) tiles_.push_back({a * side_, b * side_});
+    const int64_t grid = (N_ + side_ - 1) / side_;
+    for (int64_t a = 0; a < grid; ++a)
+      for (int64_t b = a; b < grid; ++b) tiles_.push_back({a * side_, b * side_});
     cache_ = N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * budget;
     if (cache_) cached_.resize(tiles_.size());
     sq_ = (K_ * K_).sum(1).contiguous();
@@ -106,34 +120,21 @@ class Distances {
     const scalar_t near = static_cast<scalar_t>(kNearFraction);
     // one pass per row, written so that the compiler vectorizes its loops (keystore.cpp
     // is built with -fno-math-errno for the square roots)
-    // rows i and nr − 1 − i together, as in for_each_pair (a diagonal tile is a triangle)
-    at::parallel_for(0, 2 * ((nr + 1) / 2), 2, [&](int64_t a0, int64_t a1) {
-      for (int64_t a = a0; a < a1; ++a) {
-        const int64_t i = a % 2 == 0 ? a / 2 : nr - 1 - a / 2;
-        if (a % 2 == 1 && i == a / 2) continue;  // the middle row of an odd count, once
-        const int64_t e = tl.r0 + i, j0 = first_col(tl, i);
-        scalar_t* row = out + i * nc;
-        const scalar_t* sq_f = sq + tl.c0;
-        const scalar_t sq_e = sq[e];
-        for (int64_t j = j0; j < nc; ++j) row[j] = sq_e + sq_f[j] - scalar_t(2) * row[j];
-        int64_t first_near = nc;
-        for (int64_t j = j0; j < nc; ++j)
-          if (row[j] < near * (sq_e + sq_f[j])) {
-            first_near = j;
-            break;
-          }
-        if (first_near < nc) {  // cancellation: those pairs from their difference
-          for (int64_t j = first_near; j < nc; ++j) {
-            if (!(row[j] < near * (sq_e + sq_f[j]))) continue;
-            const scalar_t* ke = k + e * d_;
-            const scalar_t* kf = k + (tl.c0 + j) * d_;
-            scalar_t d2 = 0;
-            for (int64_t c = 0; c < d_; ++c) d2 += (ke[c] - kf[c]) * (ke[c] - kf[c]);
-            row[j] = d2;
-          }
-        }
-        for (int64_t j = j0; j < nc; ++j) row[j] = std::sqrt(row[j] > scalar_t(0) ? row[j] : scalar_t(0));
+    for_balanced_rows(nr, [&](int, int64_t i) {
+      const int64_t e = tl.r0 + i, j0 = first_col(tl, i);
+      scalar_t* row = out + i * nc;
+      const scalar_t* sq_f = sq + tl.c0;
+      const scalar_t sq_e = sq[e];
+      for (int64_t j = j0; j < nc; ++j) row[j] = sq_e + sq_f[j] - scalar_t(2) * row[j];
+      for (int64_t j = j0; j < nc; ++j) {  // cancellation: those pairs from their difference
+        if (!(row[j] < near * (sq_e + sq_f[j]))) continue;
+        const scalar_t* ke = k + e * d_;
+        const scalar_t* kf = k + (tl.c0 + j) * d_;
+        scalar_t d2 = 0;
+        for (int64_t c = 0; c < d_; ++c) d2 += (ke[c] - kf[c]) * (ke[c] - kf[c]);
+        row[j] = d2;
       }
+      for (int64_t j = j0; j < nc; ++j) row[j] = std::sqrt(row[j] > scalar_t(0) ? row[j] : scalar_t(0));
     });
     if (cache_) cached_[t] = D;
     return D;
@@ -141,7 +142,7 @@ class Distances {
 
  private:
   at::Tensor K_;
-  int64_t N_, d_, side_ = 1, grid_ = 0;
+  int64_t N_, d_, side_ = 1;
   std::vector<Tile> tiles_;
   bool cache_ = false;
   std::vector<at::Tensor> cached_;
@@ -161,18 +162,8 @@ void for_each_pair(Distances<scalar_t>& dist, int64_t t, const Visit& visit) {
   const auto& tl = dist.tile(t);
   const int64_t nr = dist.extent(tl.r0), nc = dist.extent(tl.c0);
   const scalar_t* rows = D.data_ptr<scalar_t>();
-  // Rows i and nr − 1 − i go to the same thread: a diagonal tile's rows shrink from nc
-  // pairs to none, and the threads of a static split would wait for the first one.
-  const int64_t halves = (nr + 1) / 2;
-  at::parallel_for(0, halves, 1, [&](int64_t h0, int64_t h1) {
-    const int tid = at::get_thread_num();
-    auto visit_row = [&](int64_t i) {
-      for (int64_t j = dist.first_col(tl, i); j < nc; ++j) visit(tid, tl.r0 + i, tl.c0 + j, rows[i * nc + j]);
-    };
-    for (int64_t h = h0; h < h1; ++h) {
-      visit_row(h);
-      if (nr - 1 - h != h) visit_row(nr - 1 - h);  // (the middle row of an odd count once)
-    }
+  for_balanced_rows(nr, [&](int tid, int64_t i) {
+    for (int64_t j = dist.first_col(tl, i); j < nc; ++j) visit(tid, tl.r0 + i, tl.c0 + j, rows[i * nc + j]);
   });
 }
 
