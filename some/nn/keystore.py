@@ -20,7 +20,7 @@ from ..ops.checks import stats_dtype
 from .config import SoMELayerConfig
 from .revival import draw_candidates, revive_dead_keys
 from .router import Queries
-from .telemetry import RoutingTelemetry
+from .telemetry import RoutingTelemetry, real_rows
 
 __all__ = ["KeyStore"]
 
@@ -89,10 +89,7 @@ class KeyStore(nn.Module):
             return rows
         if training:
             with torch.no_grad():
-                r = rows.detach().to(self.query_mean.dtype)
-                if real is not None:
-                    r = r * real.reshape(-1, 1).to(r.dtype)
-                count = r.new_tensor(float(r.shape[0])) if real is None else real.sum().to(r.dtype)
+                r, count = real_rows(rows, real, self.query_mean.dtype)
                 add = torch.cat([r.sum(0), count.reshape(1)])
                 self._pending_query_sum = add if self._pending_query_sum is None else self._pending_query_sum + add
         return rows - self.query_mean.to(rows.dtype)

@@ -15,7 +15,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RoutingTelemetry", "UsageRecorder"]
+__all__ = ["RoutingTelemetry", "UsageRecorder", "real_rows"]
+
+
+def real_rows(t: Tensor, real: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``t`` ``(R, d)`` detached in ``dtype`` with its padding rows zeroed, and how many rows are
+    real (``real`` ``(R,)`` or any shape of R elements; None: all): what row sums over real
+    tokens start from."""
+    t = t.detach().to(dtype)
+    if real is None:
+        return t, t.new_tensor(float(t.shape[0]))
+    return t * real.reshape(-1, 1).to(dtype), real.sum().to(dtype)
 
 
 class RoutingTelemetry(nn.Module):
@@ -69,11 +79,8 @@ class RoutingTelemetry(nn.Module):
             return
         norms = []
         for row, (t, real) in enumerate(((x, x_real), (q, q_real))):
-            t = t.detach().to(self.shared_sums.dtype)
-            if real is not None:
-                t = t * real.reshape(-1, 1).to(t.dtype)
+            t, count = real_rows(t, real, self.shared_sums.dtype)
             self.shared_sums[row] += t.sum(0)
-            count = t.new_tensor(float(t.shape[0])) if real is None else real.sum().to(t.dtype)
             norms += [t.square().sum(), count]
         self.shared_norms += torch.stack(norms)
 
