@@ -1,9 +1,11 @@
 """SPEC §4.1's routing-health options: center_queries (the running mean μ of the routed rows)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from some import ops
+from some.errors import ConfigError
 from some.nn import SoMELayer, SoMELayerConfig
 
 
@@ -55,3 +57,10 @@ def test_query_mean_is_saved_and_restored():
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.key_store.query_mean, layer.key_store.query_mean)
     assert int(other.key_store.query_mean_updates) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_center_momentum_names_the_field(momentum):
+    with pytest.raises(ConfigError, match="center_momentum"):
+        SoMELayerConfig(d_model=16, num_experts=12, top_k=3, d_ffn=8, center_queries=True,
+                        center_momentum=momentum).validate()
