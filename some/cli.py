@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, SomeError
+from .errors import ConfigError, PeerLostError, SomeError
 from .ops import build_info
 from .ops.selftest import run_selftest
 from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset, train, write_report
@@ -260,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"some: error: {_describe(e)}", file=sys.stderr)
+        if isinstance(e, PeerLostError):
+            # the process group lost a peer mid-collective: its native threads may wait at
+            # interpreter exit for work that never ends (seen in CI: the error printed, the
+            # process alive 200 s later). Everything was written atomically before; leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except _USER_ENVIRONMENT_ERRORS as e:
         if args.debug or (isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError)):
