@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, PeerLostError, SomeError
-from .ops import build_info
+from .ops import build_info, verification
 from .ops.selftest import run_selftest
 from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset, train, write_report
 from .runs.export import eval_text, evaluate_model, export_run, generate_text
@@ -222,6 +222,8 @@ def _info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     print(f"{'cuda_available':<{width}}  {torch.cuda.is_available()}")
+    if info.get("cuda") and torch.cuda.is_available():  # whether 'auto' serves the kernels on this GPU
+        print(f"{'cuda_verified':<{width}}  {verification.is_verified('cuda')}")
     print(f"{'presets':<{width}}  {', '.join(PRESETS)}")
     return 0
 

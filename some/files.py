@@ -17,7 +17,8 @@ from typing import IO, Any
 
 from .errors import ConfigError
 
-__all__ = ["MAX_TEXT_BYTES", "PathLike", "atomic_write", "load_yaml_text", "read_text_file", "write_json"]
+__all__ = ["MAX_TEXT_BYTES", "PathLike", "atomic_write", "load_yaml_text", "read_text_file", "resolve_cache_dir",
+           "write_json"]
 
 PathLike = str | os.PathLike
 Writer = Callable[[IO[bytes]], None]
@@ -57,6 +58,22 @@ def atomic_write(path: PathLike, data: bytes | str | Writer, *, durable: bool = 
         finally:
             os.close(dir_fd)
     return path
+
+
+def resolve_cache_dir(cache_dir: PathLike | None = None) -> Path:
+    """The root of the package's on-disk cache.
+
+    ``cache_dir`` if given, else ``$SOME_CACHE_DIR``, else ``$XDG_CACHE_HOME/some``, else
+    ``~/.cache/some``. Tokenizers live in ``<root>/tokenizers``, parsed corpora in
+    ``<root>/corpora``, dense models in ``<root>/dense``, the record of the GPUs the native
+    kernels passed the self-test on in ``<root>/verified``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("SOME_CACHE_DIR"):
+        return Path(os.environ["SOME_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "some"
 
 
 def _umask() -> int:

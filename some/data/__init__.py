@@ -13,9 +13,9 @@ The sources (``fortunes``, ``bible``, ``tinystories``, ``files:PATH``,
 ``synthetic``) are described in :mod:`some.data.corpora`.
 """
 from ..errors import CorpusUnavailableError
+from ..files import resolve_cache_dir
 from .batches import collate, count_targets, epoch_order
 from .build import DataConfig, EvalData, LMData, build_data, build_eval_data
-from .cache import resolve_cache_dir
 from .corpora import (
     FORTUNES_DIR,
     OFFLINE_CHOICES,

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorpusUnavailableError
-from ..files import atomic_write
-from .cache import resolve_cache_dir
+from ..files import atomic_write, resolve_cache_dir
 from .hints import INSTALL_HINT, OFFLINE_CHOICES
 
 __all__ = ["BIBLE_MODULE", "BIBLE_VERSES_PER_DOC", "DEUTEROCANON", "NEW_TESTAMENT", "bible_testament", "load_bible",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import resolve_cache_dir
+from ..files import resolve_cache_dir
 from .tokenizer import EOT_TOKEN, PAD_TOKEN
 
 __all__ = ["CACHE_VERSION", "load_or_build", "token_cache_key"]

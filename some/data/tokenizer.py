@@ -9,8 +9,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..files import atomic_write
-from .cache import resolve_cache_dir
+from ..files import atomic_write, resolve_cache_dir
 
 if TYPE_CHECKING:  # the tokenizers import stays lazy: `import some` must not need it
     from tokenizers import Tokenizer

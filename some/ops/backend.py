@@ -2,7 +2,7 @@
 where they are built for the tensors' device) or ``torch`` (plain PyTorch
 operators, :mod:`some.ops.torch_backend`, any device).
 
-    some.ops.backend_for(torch.device("cuda"))     # 'native' or 'torch'
+    some.ops.backend_for(torch.device("cuda"))     # 'native' (built and verified here) or 'torch'
     with some.ops.use_backend("torch"): ...        # force one inside a block
     some.ops.use_backend("torch")                  # ... or from now on
     SOME_OPS_BACKEND=torch some train ...          # ... or for a whole process
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import native
+from . import native, verification
 
 __all__ = ["BACKENDS", "ENV_VAR", "backend_for", "forced_backend", "use_backend"]
 
@@ -43,7 +43,8 @@ def forced_backend() -> str:
 @torch.compiler.assume_constant_result
 def backend_for(device: torch.device | str) -> str:
     """The backend that serves tensors on ``device`` now: the forced one, or
-    ``native`` where its kernels are built for the device, else ``torch``.
+    ``native`` where its kernels are built for the device (on CUDA: and have passed
+    ``some selftest`` on this GPU, :mod:`some.ops.verification`), else ``torch``.
     (Under ``torch.compile`` the choice is made once, when the graph is traced.)"""
     device = torch.device(device)
     name = forced_backend()
@@ -52,7 +53,13 @@ def backend_for(device: torch.device | str) -> str:
         raise RuntimeError(f"some.ops: the native backend was asked for ({ENV_VAR} or use_backend) but it "
                            f"cannot serve {device}: {why}; use the torch backend instead")
     if name == "auto":
-        return "native" if native.built_for(device) else "torch"
+        if not native.built_for(device):
+            return "torch"
+        if device.type == "cuda" and not verification.is_verified(device):
+            # built but not verified: the kernels serve a GPU only once its self-test passed
+            verification.warn_unverified(device)
+            return "torch"
+        return "native"
     return name
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import checks
 
-__all__ = ["AVAILABLE", "IMPORT_ERROR", "build_info", "built_for"]
+__all__ = ["AVAILABLE", "IMPORT_ERROR", "build_info", "built_for", "extension_module"]
 
 try:
     from .. import _C  # registers torch.ops.some.*
@@ -41,6 +41,11 @@ def build_info() -> dict:
         return {"native": False, "reason": IMPORT_ERROR, "version": None, "cuda": False, "openmp": False,
                 "omp_max_threads": 1, "torch_version": torch.__version__}
     return {"native": True, **dict(_C.build_info())}
+
+
+def extension_module():
+    """The loaded compiled extension ``some._C`` (None when it is not loaded)."""
+    return _C
 
 
 def built_for(device: torch.device) -> bool:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from . import api, native
+from . import api, native, verification
 from .backend import use_backend
 from .reference import experts_loop_ref, keystore_stats_ref, keystore_update_ref, route_ref
 from .types import GATINGS
 
-__all__ = ["CheckResult", "run_selftest"]
+__all__ = ["CheckResult", "record_verification", "run_selftest"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # error relative to the largest reference value, per dtype of the inputs
@@ -230,4 +230,25 @@ def run_selftest(device: str | torch.device = "auto", dtypes: list[str] | None =
     failed = [r for r in results if not r.ok]
     echo(f"{len(results) - len(failed)} of {len(results)} checks passed" + (
         "" if not failed else ": FAILED " + ", ".join(f"{r.op} {r.dtype} {r.backend}" for r in failed)))
+    if device.type == "cuda" and native.built_for(device):
+        record_verification(device, results, quick, echo)
     return results
+
+
+VERIFYING_DTYPES = {"float32", "bfloat16"}  # the dtypes training runs in: a verification covers both
+
+
+def record_verification(device: torch.device, results: list[CheckResult], quick: bool,
+                         echo: Callable[[str], None]) -> None:
+    """Record (or withdraw) this build's verification on this GPU: ``auto`` serves the
+    native CUDA kernels only where it is recorded (:mod:`some.ops.verification`)."""
+    if any(not r.ok for r in results):
+        verification.forget_verified(device)
+        echo("the native CUDA kernels are not verified on this GPU: 'auto' serves the torch backend here")
+        return
+    covered = {r.dtype for r in results if r.backend == "native"}
+    if quick or not VERIFYING_DTYPES <= covered:
+        echo("not recorded as a verification: that takes float32 and bfloat16 checks without --quick")
+        return
+    path = verification.record_verified(device)
+    echo(f"verified: 'auto' now serves the native CUDA kernels on this GPU with this build (recorded in {path})")
