@@ -114,11 +114,12 @@ def pretrain_dense(config, data, device: str | torch.device) -> tuple[DenseLM, d
             batch = collate(data.train, order[s * config.batch_size:(s + 1) * config.batch_size], device)
             step += 1
             result = train_step(model, batch, optimizer, config, step=step, total_steps=total,
-                                grad_accum=config.dense_grad_accum, trainable=params)
+                                grad_accum=config.dense_grad_accum, trainable=params, precision=config.precision)
             loss_sum += result.loss
         log.info(f"Dense epoch {epoch + 1}: train loss {loss_sum / step:.4f}")
     seconds = time.perf_counter() - t0
-    val = evaluate(model, data.val, config.batch_size // config.dense_grad_accum, device)
+    val = evaluate(model, data.val, config.batch_size // config.dense_grad_accum, device,
+                   precision=config.precision)
     info = {"steps": step, "epochs": config.dense_pretrain_epochs, "train_loss_mean": loss_sum / max(step, 1),
             "val_loss": val.loss, "val_perplexity": val.perplexity, "seconds": seconds,
             "tokens_per_s": step * config.batch_size * config.seq_len / max(seconds, 1e-9),

@@ -1,7 +1,7 @@
 """The parts of training that do not know about runs: the optimizer step,
 evaluation, checkpoints, devices and data parallelism."""
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .device import autocast, pick_device, seed_everything
+from .device import PRECISIONS, autocast, pick_device, resolve_precision, seed_everything
 from .distributed import (
     DataParallel,
     DistContext,
@@ -22,6 +22,7 @@ __all__ = [
     "DistContext",
     "EvalResult",
     "OptimConfig",
+    "PRECISIONS",
     "StepResult",
     "all_reduce_keystore_stats",
     "all_reduce_sum",
@@ -33,6 +34,7 @@ __all__ = [
     "lr_at",
     "make_optimizer",
     "pick_device",
+    "resolve_precision",
     "restore_rng_states",
     "rng_states",
     "save_checkpoint",

@@ -9,7 +9,10 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["autocast", "pick_device", "seed_everything"]
+__all__ = ["PRECISIONS", "autocast", "pick_device", "resolve_precision", "seed_everything"]
+
+# auto: bf16 on CUDA (tensor cores), fp32 on the CPU (where bf16 is slow and the tests are exact)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def pick_device(name: str | torch.device) -> torch.device:
@@ -30,11 +33,21 @@ def pick_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """The precision of training and evaluation: bf16 autocast on CUDA (the
-    reference runs); plain fp32 on the CPU, where bf16 is slow."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision = {precision!r}: expected one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The precision of training and evaluation: with ``bf16`` the trainable parts run
+    under bf16 autocast (fp32 master weights; the key store and its statistics stay in
+    full precision, the SoME layer turns autocast off around them); ``fp32`` is plain."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -24,7 +24,8 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: CausalLM, dataset, batch_size: int, device: torch.device,
-             track_layer: int | None = None, dist_ctx: DistContext = SINGLE_PROCESS) -> EvalResult:
+             track_layer: int | None = None, dist_ctx: DistContext = SINGLE_PROCESS,
+             precision: str = "auto") -> EvalResult:
     """Token-weighted validation loss over the whole ``dataset``, and the usage
     counts of SoME layer ``track_layer`` over its real tokens. With several
     ranks each evaluates its share and the sums are all-reduced."""
@@ -38,7 +39,7 @@ def evaluate(model: CausalLM, dataset, batch_size: int, device: torch.device,
     try:
         for start in range(share.start, share.stop, batch_size):
             batch = collate(dataset, range(start, min(start + batch_size, share.stop)), device)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = model(batch["input_ids"], batch["attention_mask"]).logits  # (B, S, V)
             loss_sum += float(lm_loss(logits, batch["labels"], batch["attention_mask"], reduction="sum"))
             tokens += count_targets(batch)

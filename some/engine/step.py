@@ -36,7 +36,8 @@ class StepResult:
 def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer, config: OptimConfig,
                *, step: int, total_steps: int, grad_accum: int, trainable: list[nn.Parameter] | None = None,
                ddp: nn.Module | None = None, dist: DistContext = SINGLE_PROCESS,
-               loss_hook: LossHook | None = None, forward: nn.Module | None = None) -> StepResult:
+               loss_hook: LossHook | None = None, forward: nn.Module | None = None,
+               precision: str = "auto") -> StepResult:
     """Take optimizer step number ``step`` (1-based) of ``total_steps`` on ``batch``.
 
     ``batch`` is this rank's share of the global batch; it is split into
@@ -45,7 +46,8 @@ def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim
     depend on how the batch is split. ``ddp`` is the DistributedDataParallel
     wrapper of ``model`` (gradients are all-reduced in the last micro-batch's
     backward only). ``loss_hook(step, loss)`` may replace a micro-batch's loss
-    (tests inject faults with it).
+    (tests inject faults with it). ``precision``: the autocast of the forward
+    (:func:`~some.engine.resolve_precision`).
 
     Raises :class:`~some.errors.TrainingDiverged` when the loss or the
     gradient norm is not finite, before the optimizer step: the parameters and
@@ -66,7 +68,7 @@ def train_step(model: CausalLM, batch: dict[str, Tensor], optimizer: torch.optim
         mb = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
         sync = ddp is None or i == grad_accum - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            with autocast(device):
+            with autocast(device, precision):
                 logits = forward(mb["input_ids"], mb["attention_mask"]).logits
             # summed over the micro-batch's real targets (an all-padding one adds 0)
             loss = lm_loss(logits, mb["labels"], mb["attention_mask"], reduction="sum")

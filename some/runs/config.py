@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from ..construction.config import ConstructionConfig
 from ..data import DataConfig
+from ..engine.device import PRECISIONS, resolve_precision
 from ..engine.optim import OptimConfig
 from ..errors import ConfigError
 from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
@@ -66,6 +67,10 @@ class RunFields:
     # native kernels where built for the device, else plain PyTorch; auto
     # leaves $SOME_OPS_BACKEND in charge
     ops_backend: str = "auto"  # auto | native | torch
+    # bf16: frozen experts stored in bf16 and the trainable parts under bf16 autocast
+    # (fp32 master weights, key store in full precision); auto = bf16 on CUDA, fp32 on
+    # the CPU. A run records the resolved value (for_device).
+    precision: str = "auto"  # auto | fp32 | bf16
     # routing dynamics (dynamics.jsonl): optimizer steps per record; 0 = about
     # 250 records per run
     log_every: int = 0
@@ -95,6 +100,7 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
         check_size("val_subset_size", self.val_subset_size)
         check_range("dist_timeout", self.dist_timeout, 0, 7 * 24 * 3600, lo_open=True)
         check_choice("ops_backend", self.ops_backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
         check_size("log_every", self.log_every, 0)
         check_size("dead_after", self.dead_after, 1)
         if self.dense_source == "pretrained" and self.expert_init != "cluster":
@@ -108,6 +114,13 @@ class SoMEConfig(RunFields, DataFields, OptimConfig, ConstructionConfig, ModelCo
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
+
+    def for_device(self, device) -> SoMEConfig:
+        """The configuration as it runs on ``device``: ``precision`` resolved (auto: bf16 on
+        CUDA, fp32 on the CPU), and with bf16 the frozen experts stored in bfloat16."""
+        precision = resolve_precision(self.precision, device)
+        expert_dtype = "bfloat16" if precision == "bf16" else self.expert_dtype
+        return dataclasses.replace(self, precision=precision, expert_dtype=expert_dtype)
 
     # ------------------------------------------------------------- sub-configs
     def data_config(self) -> DataConfig:

@@ -50,7 +50,7 @@ def _training_fields(config: SoMEConfig) -> dict[str, Any]:
     return {"data_source": config.data_source, "ood_source": config.ood_source, "seq_len": config.seq_len,
             "packed": config.packed, "seed": config.seed, "train_subset_size": config.train_subset_size,
             "val_subset_size": config.val_subset_size, "eval_batch_size": config.micro_batch_size,
-            "tokenizer_min_frequency": data.tokenizer_min_frequency}
+            "tokenizer_min_frequency": data.tokenizer_min_frequency, "precision": config.precision}
 
 
 def export_model(model: SoMEForCausalLM, out_dir: str | Path, *, tokenizer, config: SoMEConfig,
@@ -141,14 +141,15 @@ def evaluate_model(model_dir: str | Path, source: str | None = None, *, ood: str
     result: dict[str, Any] = {"model": str(model_dir), "device": str(device), "source": source,
                               "split": "the run's validation split" if same else "validation split of a fresh split",
                               "documents": data.val.num_documents, "tokens": data.val.num_tokens}
-    val = evaluate(model, data.val, batch, device, middle)
+    precision = run.get("precision", "auto")  # as the model was trained (runs before the field: auto)
+    val = evaluate(model, data.val, batch, device, middle, precision=precision)
     counts = val.usage_counts
     result.update(loss=val.loss, perplexity=val.perplexity, middle_layer=middle,
                   experts_used=experts_used(counts).used, experts_used_text=str(experts_used(counts)),
                   gini=float(gini(counts)), entropy=float(entropy_bits(counts)),
                   max_entropy=float(max_entropy_bits(len(counts))), usage_counts=counts.tolist())
     if data.ood is not None:
-        o = evaluate(model, data.ood, batch, device)
+        o = evaluate(model, data.ood, batch, device, precision=precision)
         result.update(ood_source=ood, ood_loss=o.loss, ood_perplexity=o.perplexity)
     if out_dir is not None:
         out = Path(out_dir)

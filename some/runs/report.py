@@ -66,7 +66,8 @@ def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots:
     spec = None
     if data is not None and config is not None:
         spec = specialization_analysis(model, data, batch_size=config.micro_batch_size,
-                                       device=device, routing_level=config.routing_level, seed=config.seed, rp=rp)
+                                       device=device, routing_level=config.routing_level, seed=config.seed, rp=rp,
+                                       precision=config.precision)
         run_dir.write_json(SPECIALIZATION_FILE, spec)
         m = spec["layers"][middle]
         topic = (f", I(expert; topic) = {m['mi_topic_bits']:.3f} bits (excess {m['mi_topic_excess_bits']:.3f}, "

@@ -29,12 +29,12 @@ SPECIALIZATION_FILE = "specialization.json"
 
 
 def specialization_analysis(model, data, *, batch_size: int, device: torch.device, routing_level: str,
-                            seed: int = 0, rp=None) -> dict[str, Any]:
+                            seed: int = 0, rp=None, precision: str = "auto") -> dict[str, Any]:
     """Per SoME layer, the measures of :func:`some.analysis.layer_specialization` over
     the validation set, and the middle layer's expert x topic / class count matrices.
     ``rp``: a :class:`~some.analysis.RoutingPass` of ``data.val`` already taken."""
     if rp is None:
-        with autocast(device):
+        with autocast(device, precision):
             rp = routing_pass(model, data.val, batch_size, device)
     classes = token_classes(data.tokenizer, data.vocab_size)
     layers = []

@@ -202,12 +202,14 @@ class EpochEvaluator:
     def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor]:
         cfg = self.config
         batch = cfg.micro_batch_size
-        val = evaluate(model, self.data.val, batch, self.device, self.middle, dist_ctx=self.parallel.ctx)
+        val = evaluate(model, self.data.val, batch, self.device, self.middle, dist_ctx=self.parallel.ctx,
+                       precision=self.config.precision)
         record: dict[str, Any] = {"val_loss": val.loss, "val_perplexity": val.perplexity, "middle_layer": self.middle,
                                   "gini": float(gini(val.usage_counts)),
                                   "entropy": float(entropy_bits(val.usage_counts))}
         if self.data.ood is not None:
-            ood = evaluate(model, self.data.ood, batch, self.device, dist_ctx=self.parallel.ctx)
+            ood = evaluate(model, self.data.ood, batch, self.device, dist_ctx=self.parallel.ctx,
+                           precision=self.config.precision)
             record.update(ood_loss=ood.loss, ood_perplexity=ood.perplexity)
         return record, val.usage_counts
 
@@ -310,17 +312,19 @@ class Trainer:
             path = self.run_dir.checkpoint
             if not isinstance(state.get("config"), dict):
                 raise CheckpointError(f"checkpoint {path} holds no run configuration ('config')")
-            saved = SoMEConfig.from_dict(state["config"], source=str(path))
+            # a checkpoint from before `precision` existed resolves it as it ran (auto)
+            saved = SoMEConfig.from_dict(state["config"], source=str(path)).for_device(self.device)
             if config is None:
                 config = saved
             else:  # the run's configuration is fixed
+                config = config.for_device(self.device)
                 diff = {k: v for k, v in saved.diff(config).items() if k not in RESUMABLE_CHANGES}
                 if diff:
                     what = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in diff.items())
                     raise CheckpointError(f"checkpoint {path} belongs to another configuration ({what})")
         if config is None:
             raise ConfigError("a configuration is needed to start a run")
-        return config.validate()
+        return config.validate().for_device(self.device)
 
     @property
     def out(self) -> Path:
@@ -346,7 +350,7 @@ class Trainer:
                     timing = self._train_epoch()
                     self._end_epoch(timing)
                 if self.run_dir.is_main:  # one pass over the validation set serves the report and a study
-                    with autocast(self.device):
+                    with autocast(self.device, self.config.precision):
                         self.final_routing = routing_pass(self.model, self.data.val, self.config.micro_batch_size,
                                                           self.device)
                 analysis = finish_run(self.run_dir, self.model, self.progress.last_usage, self.middle,
@@ -447,7 +451,8 @@ class Trainer:
             result = train_step(self.model, batch, self.optimizer, self.config, step=step,
                                 total_steps=self.total_steps, grad_accum=self.config.grad_accum,
                                 trainable=self.trainable, ddp=self.ddp, dist=self.parallel.ctx, forward=self.forward,
-                                loss_hook=self.faults.loss_hook if self.faults.nan_step else None)
+                                loss_hook=self.faults.loss_hook if self.faults.nan_step else None,
+                                precision=self.config.precision)
         except TrainingDiverged as e:
             raise self._diverged(str(e), step) from None
         if result.keys_applied is not None:

@@ -241,7 +241,7 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
 
     rp = trainer.final_routing  # the validation pass the run's report was made from
     if rp is None:
-        with autocast(device):  # as the model is evaluated (bf16 on CUDA)
+        with autocast(device, cfg.precision):  # as the model is evaluated
             rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
     counts = rp.usage_counts[rp.layer]
     # every layer's specialization by token class, token id and topic (some.runs.specialization): the run's
@@ -249,14 +249,14 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
     saved = trainer.out / SPECIALIZATION_FILE
     full_spec = json.loads(saved.read_text()) if trainer.final_routing is not None and saved.is_file() else \
         specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
-                                routing_level=cfg.routing_level, seed=cfg.seed, rp=rp)
+                                routing_level=cfg.routing_level, seed=cfg.seed, rp=rp, precision=cfg.precision)
     spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
 
     flops_ids = token_batch(data.val, measure.flops_rows, cfg.seq_len).to(device)
     counted = count_flops(model, flops_ids)
     analytic = analytic_flops_per_token(cfg, rp.experts_per_token)
     lat_ids = token_batch(data.val, measure.latency_batch, cfg.seq_len).to(device)
-    with autocast(device):
+    with autocast(device, cfg.precision):
         latency = inference_latency(model, lat_ids, repeats=measure.latency_repeats, warmup=measure.latency_warmup)
     return {
         "id_loss": last["val_loss"], "id_perplexity": last["val_perplexity"],
