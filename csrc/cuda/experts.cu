@@ -22,6 +22,10 @@
 // Math: bfloat16 uses tensor cores (WMMA 16x16x16, fp32 accumulators);
 // float32 and float64 use a plain FMA tiled path in their own precision
 // (fp32 stays true fp32, as on the CPU). Accumulation type: at::opmath_type.
+// Every GEMM result is rounded to the input dtype before its epilogue (a
+// no-op for fp32 / fp64), where the CPU's at::mm_out into bf16 buffers and
+// at::_grouped_mm (bf16 output only) round it: all three paths share their
+// bf16 rounding points (see grouped_gemm_kernel's epilogue).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -427,7 +431,12 @@ __global__ void __launch_bounds__(TileFor<T>::kThreads)
   else mainloop_fma<T, kGatherA, kBT>(args, b, e, s_src, n0, smem);
   __syncthreads();
 
-  // Epilogue: one warp per row, lanes along the columns.
+  // Epilogue: one warp per row, lanes along the columns. The accumulator is
+  // rounded to T first (bf16; a no-op for fp32 / fp64): the CPU path writes its
+  // GEMMs into T buffers (csrc/cpu/experts.cpp: at::mm_out, then bias / GELU' /
+  // combine from the rounded values) and at::_grouped_mm has no fp32 output for
+  // bf16 inputs (_resolve_grouped_mm_out_dtype: "Grouped gemm output dtype must
+  // match `mat_a` dtype"), so this is where all three round.
   const cs_t* Cs = reinterpret_cast<const cs_t*>(smem);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   constexpr int kWarps = Tile::kThreads / kWarpSize;
@@ -437,7 +446,8 @@ __global__ void __launch_bounds__(TileFor<T>::kThreads)
     acc_t dot = 0;
     for (int n = lane; n < BN; n += kWarpSize) {
       const int col = n0 + n;
-      if (col < args.ncols) dot += epi.apply(e, r, pair, col, static_cast<acc_t>(Cs[m * Tile::kLdc + n]), scale);
+      if (col < args.ncols)
+        dot += epi.apply(e, r, pair, col, static_cast<acc_t>(static_cast<T>(Cs[m * Tile::kLdc + n])), scale);
     }
     if constexpr (Epi::kRowDot) {
       dot = warp_sum(dot);
@@ -447,6 +457,7 @@ __global__ void __launch_bounds__(TileFor<T>::kThreads)
 }
 
 // ---- epilogues -------------------------------------------------------
+// `acc` / `v` / `dv` below: the GEMM result already rounded to T (see above).
 
 // Forward up-projection: pre = acc + b1_e (stored as `hidden`, grouped rows),
 // act = GELU(pre) (input of the down-projection).
@@ -681,17 +692,60 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 //
 // Two grouped GEMMs per direction through PyTorch's grouped GEMM over the
 // device-side grouping, with small fused kernels around them. Rows of the
-// grouped buffers are in `order`; rows past the valid pairs are never read.
+// grouped buffers are in `order`; rows past the valid pairs are never read
+// (at::_grouped_mm leaves its output rows past the last group end unwritten).
+//
+// Rounding: the same points as the kernels above (each GEMM result rounded to
+// bf16, then bias / GELU / gate in fp32), but CUTLASS sums every dot product in
+// another order than the WMMA tiles, so a GEMM output can differ by one bf16
+// ulp (2^-8 relative) and everything downstream by its consequences: stored
+// experts on this path match procedural experts (always the kernels) and the
+// kernels' own results to bf16 rounding, not bit for bit.
 
-bool grouped_mm_path(const at::Tensor& x, const ExpertSource& src, int64_t d, int64_t h) {
+// Whether at::_grouped_mm takes the bf16 calls below (2d x 3d, int32 group ends)
+// on its CUTLASS kernel, without raising or synchronizing. Its limits, read in
+// PyTorch's source (aten/src/ATen/native/cuda/GroupedBlas.cpp _grouped_mm_cuda,
+// GroupMM.cu bf16bf16_grouped_gemm_impl_sm90_sm100, GroupMMCommon.cuh
+// prepare_grouped_gemm_data, aten/src/ATen/native/GroupedMMUtils.h):
+//  * at most 1,023 groups: TORCH_CHECK(group_count < 1024, "Can't process more
+//    than 1024 groups") (its argument kernel runs one thread per group in one block);
+//  * every operand row stride a multiple of 16 bytes and every data pointer
+//    16-byte aligned (check_valid_strides_and_return_transposed): d and h
+//    multiples of 8, and not 0 (a zero-width contiguous operand has stride 1 and
+//    is refused); then its output (P, h) / (P, d) is unpadded
+//    (create_grouped_gemm_output_tensor pads rows to 16 bytes), as the kernels
+//    around it index it. Our grouped buffers are fresh allocations (aligned);
+//    w1 / w2 are contiguous (checked) but may start anywhere;
+//  * empty groups are fine for 2d x 3d: prepare_grouped_gemm_data asserts
+//    delta > 0 only for a ragged K (2d x 2d);
+//  * torch builds that CUTLASS kernel only off Windows with CUDA >= 12
+//    (BUILD_GG_KERNEL in GroupMM.cu), else the call raises; checked against our
+//    toolkit, which is assumed to be torch's major version.
+// The device (checked in grouped_mm_path): the no-sync path is taken for
+// compute capability major 9 (newer torch: also 10), and GroupMM.cu is compiled
+// as sm_90a, which runs on 9.0 only; anywhere else _grouped_mm_fallback copies
+// the group ends to the host (a synchronization) and loops over the groups.
+bool grouped_mm_fits(const ExpertSource& src, int64_t N, int64_t d, int64_t h) {
+#if defined(_WIN32) || !defined(CUDART_VERSION) || CUDART_VERSION < 12000
+  return false;
+#else
+  return N >= 1 && N < 1024 && d > 0 && h > 0 && d % 8 == 0 && h % 8 == 0 && aligned16(src.w1.data_ptr()) &&
+         aligned16(src.w2.data_ptr());
+#endif
+}
+
+bool grouped_mm_path(const at::Tensor& x, const ExpertSource& src, int64_t N, int64_t d, int64_t h) {
   const char* v = std::getenv("SOME_CUDA_GEMM");  // kernels | grouped_mm | auto (default)
   const std::string choice = v == nullptr ? "auto" : v;
   if (choice == "kernels" || src.procedural() || x.scalar_type() != at::kBFloat16) return false;
-  if (d % 8 != 0 || h % 8 != 0) return false;
+  if (!grouped_mm_fits(src, N, d, h)) return false;
+  // Forced: any GPU (off compute capability 9.0, torch's synchronizing loop; a testing aid).
   if (choice == "grouped_mm") return true;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
-  return major >= 9;  // CUTLASS grouped GEMM of torch: sm_90 and newer
+  int major = 0, minor = 0;
+  const int dev = x.device().index();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;  // sm_90 exactly (see grouped_mm_fits)
 }
 
 // dst[r] = src[order[r] / k] (or zeros for the dropped tail), rows of width w.
@@ -739,15 +793,21 @@ __global__ void gate_bias_pairs_kernel(const T* __restrict__ acc, const int64_t*
 }
 
 // grad_pre = g * dA * GELU'(pre); dotpart[r] = Σ_c dA * GELU(pre) (one warp per row).
+// Only the valid rows r < offsets[N] (the bound read here, no host sync): rows
+// of dA past the last group end were never written by at::_grouped_mm, and
+// uninitialized memory can hold NaN (NaN * 0 = NaN). The rows of grad_pre and
+// dotpart past it stay unwritten too; nothing reads them (the second grouped
+// GEMM stops at offsets[N], scatter_pairs_kernel and gate_grad_kernel skip them).
 template <typename T, typename acc_t>
 __global__ void gelu_grad_rows_kernel(const T* __restrict__ dA, const T* __restrict__ hidden,
-                                      const int64_t* __restrict__ order, const T* __restrict__ gates, int64_t h,
-                                      int64_t P, T* __restrict__ grad_pre, acc_t* __restrict__ dotpart) {
+                                      const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                                      int num_experts, const T* __restrict__ gates, int64_t h,
+                                      T* __restrict__ grad_pre, acc_t* __restrict__ dotpart) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  if (r >= P) return;
+  if (r >= offsets[num_experts]) return;  // whole warp
   const int64_t p = order[r];
-  const acc_t g = p >= 0 ? static_cast<acc_t>(gates[p]) : acc_t(0);
+  const acc_t g = p >= 0 ? static_cast<acc_t>(gates[p]) : acc_t(0);  // (defensive: p >= 0 on valid rows)
   acc_t dot = 0;
   for (int64_t c = lane; c < h; c += kWarpSize) {
     const acc_t x = static_cast<acc_t>(hidden[r * h + c]), dv = static_cast<acc_t>(dA[r * h + c]);
@@ -805,7 +865,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward_cuda(
     const int64_t* off = offsets.data_ptr<int64_t>();
     const int64_t* I = indices.data_ptr<int64_t>();
 
-    if (grouped_mm_path(x, src, d, h)) {
+    if (grouped_mm_path(x, src, N, d, h)) {
       const auto ends = group_ends(offsets, N);
       auto xg = at::empty({P, d}, x.options());
       gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
@@ -900,7 +960,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda_impl(
     at::Tensor dotpart;
     int64_t col_tiles = 0;
 
-    if (grouped_mm_path(grad_y, src, d, h)) {
+    if (grouped_mm_path(grad_y, src, N, d, h)) {
       const auto ends = group_ends(off_t, N);
       auto gyg = at::empty({P, d}, grad_y.options());
       gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
@@ -912,8 +972,8 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda_impl(
       const int warps = 8;
       gelu_grad_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(P, warps)), warps * kWarpSize, 0,
                                                stream>>>(
-          dA.data_ptr<scalar_t>(), hid.data_ptr<scalar_t>(), ord, gates.data_ptr<scalar_t>(), h, P,
-          need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
+          dA.data_ptr<scalar_t>(), hid.data_ptr<scalar_t>(), ord, off, static_cast<int>(N),
+          gates.data_ptr<scalar_t>(), h, need_grad_x ? grad_pre.data_ptr<scalar_t>() : nullptr,
           need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_grad_x) {
