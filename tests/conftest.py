@@ -1,17 +1,13 @@
 import pytest
 import torch
+from helpers import needs_cuda
 
 import some  # noqa: F401  (loads the extension)
 
-
-def _devices():
-    devs = ["cpu"]
-    if torch.cuda.is_available() and some.build_info()["cuda"]:
-        devs.append("cuda")
-    return devs
-
-
-DEVICES = _devices()
+# The "cuda" params are always collected and skipped, with the reason, where they cannot run,
+# so a CPU run shows what it left out. A test that takes both `device` and `backend` runs
+# every pair: cuda-native, cuda-torch as cpu-native, cpu-torch.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 @pytest.fixture(params=DEVICES)
