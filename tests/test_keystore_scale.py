@@ -158,6 +158,18 @@ def test_sparse_coselect_is_the_dense_one(backend):
     torch.testing.assert_close(out[0], out[1], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_coselect_counts_skip_out_of_range_indices_as_the_cuda_kernels_do(sparse):
+    # on CUDA the ops skip an index outside 0..N-1 unchecked (a check would synchronize):
+    # the co-selection counts must not scatter out of bounds there, and count it as empty
+    from some.ops.coselect import coselect_counts
+    idx = torch.tensor([[0, 1, 6], [2, -1, 7], [1, 0, 3]])
+    C = coselect_counts(idx, 4, sparse=sparse)
+    C = C.to_dense() if sparse else C
+    want = coselect_counts(idx.masked_fill(idx >= 4, -1), 4)
+    assert torch.equal(C, want) and int(C.sum()) == 2 + 0 + 6  # ordered pairs of the valid slots per row
+
+
 def test_coselect_errors_name_the_problem():
     K = _unit(6, 4)
     stats = _stats(6, 4)

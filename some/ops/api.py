@@ -174,7 +174,7 @@ def keystore_stats(query: Tensor, indices: Tensor, gates: Tensor, num_experts: i
         sums = torch_backend.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
     else:
         sums = torch.ops.some.keystore_stats(query.detach(), indices, gates.detach(), int(num_experts))
-    # (the op has checked the indices)
+    # (the CPU op has checked the indices; CUDA skips out-of-range ones, and so does coselect_counts)
     return KeystoreStats(*sums, coselect_counts(indices, int(num_experts), sparse=sparse_coselect))
 
 

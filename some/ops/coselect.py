@@ -19,15 +19,17 @@ __all__ = ["coselect_counts", "peer_sums"]
 @torch.no_grad()
 def coselect_counts(indices: Tensor, num_experts: int, *, sparse: bool = False) -> Tensor:
     """``C`` of the ``(T, k)`` selections ``indices`` (``-1``: an empty slot), int64,
-    dense or sparse COO (coalesced); indices are checked by the caller's op."""
+    dense or sparse COO (coalesced). Indices outside ``0..N-1`` count as empty slots, as
+    in the CUDA kernels, which skip them unchecked (the CPU op has raised on them before)."""
     N = num_experts
     T, k = indices.shape
     if sparse and indices.device.type == "meta":  # no values to find the pairs in: an empty C of the shape
         empty = indices.new_zeros(2, 0)
         return torch.sparse_coo_tensor(empty, indices.new_zeros(0), (N, N), check_invariants=False)
+    valid = (indices >= 0) & (indices < N)
     a = indices.unsqueeze(2).expand(T, k, k)
     b = indices.unsqueeze(1).expand(T, k, k)
-    both = (a >= 0) & (b >= 0) & (a != b)
+    both = valid.unsqueeze(2) & valid.unsqueeze(1) & (a != b)
     if not sparse:  # a scatter into N² + 1 cells (the last one takes the non-pairs): no host sync
         cells = torch.where(both, a * N + b, N * N).reshape(-1)
         dense = torch.zeros(N * N + 1, dtype=torch.long, device=indices.device)
