@@ -32,6 +32,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <mma.h>
 
@@ -725,8 +726,23 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 // compute capability major 9 (newer torch: also 10), and GroupMM.cu is compiled
 // as sm_90a, which runs on 9.0 only; anywhere else _grouped_mm_fallback copies
 // the group ends to the host (a synchronization) and loops over the groups.
+// at::_grouped_mm exists from torch 2.8 on: older builds always take the own kernels.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define SOME_HAVE_GROUPED_MM 1
+#else
+#define SOME_HAVE_GROUPED_MM 0
+#endif
+
+at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ends) {
+#if SOME_HAVE_GROUPED_MM
+  return at::_grouped_mm(a, b, ends);
+#else
+  TORCH_CHECK(false, "some: at::_grouped_mm needs torch >= 2.8 (grouped_mm_fits should have refused)");
+#endif
+}
+
 bool grouped_mm_fits(const ExpertSource& src, int64_t N, int64_t d, int64_t h) {
-#if defined(_WIN32) || !defined(CUDART_VERSION) || CUDART_VERSION < 12000
+#if !SOME_HAVE_GROUPED_MM || defined(_WIN32) || !defined(CUDART_VERSION) || CUDART_VERSION < 12000
   return false;
 #else
   return N >= 1 && N < 1024 && d > 0 && h > 0 && d % 8 == 0 && h % 8 == 0 && aligned16(src.w1.data_ptr()) &&
@@ -871,12 +887,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward_cuda(
       gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
           x.data_ptr<scalar_t>(), ord, k, d, xg.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto up = at::_grouped_mm(xg, src.w1.transpose(1, 2), ends);  // (P, h)
+      const auto up = grouped_mm(xg, src.w1.transpose(1, 2), ends);  // (P, h)
       bias_gelu_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 256, 0, stream>>>(
           up.data_ptr<scalar_t>(), ord, I, src.b1.data_ptr<scalar_t>(), h, N, hidden.data_ptr<scalar_t>(),
           act.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto down = at::_grouped_mm(act, src.w2.transpose(1, 2), ends);  // (P, d)
+      const auto down = grouped_mm(act, src.w2.transpose(1, 2), ends);  // (P, d)
       ypair.zero_();  // dropped slots stay 0 (the combine skips them anyway)
       gate_bias_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
           down.data_ptr<scalar_t>(), ord, I, gates.data_ptr<scalar_t>(), src.b2.data_ptr<scalar_t>(), d, N,
@@ -966,7 +982,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda_impl(
       gather_grouped_rows_kernel<scalar_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
           grad_y.data_ptr<scalar_t>(), ord, k, d, gyg.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto dA = at::_grouped_mm(gyg, src.w2, ends);  // (P, h): dL/da before the gate
+      const auto dA = grouped_mm(gyg, src.w2, ends);  // (P, h): dL/da before the gate
       col_tiles = 1;
       dotpart = need_grad_gates ? at::empty({P, 1}, opts_acc) : at::Tensor();
       const int warps = 8;
@@ -977,7 +993,7 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_cuda_impl(
           need_grad_gates ? dotpart.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_grad_x) {
-        const auto rows = at::_grouped_mm(grad_pre, src.w1, ends);  // (P, d)
+        const auto rows = grouped_mm(grad_pre, src.w1, ends);  // (P, d)
         xpair.zero_();
         scatter_pairs_kernel<scalar_t, acc_t><<<static_cast<unsigned>(P), 128, 0, stream>>>(
             rows.data_ptr<scalar_t>(), ord, d, xpair.data_ptr<acc_t>());
