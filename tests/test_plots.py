@@ -1,5 +1,6 @@
 """Tests of some.plots: every picture is a non-empty PNG that matplotlib reads back, for normal
-and edge cases; bad input raises before anything is written.
+and edge cases; bad input raises before anything is written; and the drawn figures show their
+data (bar heights, log axes, colors by count, unused experts marked, clusters apart, the best bar).
 
 One test runs the real UMAP (umap-learn JIT-compiles for ~20 s on its first fit in a process);
 the others use the PCA path or a stand-in UMAP to stay fast.
@@ -186,3 +187,67 @@ def test_import_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------- what the pictures show
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions draw, captured before they are saved."""
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return path
+    monkeypatch.setattr(P, "save_figure", keep)
+    return figures
+
+
+def test_usage_histogram_shows_the_counts_on_log_axes(tmp_path, drawn):
+    counts = [0, 0, 5, 50, 500, 5000]
+    P.usage_histogram(counts, tmp_path / "h.png", title="layer 5")
+    (fig,) = drawn
+    hist, rank = fig.axes
+    assert "layer 5" in fig.get_suptitle() and "Gini" in fig.get_suptitle()
+    # left: every used expert sits in one bar; the unused ones are named, not drawn
+    assert hist.get_xscale() == "log" and sum(p.get_height() for p in hist.patches) == 4
+    assert any("2 of 6 experts unused" in t.get_text() for t in hist.texts)
+    # right: the used experts' counts by rank, most used first, on a log axis, with the balanced share
+    assert rank.get_yscale() == "log"
+    assert [p.get_height() for p in rank.patches] == [5000, 500, 50, 5]
+    balanced = [ln for ln in rank.lines if ln.get_linestyle() == "--"]
+    assert balanced and balanced[0].get_ydata()[0] == pytest.approx(sum(counts) / 6)
+    ticks = [ln for ln in rank.lines if ln.get_marker() == "|"]  # the dead experts
+    assert ticks and list(ticks[0].get_xdata()) == [5, 6]
+
+
+def test_keystore_picture_places_and_colors_each_expert(tmp_path, drawn):
+    # two tight clusters of keys: the picture must put them apart, color the used experts by
+    # their counts and mark the unused ones
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=1)
+    keys = torch.cat([centers[0] + 0.01 * torch.randn(4, 16, generator=g),
+                      centers[1] + 0.01 * torch.randn(4, 16, generator=g)])
+    usage = [10, 20, 30, 40, 0, 0, 70, 80]
+    P.keystore_umap(keys, usage, tmp_path / "k.png", method="pca")
+    (fig,) = drawn
+    ax = fig.axes[0]
+    used, unused = ax.collections[:2]
+    assert list(used.get_array()) == [10, 20, 30, 40, 70, 80]  # the colors are the counts
+    assert len(unused.get_offsets()) == 2 and "unused expert (2)" in [t.get_text() for t in ax.get_legend().texts]
+    points = np.concatenate([used.get_offsets()[:4], unused.get_offsets(), used.get_offsets()[4:]])
+    first, second = points[:4, 0], points[4:, 0]  # PC 1 separates the clusters
+    assert first.max() < second.min() or second.max() < first.min()
+    assert "N=8, d=16" in ax.get_title() and "PCA" in ax.get_title()
+
+
+def test_comparison_bars_draw_the_values_errors_and_best(tmp_path, drawn):
+    P.comparison_bars({"softmax": 12.1, "sigmoid": 12.9, "relu": float("nan"), "avg_k": 11.4},
+                      tmp_path / "b.png", errors={"softmax": 0.2}, best="min")
+    ax = drawn[0].axes[0]
+    bars = ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [12.1, 12.9, 0.0, 11.4]  # n/a draws no bar
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["12.1 ± 0.2", "12.9", "n/a", "11.4"]
+    colors = [b.get_facecolor() for b in bars]
+    assert colors[3] != colors[0] and colors[0] == colors[1]  # the lowest is highlighted
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["softmax", "sigmoid", "relu", "avg_k"]
