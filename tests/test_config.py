@@ -126,9 +126,10 @@ def test_every_layer_and_data_field_is_a_config_field():
 
 def test_each_config_is_checked_once_at_each_boundary(tmp_path, capsys):
     """One `some train --preset ... --set ...`: the experiment config is checked where it enters
-    (the preset, the overrides, the run's configuration on its device — precision resolved —,
-    config.yaml read back for the report), not again by the trainer, the model and every layer;
-    the layers share one checked layer config."""
+    (the preset, the overrides, config.yaml read back for the report), not again by the trainer
+    (its configuration on the device only resolves `precision` from checked values); the model
+    checks the architecture it is given (ModelConfig) once, and the layers share one checked
+    layer config."""
     from some.cli import main
     from some.fields import CHECKS_RUN
 
@@ -136,10 +137,10 @@ def test_each_config_is_checked_once_at_each_boundary(tmp_path, capsys):
     assert main(["train", "--preset", "tiny-test", "--out", str(tmp_path / "r"), "--no-plots", "--no-progress",
                  "--set", f"cache_dir={tmp_path / 'c'}", "epochs=1"]) == 0
     # (before the checks were made once per boundary: 5, 5, 7 and 6)
-    assert CHECKS_RUN["SoMEConfig.validate"] == 4
-    assert CHECKS_RUN["ModelConfig.validate"] == 4  # inside the experiment config's checks only
-    assert CHECKS_RUN["SoMELayerConfig.validate"] == 4 + 1  # + the model's layer config, for both layers
-    assert CHECKS_RUN["DataConfig.validate"] == 4 + 1  # + build_data's own check of what it is given
+    assert CHECKS_RUN["SoMEConfig.validate"] == 3
+    assert CHECKS_RUN["ModelConfig.validate"] == 3 + 1  # + the model's own architecture
+    assert CHECKS_RUN["SoMELayerConfig.validate"] == 3 + 1 + 1  # + inside that one, + the layers' shared config
+    assert CHECKS_RUN["DataConfig.validate"] == 3 + 1  # + build_data's own check of what it is given
 
 
 def test_a_changed_config_is_checked_again():

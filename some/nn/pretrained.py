@@ -85,7 +85,7 @@ def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict
     tensors, metadata = _weights(model)
     config = {"format": FORMAT, "architecture": type(model).__name__, "some_version": __version__,
               "methods_revision": getattr(model, "methods_revision", METHODS_REVISION),
-              **dataclasses.asdict(model.config.model_config())}  # the architecture alone
+              **dataclasses.asdict(model.config.model_config())}  # the architecture alone (of any config given)
     if tokenizer is not None:
         config["eos_token_id"] = tokenizer.token_to_id("<|endoftext|>")
         config["pad_token_id"] = tokenizer.token_to_id("<|pad|>")

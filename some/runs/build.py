@@ -52,7 +52,7 @@ def build_model(config: SoMEConfig, device: str | torch.device = "cpu", *,
                           f"{have / 2**30:,.1f} GiB of {device}; reduce d_model, num_experts, d_ffn, n_layers or "
                           f"vocab_size{hint}")
     try:
-        model = SoMEForCausalLM(config, device=device)
+        model = SoMEForCausalLM(config.model_config(), device=device)  # the architecture alone
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
         if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
