@@ -4,6 +4,7 @@ to. bf16 also runs on the CPU, which is how these tests exercise it without a GP
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -39,6 +40,16 @@ def test_the_gpu_presets_train_bf16_experts_on_cuda_and_fp32_on_the_cpu(preset):
     assert on_gpu.for_device(CUDA) == on_gpu  # resolving twice changes nothing (resume)
 
 
+def test_an_auto_run_records_what_auto_meant_on_its_device(tmp_path):
+    cfg = apply_overrides(get_preset("tiny-test"), ["epochs=1", "train_subset_size=64", f"cache_dir={tmp_path}"])
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False, echo=False)
+    try:
+        assert trainer.config.precision == "auto" and trainer.run_info["precision"] == "fp32"
+        assert trainer.model.config.expert_dtype == "float32"
+    finally:
+        trainer.close()
+
+
 def test_bf16_autocast_covers_the_trainable_parts_only_when_asked():
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     with autocast(CPU, "bf16"):
@@ -59,8 +70,12 @@ def bf16_run(tmp_path_factory):
 
 def test_a_bf16_run_stores_bf16_experts_keeps_fp32_masters_and_records_it(bf16_run):
     trainer, result, out = bf16_run
+    # config.yaml keeps the configuration as given (a study compares it with its file); run.json
+    # and the model's own architecture say what ran
     saved = SoMEConfig.load_yaml(out / "config.yaml")
-    assert (saved.precision, saved.expert_dtype) == ("bf16", "bfloat16")
+    assert saved == trainer.config and saved.precision == "bf16"
+    assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
+    assert trainer.model.config.expert_dtype == "bfloat16"
     layer = trainer.model.some_layers()[0]
     assert layer.expert_spec.dtype == torch.bfloat16 and layer.experts.materialized
     assert all(w.dtype == torch.bfloat16 for w in layer.experts.materialize("cpu"))
@@ -69,14 +84,15 @@ def test_a_bf16_run_stores_bf16_experts_keeps_fp32_masters_and_records_it(bf16_r
     assert torch.isfinite(torch.tensor(result.history[-1]["val_loss"]))
 
 
-def test_a_bf16_run_resumes_with_the_auto_configuration_it_was_given(bf16_run):
-    # the checkpoint says bf16 (resolved); resuming on the same device with the same given
-    # configuration resolves it the same way: no "another configuration" refusal
+def test_a_bf16_run_resumes_with_the_configuration_it_was_given(bf16_run):
+    # the checkpoint holds the configuration as given; resuming resolves it the same way and
+    # loads the bf16 experts into bf16 experts
     trainer, _, out = bf16_run
     cfg = apply_overrides(get_preset("tiny-test"), ["epochs=1", "precision=bf16",
                                                     f"cache_dir={trainer.config.cache_dir}"])
     again = Trainer(cfg, out, resume=True, device="cpu", progress=False, echo=False)
     try:
         assert again.config.precision == "bf16" and again.progress.epoch == 1
+        assert again.model.some_layers()[0].expert_spec.dtype == torch.bfloat16
     finally:
         again.close()

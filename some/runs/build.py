@@ -45,6 +45,7 @@ def build_model(config: SoMEConfig, device: str | torch.device = "cpu", *,
     its experts. Otherwise the second value is None.
     """
     device = torch.device(device)
+    config = config.for_device(device)  # precision resolved: bf16 stores the frozen experts in bfloat16
     need, have = parameter_bytes(config), _memory_bytes(device)
     if have is not None and need > have:
         hint = " (expert_storage = procedural keeps no experts)" if config.expert_storage == "materialized" else ""

@@ -69,7 +69,7 @@ class RunFields:
     ops_backend: str = "auto"  # auto | native | torch
     # bf16: frozen experts stored in bf16 and the trainable parts under bf16 autocast
     # (fp32 master weights, key store in full precision); auto = bf16 on CUDA, fp32 on
-    # the CPU. A run records the resolved value (for_device).
+    # the CPU. config.yaml keeps the value given; run.json records what it resolved to.
     precision: str = "auto"  # auto | fp32 | bf16
     # routing dynamics (dynamics.jsonl): optimizer steps per record; 0 = about
     # 250 records per run

@@ -45,6 +45,7 @@ from ..engine import (
     lr_at,
     make_optimizer,
     pick_device,
+    resolve_precision,
     restore_rng_states,
     rng_states,
     save_checkpoint,
@@ -303,6 +304,7 @@ class Trainer:
             # data preparation: tokenizing, or loading the tokens of an earlier run (some.data.token_cache)
             "data_token_seconds": self.data.token_seconds, "data_token_cache": self.data.token_cache,
             "compile": config.compile,
+            "precision": resolve_precision(config.precision, self.device),  # what `auto` meant here
         }
         self.run_dir.write_json("run.json", self.run_info)
 
@@ -312,19 +314,17 @@ class Trainer:
             path = self.run_dir.checkpoint
             if not isinstance(state.get("config"), dict):
                 raise CheckpointError(f"checkpoint {path} holds no run configuration ('config')")
-            # a checkpoint from before `precision` existed resolves it as it ran (auto)
-            saved = SoMEConfig.from_dict(state["config"], source=str(path)).for_device(self.device)
+            saved = SoMEConfig.from_dict(state["config"], source=str(path))
             if config is None:
                 config = saved
             else:  # the run's configuration is fixed
-                config = config.for_device(self.device)
                 diff = {k: v for k, v in saved.diff(config).items() if k not in RESUMABLE_CHANGES}
                 if diff:
                     what = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in diff.items())
                     raise CheckpointError(f"checkpoint {path} belongs to another configuration ({what})")
         if config is None:
             raise ConfigError("a configuration is needed to start a run")
-        return config.validate().for_device(self.device)
+        return config.validate()
 
     @property
     def out(self) -> Path:
