@@ -22,7 +22,7 @@
 #                 pass it records this build as verified on this GPU, and only
 #                 then does backend `auto` serve the native kernels (later steps
 #                 rely on it); the record must be there afterwards
-#   ops_tests     tests/test_ops.py (+ test_ops_cuda.py while it exists)         150 s
+#   ops_tests     tests/test_ops.py -k cuda (both backends)                      150 s
 #                 -k cuda, both backends, no -x; fails unless tests passed, and
 #                 if any was skipped (a skipped CUDA test here did not run)
 #   gemm_kernels  scripts/gpu_smoke.py --gemm-check (SOME_CUDA_GEMM really        120 s
@@ -37,8 +37,8 @@
 #   train_a4      20 optimizer steps of A4 on the synthetic corpus, run dir     180 s
 #                 under $GPU_CHECK_WORK; fails unless the ops backend was native
 #   model_tests   tests/test_layer.py test_model.py test_procedural.py          150 s
-#                 -m "not slow" (these choose no device: CPU tests, except the
-#                 Trainer runs in test_procedural.py, which take CUDA by auto)
+#                 -m "not slow" -k "not cpu": their cuda cases (the `device`
+#                 fixture) and the device-free ones
 #
 # What comes back under $OUT (the device returns at most 8 files of 16 MiB):
 # summary.txt (first line RESULT: OK / FAILED ... / INCOMPLETE, one line per
@@ -190,10 +190,8 @@ sys.exit(0 if ok else "the self-test passed but left no verification record: aut
 EOF
 )
 
-# pytest: the op test files (test_ops_cuda.py is being merged into test_ops.py);
-# the dry run picks a few CPU tests of the same files
-# (which of the two files exist is read when the step runs)
-OPS_FILES='$(ls tests/test_ops.py tests/test_ops_cuda.py 2>/dev/null)'
+# pytest: the device-parametrized op suite; the dry run picks a few CPU tests of it
+OPS_FILES='tests/test_ops.py'
 PYTEST='"$PY" -m pytest -q -rfEs -p no:cacheprovider'
 if [ "$DRY" = 1 ]; then
   OPS_K="cpu and (route_opcheck or keystore_opcheck)"
@@ -202,7 +200,7 @@ if [ "$DRY" = 1 ]; then
 else
   OPS_K="cuda"
   GEMM_K="cuda and (experts or bf16 or bfloat16 or bit_identical)"
-  MODEL_SEL='-m "not slow"'
+  MODEL_SEL='-m "not slow" -k "not cpu"'
 fi
 CMD[ops_tests]="set -euo pipefail
 $PYTEST $OPS_FILES -k \"$OPS_K\" --junitxml \"\$LOGS/ops_tests.xml\""
@@ -367,7 +365,7 @@ EOF
 post_train_a4() { NOTE=$(grep -m1 '^SUMMARY: ' "$1" | cut -c10-) || true; }
 post_model_tests() {
   junit_note "$LOGS/model_tests.xml" || return 1
-  NOTE+=" (CPU tests; the Trainer runs of test_procedural.py took $DEV by device=auto)"
+  NOTE+=" (the cuda cases of the layer, model and procedural tests)"
 }
 
 # ------------------------------------------------------ state and summary

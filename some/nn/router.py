@@ -53,13 +53,13 @@ class Router(nn.Module):
         if self.kind in ("frozen", "random"):
             self.net.requires_grad_(False)
         self._redraw_seed = seed + layer + 1
-        self.reset_generator(device)
+        self.reset_generator()
 
-    def reset_generator(self, device=None) -> None:
-        """The generator that re-draws a ``random`` router, at its start."""
-        device = device if device is not None else next(self.net.parameters()).device
-        if torch.device(device).type != "meta":
-            self._gen = torch.Generator(device=device).manual_seed(self._redraw_seed)
+    def reset_generator(self) -> None:
+        """The generator that re-draws a ``random`` router, at its start. It lives on the CPU
+        whatever the router's device: the draws are the same on every device, survive
+        ``.to()``, and its saved state resumes anywhere."""
+        self._gen = torch.Generator().manual_seed(self._redraw_seed)
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> Queries:
         """``x`` ``(B, S, d)``, ``token_mask`` ``(B, S)`` of real tokens or None."""
@@ -81,8 +81,8 @@ class Router(nn.Module):
         for mod in self.net.modules():
             if isinstance(mod, nn.Linear):
                 bound = 1 / math.sqrt(mod.in_features)
-                mod.weight.uniform_(-bound, bound, generator=self._gen)
-                mod.bias.uniform_(-bound, bound, generator=self._gen)
+                for t in (mod.weight, mod.bias):  # drawn on the CPU, then copied to the router's device
+                    t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=self._gen))
 
     def rng_state(self) -> Tensor:
         """State of the re-drawing generator (for exact resume)."""
