@@ -120,7 +120,9 @@ class ModelConfig(SoMELayerConfig):
     seq_len: int = 768  # SEQ_LEN: the longest input the model takes
     rope_base: float = 10000.0
     expert_dtype: str = "float32"  # storage dtype of the frozen experts: float32 | bfloat16
-    # Initialization is a pure function of the seed (SoME layer i draws from seed + i).
+    # Initialization is a pure function of the seed: SoME layer i's experts (the generator's,
+    # any device) and keys (drawn on the CPU from seed + i) are the same on every device; the
+    # trainable weights come from torch's generator of the device the model is built on.
     seed: int = 42
 
     @validator

@@ -69,8 +69,9 @@ class KeyStore(nn.Module):
         """Random unit keys from ``seed + layer``, all state at its start."""
         if self.keys.device.type == "meta":
             return
-        gen = torch.Generator(device=self.keys.device).manual_seed(self.seed + self.layer)
-        keys = torch.randn(self.keys.shape, generator=gen, device=self.keys.device, dtype=self.keys.dtype)
+        # drawn on the CPU whatever the device: the same keys on every device
+        gen = torch.Generator().manual_seed(self.seed + self.layer)
+        keys = torch.randn(self.keys.shape, generator=gen, dtype=self.keys.dtype)
         self.keys.copy_(keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.key_velocity.zero_()
         self.key_usage.zero_()
