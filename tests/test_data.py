@@ -57,7 +57,8 @@ def test_synthetic_is_deterministic_and_prefix_stable():
 
 
 def test_unknown_and_malformed_sources_raise():
-    for bad in ("wikipedia", "", "files:", "synthetic:abc", "bible:verses=0", "bible:foo", "tinystories:x"):
+    for bad in ("wikipedia", "", "files:", "synthetic:abc", "bible:verses=0", "bible:foo", "tinystories:a,b",
+                "tinystories:x"):  # a well-formed tinystories source, but load_documents cannot load it whole
         with pytest.raises(ValueError):
             D.load_documents(bad)
     with pytest.raises(ValueError, match="unknown data source"):
@@ -163,12 +164,14 @@ def test_bible_one_book_passages_and_cache(cache):
 
 
 def test_tinystories_without_datasets_names_offline_choices(monkeypatch):
+    monkeypatch.delenv(D.TINYSTORIES_DIR_ENV, raising=False)  # the hub path, not a local copy
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(D.CorpusUnavailableError, match="fortunes.*bible"):
         D.build_data(D.DataConfig(source="tinystories"))
 
 
 def test_tinystories_hub_failure_is_a_corpus_error(monkeypatch):
+    monkeypatch.delenv(D.TINYSTORIES_DIR_ENV, raising=False)  # the hub path, not a local copy
     class FakeDatasets:
         @staticmethod
         def load_dataset(*a, **k):
@@ -195,6 +198,7 @@ class _FakeSplit:
 
 
 def test_tinystories_uses_official_splits(monkeypatch, cache):
+    monkeypatch.delenv(D.TINYSTORIES_DIR_ENV, raising=False)  # the hub path, not a local copy
     calls = []
 
     def load_dataset(name, split):

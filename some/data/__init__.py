@@ -9,8 +9,10 @@ One call builds everything a training run needs::
     data.topic_names     # ["art", "ascii-art", "computers", ...]: the fortune file of each topic id
     print(data.description)
 
-The sources (``fortunes``, ``bible``, ``tinystories``, ``files:PATH``,
-``synthetic``) are described in :mod:`some.data.corpora`.
+The sources (``fortunes``, ``bible``, ``tinystories[:DIR]``, ``files:PATH``,
+``synthetic``) are described in :mod:`some.data.corpora`; TinyStories' local copies (parquet
+shards, a ``datasets`` cache, ``<|endoftext|>``-separated ``.txt`` files) in
+:mod:`some.data.tinystories`.
 """
 from ..errors import CorpusUnavailableError
 from ..files import resolve_cache_dir
@@ -35,6 +37,7 @@ from .corpora import (
     synthetic_documents,
 )
 from .dataset import IGNORE_INDEX, DocumentDataset
+from .tinystories import TINYSTORIES_DIR_ENV, TINYSTORIES_FORMS, parse_tinystories_options, split_stories
 from .tokenizer import EOT_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, tokenizer_cache_key, train_tokenizer
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "PAD_TOKEN",
     "SOURCES",
     "SPECIAL_TOKENS",
+    "TINYSTORIES_DIR_ENV",
+    "TINYSTORIES_FORMS",
     "Corpus",
     "CorpusUnavailableError",
     "DataConfig",
@@ -65,9 +70,11 @@ __all__ = [
     "load_tinystories",
     "parse_diatheke_osis",
     "parse_source",
+    "parse_tinystories_options",
     "resolve_cache_dir",
     "split_documents",
     "split_indices",
+    "split_stories",
     "synthetic_documents",
     "tokenizer_cache_key",
     "train_tokenizer",

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ..fields import validator
-from .corpora import NO_TOPICS, load_corpus, load_documents, load_tinystories, parse_source, split_indices
+from .corpora import NO_TOPICS, load_corpus, load_documents, parse_source, split_indices
 from .dataset import DocumentDataset
+from .tinystories import load_tinystories, parse_tinystories_options
 from .tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 if TYPE_CHECKING:
@@ -92,10 +93,13 @@ class LMData:
 
 def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir):
     """(train docs, val docs, train topic ids, val topic ids, topic names, topic kind)."""
-    if parse_source(source)[0] == "tinystories":
+    kind, arg = parse_source(source)
+    if kind == "tinystories":
         # The official splits: train documents from "train", validation from "validation".
-        return (load_tinystories("train", n_train, seed), load_tinystories("validation", n_val, seed), None, None,
-                None, NO_TOPICS["tinystories"])
+        where = parse_tinystories_options(arg)
+        return (load_tinystories("train", n_train, seed, **where, cache_dir=cache_dir),
+                load_tinystories("validation", n_val, seed, **where, cache_dir=cache_dir), None, None, None,
+                NO_TOPICS["tinystories"])
     corpus = load_corpus(source, cache_dir=cache_dir)
     train, val = split_indices(len(corpus.documents), n_train, n_val, seed, name=repr(source))
     docs = corpus.documents
@@ -110,8 +114,9 @@ def _select(source: str, n_train: int, n_val: int, seed: int, cache_dir):
 
 
 def _select_ood(source: str, n: int, seed: int, cache_dir) -> list[str]:
-    if parse_source(source)[0] == "tinystories":
-        return load_tinystories("validation", n, seed)
+    kind, arg = parse_source(source)
+    if kind == "tinystories":
+        return load_tinystories("validation", n, seed, **parse_tinystories_options(arg), cache_dir=cache_dir)
     docs = load_documents(source, cache_dir=cache_dir)
     if len(docs) < n:
         warnings.warn(f"OOD corpus {source!r} has only {len(docs)} documents (< {n} requested); using all of them",

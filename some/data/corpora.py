@@ -9,8 +9,16 @@ One call builds everything a training run needs::
 
 Sources (``DataConfig.source`` / ``ood_source``):
 
-- ``"tinystories"``: HuggingFace ``roneneldan/TinyStories`` (needs ``datasets`` and the
-  network, or a populated HuggingFace cache), the reference corpus of docs/method.md §6;
+- ``"tinystories"`` / ``"tinystories:DIR"`` / ``"tinystories:DIR,form=F"``: ``roneneldan/TinyStories``,
+  the reference corpus of docs/method.md §6, with its own train and validation splits. ``DIR``
+  (else ``$SOME_TINYSTORIES_DIR``) is a local copy, read with no network, in one of the forms the
+  dataset is distributed in (F, searched in this order): ``parquet`` (the Hub's shards
+  ``data/train-*.parquet``, ``data/validation-*.parquet``; needs ``pyarrow``), ``datasets`` (a
+  HuggingFace ``datasets`` cache holding ``roneneldan___tiny_stories/``, read offline; needs
+  ``datasets``), ``txt`` (``TinyStories-train.txt``, ``TinyStories-valid.txt``: stories separated
+  by ``<|endoftext|>`` lines) or ``txt-v2`` (``TinyStoriesV2-GPT4-*.txt``, the GPT-4-only second
+  version). Without a local copy, ``datasets.load_dataset`` downloads it (or reads HuggingFace's
+  cache with ``HF_DATASETS_OFFLINE=1``). See :mod:`some.data.tinystories`;
 - ``"fortunes"`` / ``"fortunes:NAME[,NAME]"``: the fortune-cookie files of the Debian packages
   ``fortunes-min`` and ``fortunes`` (one fortune per document), offline, in-domain; a document's
   topic is its file (``art``, ``computers``, ``science``, ...);
@@ -19,10 +27,12 @@ Sources (``DataConfig.source`` / ``ood_source``):
   or N verses per document; offline, the out-of-domain corpus; topic: the book, or with
   ``,topic=testament`` (e.g. ``"bible:verses=2,topic=testament"``) the Old Testament /
   Deuterocanon / New Testament;
-- ``"files:PATH[,PATH]"``: local ``.txt`` files (documents separated by blank lines), ``.jsonl``
-  files (one JSON object per line with a ``text`` field), or directories (every ``.txt`` file
-  is one document, every ``.jsonl`` file is read as above); ``,topic_field=NAME`` takes each
-  JSONL document's topic from its field ``NAME`` (every document must then have one);
+- ``"files:PATH[,PATH]"``: local ``.txt`` files (documents separated by blank lines; in a file
+  with ``<|endoftext|>`` lines, by ``<|endoftext|>`` instead, so a document keeps its blank
+  lines), ``.jsonl`` files (one JSON object per line with a ``text`` field), or directories
+  (every ``.txt`` file is one document, or its ``<|endoftext|>``-separated documents; every
+  ``.jsonl`` file is read as above); ``,topic_field=NAME`` takes each JSONL document's topic from
+  its field ``NAME`` (every document must then have one);
 - ``"synthetic"`` / ``"synthetic:N"``: N documents of pseudo-words from a fixed random Markov
   chain, for fast tests and benchmarks.
 
@@ -48,6 +58,7 @@ import numpy as np
 from ..errors import CorpusUnavailableError
 from .bible import bible_testament, load_bible, load_bible_passages, parse_bible_options, parse_diatheke_osis
 from .hints import INSTALL_HINT, OFFLINE_CHOICES
+from .tinystories import has_separator_lines, load_tinystories, parse_tinystories_options, split_stories
 
 __all__ = [
     "FORTUNES_DIR", "OFFLINE_CHOICES", "SOURCES", "Corpus", "bible_testament", "load_bible", "load_corpus",
@@ -57,14 +68,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("tinystories", "fortunes", "bible", "files:PATH[,PATH]", "synthetic")
+SOURCES = ("tinystories[:DIR]", "fortunes", "bible", "files:PATH[,PATH]", "synthetic")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-TINYSTORIES = "roneneldan/TinyStories"
 SYNTHETIC_DOCS = 12000  # enough for the reference subset sizes (10000 + 2000)
 
 
 def parse_source(source: str) -> tuple[str, str]:
-    """``"kind:arg"`` -> ``(kind, arg)``; validates the kind."""
+    """``"kind:arg"`` -> ``(kind, arg)``; validates the kind and the argument's form (not whether
+    its files exist)."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"data source must be a non-empty string, one of {SOURCES}; got {source!r}")
     kind, _, arg = source.strip().partition(":")
@@ -73,8 +84,11 @@ def parse_source(source: str) -> tuple[str, str]:
         raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
     if kind == "files" and not arg:
         raise ValueError("data source 'files:' needs paths, e.g. 'files:corpus.txt' or 'files:a.jsonl,b.jsonl'")
-    if kind == "tinystories" and arg:
-        raise ValueError(f"data source 'tinystories' takes no argument, got {source!r}")
+    if kind == "tinystories":
+        try:
+            parse_tinystories_options(arg)
+        except ValueError as e:
+            raise ValueError(f"data source {source!r}: {e}") from None
     return kind, arg
 
 
@@ -232,17 +246,25 @@ def _read_jsonl_lines(path: Path, topic_field: str | None) -> tuple[list[str], l
     return docs, topics
 
 
-def _read_txt(path: Path) -> list[str]:
+def _read_txt(path: Path, whole: bool = False) -> list[str]:
+    """The documents of a ``.txt`` file: separated by ``<|endoftext|>`` where it has such lines, else
+    by blank lines (or, with ``whole``, the whole file as one document)."""
     text = path.read_text(encoding="utf-8", errors="replace")
+    if has_separator_lines(text):
+        return split_stories(text)
+    if whole:
+        return [text.strip()] if text.strip() else []
     return [d.strip() for d in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")) if d.strip()]
 
 
 def load_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Documents from local files, in the order given (directories: files sorted by path).
 
-    ``.txt``: documents separated by blank lines. ``.jsonl``: one object per line, field ``text``.
-    A directory: each ``.txt`` file (recursively) is one whole document; ``.jsonl`` files in it are
-    read as above; other files are ignored.
+    ``.txt``: documents separated by blank lines, or by ``<|endoftext|>`` in a file that has such
+    lines (a document then keeps its blank lines). ``.jsonl``: one object per line, field ``text``.
+    A directory: each ``.txt`` file (recursively) is one whole document, unless it has
+    ``<|endoftext|>`` lines (then split at them); ``.jsonl`` files in it are read as above; other
+    files are ignored.
     """
     return _files(paths, None)[0]
 
@@ -272,8 +294,8 @@ def _files(paths: Sequence[str | os.PathLike], topic_field: str | None) -> tuple
             for p in found:
                 if p.suffix == ".jsonl":
                     add_jsonl(p)
-                elif (text := p.read_text(encoding="utf-8", errors="replace").strip()):
-                    add_text(p, [text])
+                else:
+                    add_text(p, _read_txt(p, whole=True))
         elif path.is_file():
             if path.suffix == ".jsonl":
                 add_jsonl(path)
@@ -321,32 +343,6 @@ def synthetic_documents(n: int, seed: int = 0, *, vocab: int = 256, min_words: i
             out.append(word_list[state])
         docs.append(" ".join(out))
     return docs
-
-
-# ---- TinyStories
-def load_tinystories(split: str, n: int, seed: int) -> list[str]:
-    """``n`` stories drawn (by a seeded permutation) from a split ("train" or "validation") of
-    HuggingFace ``roneneldan/TinyStories``. Needs the ``datasets`` package and the network (or a
-    populated HuggingFace cache); raises :class:`CorpusUnavailableError` otherwise."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise CorpusUnavailableError(
-            "the 'tinystories' source needs the HuggingFace 'datasets' package (pip install 'some[hf]' or "
-            f"pip install datasets) and network access; offline choices: {OFFLINE_CHOICES}") from None
-    try:
-        ds = datasets.load_dataset(TINYSTORIES, split=split)
-    except Exception as e:  # noqa: BLE001 -- any hub/network/cache failure means "not available here"
-        raise CorpusUnavailableError(
-            f"could not load {TINYSTORIES} split {split!r} from the HuggingFace hub ({type(e).__name__}: {e}); "
-            f"without network use an offline source: {OFFLINE_CHOICES}") from e
-    total = len(ds)
-    order = np.random.default_rng(seed).permutation(total)[: min(n, total)]
-    if n > total:
-        warnings.warn(f"TinyStories split {split!r} has {total} stories, fewer than the {n} requested; using all",
-                      stacklevel=3)
-    texts = ds.select(order.tolist())["text"]
-    return [t.strip() for t in texts if t and t.strip()]
 
 
 def split_documents(docs: Sequence[str], n_train: int, n_val: int, seed: int,

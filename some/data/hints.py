@@ -3,6 +3,7 @@
 __all__ = ["INSTALL_HINT", "OFFLINE_CHOICES"]
 
 OFFLINE_CHOICES = ("'fortunes' (in-domain) and 'bible' (out-of-domain), installed by "
-                   "scripts/install_corpus.sh; 'files:PATH[,PATH]' (.txt/.jsonl); 'synthetic'")
+                   "scripts/install_corpus.sh; 'tinystories:DIR' (a local copy of TinyStories); "
+                   "'files:PATH[,PATH]' (.txt/.jsonl); 'synthetic'")
 INSTALL_HINT = "run scripts/install_corpus.sh (installs the Debian packages fortunes-min, fortunes, " \
                "sword-text-web and diatheke with apt-get)"

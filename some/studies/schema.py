@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import CorpusUnavailableError, load_documents, load_tinystories, parse_source
+from ..data import CorpusUnavailableError, load_documents, load_tinystories, parse_source, parse_tinystories_options
 from ..errors import ConfigError, StudyError
 from ..fields import check_key, field_names, parse_value
 from ..files import load_yaml_text, read_text_file
@@ -353,8 +353,9 @@ def _check_corpora(study: Study) -> None:
             if source in checked:
                 continue
             try:
-                if parse_source(source)[0] == "tinystories":
-                    load_tinystories("validation", 1, 0)
+                kind, arg = parse_source(source)
+                if kind == "tinystories":  # (a local copy where the source names one)
+                    load_tinystories("validation", 1, 0, **parse_tinystories_options(arg), cache_dir=cache_dir)
                 else:
                     load_documents(source, cache_dir=cache_dir)
             except (CorpusUnavailableError, ValueError, OSError) as e:
