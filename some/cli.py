@@ -7,6 +7,7 @@
     some generate runs/tiny/model --prompt "Q: Why" [-n 3]   # sample text from a trained model
     some eval runs/tiny/model [--data SOURCE] [--ood SOURCE] # perplexity and expert usage on a corpus
     some export runs/tiny [OUT_DIR]                          # a run's model as a from_pretrained directory
+    some lm-eval-task tasks --model runs/tiny/model          # lm-evaluation-harness tasks on held-out documents
     some ablate experiments/gating.yaml [--smoke]            # an ablation study (docs/method.md §7)
     some selftest [--device cuda] [--quick]                  # check the ops backends on this machine
     some info                                                # build info and presets
@@ -30,6 +31,7 @@ from .ops import build_info, verification
 from .ops.selftest import run_selftest
 from .runs import PRESETS, SoMEConfig, apply_overrides, get_preset, train, write_report
 from .runs.export import eval_text, evaluate_model, export_run, generate_text
+from .runs.lm_eval_task import lm_eval_command, write_lm_eval_tasks
 from .runs.rundir import LOGGER, ConsoleHandler
 from .studies import load_study, run_status, run_study, summarize
 
@@ -92,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(or to another place) from its checkpoint.")
     x.add_argument("run_dir", help="a run directory with checkpoint.pt")
     x.add_argument("out_dir", nargs="?", help="where to write (default RUN_DIR/model)")
+
+    k = sub.add_parser("lm-eval-task", help="write lm-evaluation-harness tasks over held-out documents",
+                       description="Last-word tasks (loglikelihood and 4-way choice) over a validation split of "
+                                   "offline corpora, as YAML + JSONL for lm_eval --include_path (no network).")
+    k.add_argument("out_dir", help="where to write the task files")
+    k.add_argument("--model", metavar="DIR", help="a model directory: its run's corpus and validation split")
+    k.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="corpora (default: the model's own, or fortunes and bible)")
+    k.add_argument("--items", type=int, default=200, help="items per task at most (default 200)")
 
     sub.add_parser("info", help="print how the extension was built and the presets")
     return parser
@@ -186,6 +197,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval_task(args: argparse.Namespace) -> int:
+    written = write_lm_eval_tasks(args.out_dir, model_dir=args.model, sources=args.data, items=args.items)
+    for w in written:
+        print(f"{w.source}: {w.items} items from {w.split} -> {', '.join(w.tasks)}")
+    print(f"Run: {lm_eval_command(args.model or 'MODEL_DIR', Path(args.out_dir).resolve())}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     print(write_report(args.run_dir))
     return 0
@@ -256,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     handlers = {"train": _train, "report": _report, "info": _info, "ablate": _ablate, "selftest": _selftest,
-                "generate": _generate, "eval": _eval, "export": _export}
+                "generate": _generate, "eval": _eval, "export": _export, "lm-eval-task": _lm_eval_task}
     try:
         return handlers[args.command](args)
     except SomeError as e:

@@ -5,6 +5,10 @@
                         (each layer's record of how they were made is in the file's metadata)
     tokenizer.json      the byte-level BPE tokenizer (``tokenizers``), when one is attached
     README.md           a model card: architecture, parameter counts, data, final metrics
+    modeling_some.py    for transformers' ``trust_remote_code=True``: imports :mod:`some.hf` from the
+                        installed some (``config.json`` has ``model_type`` and the ``auto_map`` to it)
+    tokenizer_config.json  with tokenizer.json, the tokenizer for transformers' ``AutoTokenizer``
+                        (tokenizer.json's encode prepends ``<|endoftext|>`` as training framed documents)
 
 :meth:`SoMEForCausalLM.save_pretrained` / :meth:`~SoMEForCausalLM.from_pretrained`
 (``huggingface_hub``'s ``ModelHubMixin``: also a hub id, and ``push_to_hub``)
@@ -27,15 +31,21 @@ from ..version import __version__
 from .config import ModelConfig
 from .revision import METHODS_REVISION, warn_if_methods_changed
 
-__all__ = ["CONFIG_FILE", "MODEL_CARD", "TOKENIZER_FILE", "WEIGHTS_FILE", "load_model_files", "model_card",
-           "save_model_files"]
+__all__ = ["AUTO_MAP", "CONFIG_FILE", "FORMAT", "HF_MODEL_TYPE", "MODEL_CARD", "REMOTE_CODE_FILE",
+           "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "framed_tokenizer", "load_model_files",
+           "model_card", "read_model_config", "remote_code", "save_model_files", "tokenizer_config"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 TOKENIZER_FILE, MODEL_CARD = "tokenizer.json", "README.md"
 FORMAT = "some-model-1"
+# transformers (some.hf): config.json's model_type, and where trust_remote_code finds the classes
+HF_MODEL_TYPE, REMOTE_CODE_FILE, TOKENIZER_CONFIG_FILE = "some", "modeling_some.py", "tokenizer_config.json"
+AUTO_MAP = {"AutoConfig": "modeling_some.SoMEHFConfig", "AutoModelForCausalLM": "modeling_some.SoMEHFForCausalLM"}
 # config.json keys besides the ModelConfig fields
-_META_KEYS = ("format", "architecture", "some_version", "methods_revision", "eos_token_id", "pad_token_id")
+_META_KEYS = ("format", "architecture", "some_version", "methods_revision", "eos_token_id", "pad_token_id",
+              "model_type", "auto_map")
 _EXTRA = "._extra_state"
+_EOT, _PAD = "<|endoftext|>", "<|pad|>"  # (as some.data.tokenizer names them: data is a layer above)
 # training state that an exported model does not carry (a resumed run has it in checkpoint.pt)
 _TRAINING_ONLY = (".telemetry.", ".window_counts", ".window_unmatched", ".window_steps")
 
@@ -72,8 +82,48 @@ def model_card(model, info: dict[str, Any] | None = None) -> str:
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
         lines.append(f"- Final metrics: {', '.join(parts)}")
     lines += ["", "```python", "from some import SoMEForCausalLM", "model = SoMEForCausalLM.from_pretrained(\"PATH\")",
-              "```", "", "or `some generate PATH --prompt \"...\"`; `some eval PATH --data SOURCE`.", ""]
+              "```", "", "or `some generate PATH --prompt \"...\"`; `some eval PATH --data SOURCE`; with transformers "
+              "(`pip install \"some[hf]\"`):", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(\"PATH\", trust_remote_code=True)  # or: import some.hf",
+              "tokenizer = AutoTokenizer.from_pretrained(\"PATH\", trust_remote_code=True)", "```", ""]
     return "\n".join(lines)
+
+
+def remote_code() -> str:
+    """The text of ``modeling_some.py``: transformers imports it for ``trust_remote_code=True``
+    (``auto_map`` in config.json); it takes the classes from the installed some."""
+    return f'''"""A SoME model in transformers (trust_remote_code=True): the classes are the installed
+some package's (some.hf); this directory was written by some {__version__}."""
+try:
+    from some.hf import SoMEHFConfig, SoMEHFForCausalLM  # noqa: F401
+except ImportError as e:  # some is missing, or an old version without the transformers integration
+    raise ImportError(f"this SoME model needs the some package with its transformers integration "
+                      f"(some >= {__version__}; pip install 'some[hf]'): {{e}}") from e
+'''
+
+
+def framed_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` (``tokenizers.Tokenizer``) whose ``encode`` with special tokens
+    (its default; transformers' and lm_eval's) prepends ``<|endoftext|>``, as training framed
+    every document; ``add_special_tokens=False`` (what some itself calls) encodes as before."""
+    from tokenizers import Tokenizer, processors
+
+    eot = tokenizer.token_to_id(_EOT)
+    if eot is None or tokenizer.token_to_id(_PAD) is None:
+        raise ValueError(f"the tokenizer has no {_EOT} or {_PAD} token")
+    framed = Tokenizer.from_str(tokenizer.to_str())
+    framed.post_processor = processors.TemplateProcessing(single=f"{_EOT} $A", pair=f"{_EOT} $A {_EOT}:1 $B:1",
+                                                          special_tokens=[(_EOT, eot)])
+    return framed
+
+
+def tokenizer_config(seq_len: int) -> dict[str, Any]:
+    """``tokenizer_config.json``: ``tokenizer.json`` as transformers' fast tokenizer with its
+    special tokens, right padding (the only padding the model takes)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": _EOT, "eos_token": _EOT, "pad_token": _PAD,
+            "padding_side": "right", "model_max_length": seq_len, "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "attention_mask"]}
 
 
 def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict[str, Any] | None = None) -> Path:
@@ -83,13 +133,17 @@ def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, metadata = _weights(model)
+    architecture = model.config.model_config()  # the architecture alone (of any config given)
     config = {"format": FORMAT, "architecture": type(model).__name__, "some_version": __version__,
               "methods_revision": getattr(model, "methods_revision", METHODS_REVISION),
-              **dataclasses.asdict(model.config.model_config())}  # the architecture alone (of any config given)
+              "model_type": HF_MODEL_TYPE, "auto_map": AUTO_MAP, **dataclasses.asdict(architecture)}
     if tokenizer is not None:
-        config["eos_token_id"] = tokenizer.token_to_id("<|endoftext|>")
-        config["pad_token_id"] = tokenizer.token_to_id("<|pad|>")
-        atomic_write(directory / TOKENIZER_FILE, tokenizer.to_str())
+        config["eos_token_id"] = tokenizer.token_to_id(_EOT)
+        config["pad_token_id"] = tokenizer.token_to_id(_PAD)
+        atomic_write(directory / TOKENIZER_FILE, framed_tokenizer(tokenizer).to_str())
+        atomic_write(directory / TOKENIZER_CONFIG_FILE, json.dumps(tokenizer_config(architecture.seq_len), indent=2)
+                     + "\n")
+    atomic_write(directory / REMOTE_CODE_FILE, remote_code())
     atomic_write(directory / WEIGHTS_FILE, save(tensors, metadata=metadata))
     atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     atomic_write(directory / MODEL_CARD, model_card(model, info))
@@ -110,6 +164,8 @@ def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
     if raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r} (not written by some, or by "
                              f"an incompatible version)")
+    if raw.get("model_type", HF_MODEL_TYPE) != HF_MODEL_TYPE:
+        raise ModelFileError(f"{path}: model_type {raw['model_type']!r} is not {HF_MODEL_TYPE!r}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - fields - set(_META_KEYS))
     if unknown:

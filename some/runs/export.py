@@ -29,7 +29,7 @@ from ..nn import SoMEForCausalLM, warn_if_methods_changed
 from .config import SoMEConfig
 
 __all__ = ["MODEL_DIR", "TRAINING_FILE", "evaluate_model", "export_model", "export_run", "generate_text",
-           "load_model"]
+           "load_model", "training_record"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> SoM
     return model
 
 
-def _training(model_dir: Path) -> dict[str, Any]:
+def training_record(model_dir: Path) -> dict[str, Any]:
+    """The run's data fields saved next to its model (``training.json``); {} without the file."""
     path = model_dir / TRAINING_FILE
     if not path.is_file():
         return {}
@@ -123,7 +124,7 @@ def evaluate_model(model_dir: str | Path, source: str | None = None, *, ood: str
     model_dir = Path(model_dir)
     device = pick_device(device)
     model = load_model(model_dir, device)
-    run = _training(model_dir)
+    run = training_record(model_dir)
     source = source or run.get("data_source")
     if source is None:
         raise ModelFileError(f"{model_dir} records no training corpus: give --data SOURCE")
