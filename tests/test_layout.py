@@ -21,7 +21,8 @@ MAX_LINES = 500
 # Imports that may stay inside functions: optional or heavy dependencies,
 # loaded only by the code that needs them.
 LAZY_OK = {"yaml", "sklearn", "scipy", "matplotlib", "umap", "tokenizers", "datasets", "k_means_constrained",
-           "huggingface_hub", "safetensors", "tensorboard", "torch.utils.tensorboard", "numpy"}
+           "huggingface_hub", "safetensors", "tensorboard", "torch.utils.tensorboard", "numpy", "pyarrow",
+           "transformers", "lm_eval"}
 
 
 def _modules():

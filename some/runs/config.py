@@ -21,16 +21,25 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..construction.config import ConstructionConfig
 from ..data import DataConfig
 from ..engine.device import PRECISIONS, resolve_precision
 from ..engine.optim import OptimConfig
 from ..errors import ConfigError
-from ..fields import check_choice, check_field_types, check_key, check_range, coerce_floats, field_names, parse_value
+from ..fields import (
+    check_choice,
+    check_field_types,
+    check_key,
+    check_range,
+    check_size,
+    coerce_floats,
+    field_names,
+    parse_value,
+    validator,
+)
 from ..files import atomic_write, load_yaml_text, read_text_file
-from ..fields import check_size, validator
 from ..nn.config import ModelConfig
 from ..ops.backend import BACKENDS
 
@@ -47,11 +56,11 @@ class DataFields:
     """The corpora of a run (:class:`some.data.DataConfig` is built from them)."""
 
     data_source: str = "tinystories"  # fortunes | bible | tinystories | synthetic | files:PATH
-    ood_source: Optional[str] = None  # held-out corpus of another domain (OOD perplexity)
+    ood_source: str | None = None  # held-out corpus of another domain (OOD perplexity)
     train_subset_size: int = 10000  # training documents
     val_subset_size: int = 2000  # validation documents
     packed: bool = False  # concatenate documents instead of one padded document per sample
-    cache_dir: Optional[str] = None  # tokenizer/data cache; None = the data module's default
+    cache_dir: str | None = None  # tokenizer/data cache; None = the data module's default
 
 
 @dataclass

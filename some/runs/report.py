@@ -300,7 +300,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(read_text_file(path, "run file"))
     except json.JSONDecodeError as e:
-        raise RunDirError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the run directory is damaged") from None
+        raise RunDirError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+                          "the run directory is damaged") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -201,16 +201,13 @@ class EpochEvaluator:
         self.config, self.data, self.device, self.parallel, self.middle = config, data, device, parallel, middle
 
     def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor]:
-        cfg = self.config
-        batch = cfg.micro_batch_size
-        val = evaluate(model, self.data.val, batch, self.device, self.middle, dist_ctx=self.parallel.ctx,
-                       precision=self.config.precision)
+        batch, how = self.config.micro_batch_size, dict(dist_ctx=self.parallel.ctx, precision=self.config.precision)
+        val = evaluate(model, self.data.val, batch, self.device, self.middle, **how)
+        counts = val.usage_counts
         record: dict[str, Any] = {"val_loss": val.loss, "val_perplexity": val.perplexity, "middle_layer": self.middle,
-                                  "gini": float(gini(val.usage_counts)),
-                                  "entropy": float(entropy_bits(val.usage_counts))}
+                                  "gini": float(gini(counts)), "entropy": float(entropy_bits(counts))}
         if self.data.ood is not None:
-            ood = evaluate(model, self.data.ood, batch, self.device, dist_ctx=self.parallel.ctx,
-                           precision=self.config.precision)
+            ood = evaluate(model, self.data.ood, batch, self.device, **how)
             record.update(ood_loss=ood.loss, ood_perplexity=ood.perplexity)
         return record, val.usage_counts
 
@@ -384,17 +381,16 @@ class Trainer:
                      f"batch {cfg.batch_size} x {cfg.seq_len} tokens, N = {cfg.num_experts}, k = {cfg.top_k}, "
                      f"router {cfg.router}, expert init {cfg.expert_init}, device {self.device}")
         else:
-            p = self.progress
             log.info(f"Resuming from {self.run_dir.checkpoint} at step {self.global_step}/{self.total_steps} "
-                     f"(epoch {p.epoch + 1}, batch {p.step})")
+                     f"(epoch {self.progress.epoch + 1}, batch {self.progress.step})")
         backend = ops.backend_for(self.device)
         if cfg.ops_backend != "auto":
             how = f"ops_backend = {cfg.ops_backend}"
         elif ops.forced_backend() != "auto":
             how = f"forced by ${ops.ENV_VAR} or some.ops.use_backend"
-        else:
-            how = f"auto: {'native kernels built' if backend == 'native' else 'no native kernels'} for {self.device.type}"
-        log.info(f"Ops backend: {backend} ({how})")
+        else:  # the native kernels where built (on CUDA: and verified there), else torch
+            how = f"auto on {self.device.type}"
+        log.info(f"Ops backend: {backend} ({how}), precision {self.run_info['precision']}")
         self.run_info["ops_backend"] = backend
         self.run_dir.write_json("run.json", self.run_info)
         if self.parallel.enabled:
@@ -418,7 +414,8 @@ class Trainer:
             pos.loss_sum += loss
             pos.tokens += cfg.batch_size * cfg.seq_len
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(pos.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9):,.0f}")
+            rate = (pos.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
                     and pos.step < self.steps_per_epoch:  # the epoch's end saves anyway
                 self._check_pending()
