@@ -3,7 +3,6 @@ touching torch.ops.some, both agreeing with each other, and training with either
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -174,16 +173,3 @@ def test_first_twenty_steps_of_tiny_agree_between_backends(tmp_path):
     native, torch_ = _step_losses(config, "native", 20), _step_losses(config, "torch", 20)
     for step, (a, b) in enumerate(zip(native, torch_), 1):
         assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
-
-
-@pytest.mark.slow
-def test_whole_tiny_run_ends_within_two_percent_between_backends(tmp_path):
-    ends = {}
-    for backend in ("native", "torch"):
-        out = tmp_path / backend
-        cmd = [sys.executable, "-m", "some", "train", "--preset", "tiny", "--set", f"ops_backend={backend}",
-               f"cache_dir={tmp_path / 'cache'}", "--out", str(out), "--no-plots", "--no-progress"]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1200)
-        assert result.returncode == 0, result.stderr[-2000:]
-        ends[backend] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
-    assert math.isclose(ends["torch"], ends["native"], rel_tol=0.02), ends

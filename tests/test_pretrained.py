@@ -34,8 +34,9 @@ def val_batch(trainer, n=4):
 def test_exported_model_gives_bit_identical_logits(finished):
     trainer, out = finished
     files = sorted(p.name for p in (out / "model").iterdir())
+    # (modeling_some.py and tokenizer_config.json: the directory is a transformers model too)
     assert files == ["README.md", "config.json", "model.safetensors", "modeling_some.py", "tokenizer.json",
-                     "tokenizer_config.json", "training.json"]  # (modeling_some.py, tokenizer_config.json: transformers)
+                     "tokenizer_config.json", "training.json"]
     loaded = SoMEForCausalLM.from_pretrained(out / "model")
     b = val_batch(trainer)
     trainer.model.eval()
