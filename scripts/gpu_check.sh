@@ -22,7 +22,7 @@
 #                 pass it records this build as verified on this GPU, and only
 #                 then does backend `auto` serve the native kernels (later steps
 #                 rely on it); the record must be there afterwards
-#   ops_tests     tests/test_ops.py -k cuda (both backends)                      150 s
+#   ops_tests     tests/test_ops.py -k 'cuda or a4_shape' (both backends)        150 s
 #                 -k cuda, both backends, no -x; fails unless tests passed, and
 #                 if any was skipped (a skipped CUDA test here did not run)
 #   gemm_kernels  scripts/gpu_smoke.py --gemm-check (SOME_CUDA_GEMM really        120 s
@@ -76,7 +76,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-STEPS=(gpu build import selftest ops_tests gemm_kernels memcheck initcheck bench_a4 train_a4 model_tests)
+# the sanitizers last: the slowest steps, and the likeliest to flag library kernels
+STEPS=(gpu build import selftest ops_tests bench_a4 train_a4 gemm_kernels model_tests memcheck initcheck)
 FATAL=" gpu build import "
 declare -A LIMIT=([gpu]=60 [build]=300 [import]=60 [selftest]=150 [ops_tests]=150 [gemm_kernels]=120
                   [memcheck]=120 [initcheck]=120 [bench_a4]=90 [train_a4]=180 [model_tests]=150)
@@ -198,8 +199,8 @@ if [ "$DRY" = 1 ]; then
   GEMM_K="cpu and experts_opcheck"
   MODEL_SEL='-k "parameter_counts or published_test_vectors"'
 else
-  OPS_K="cuda"
-  GEMM_K="cuda and (experts or bf16 or bfloat16 or bit_identical)"
+  OPS_K="cuda or a4_shape"  # (the A4-shape test is CUDA-only: no "cuda" in its id)
+  GEMM_K="(cuda and (experts or bf16 or bfloat16 or bit_identical)) or a4_shape"
   MODEL_SEL='-m "not slow" -k "not cpu"'
 fi
 CMD[ops_tests]="set -euo pipefail

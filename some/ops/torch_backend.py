@@ -140,7 +140,10 @@ def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str =
 
 
 def _grouped_mm_fits(a: Tensor, b: Tensor) -> bool:
-    # PyTorch's grouped GEMM takes float32/bfloat16/float16 with 16-byte aligned strides.
+    # PyTorch's grouped GEMM (F.grouped_mm, torch >= 2.10) takes float32/bfloat16/float16
+    # with 16-byte aligned strides.
+    if not hasattr(F, "grouped_mm"):
+        return False
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != a.dtype:
         return False
     size = a.element_size()
