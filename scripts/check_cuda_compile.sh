@@ -9,12 +9,13 @@
 #
 # Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
 # PYTHON (default: python), SOME_CUDA_ARCHS (default: "80 90"),
-# NVCC_EXTRA (more flags, e.g. "-Werror all-warnings").
+# NVCC_EXTRA (more flags, e.g. "-Werror all-warnings"),
+# SOME_NVCC_CPP_EXTENSION_DEFINES=1 (also cpp_extension's __CUDA_NO_HALF*__ defines).
 #
-# The flags are those of a torch extension build: the defines of
-# torch.utils.cpp_extension.COMMON_NVCC_FLAGS, --expt-relaxed-constexpr and
-# --expt-extended-lambda (what torch's CMake config adds to CMAKE_CUDA_FLAGS),
-# C++17, and the C++11 ABI setting torch was built with.
+# The flags are those of this project's build (CMake with torch's config):
+# --expt-relaxed-constexpr and --expt-extended-lambda (what torch's CMake
+# config adds to CMAKE_CUDA_FLAGS), C++17, and the C++11 ABI setting torch
+# was built with; no __CUDA_NO_HALF*__ defines (those are cpp_extension's).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,8 +38,6 @@ for a in $archs; do gencode+=("-gencode=arch=compute_${a},code=sm_${a}"); done
 flags=(
   -std=c++17 -O3 -c
   "${gencode[@]}"
-  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
-  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   --expt-relaxed-constexpr --expt-extended-lambda
   "-D_GLIBCXX_USE_CXX11_ABI=${abi}"
   -DTORCH_EXTENSION_NAME=_C
@@ -50,6 +49,12 @@ flags=(
 # which matters for Windows exports); skip it there.
 if [[ ! -f "$torch_inc/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
   flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+fi
+# The real build (CMake with torch's config) adds no __CUDA_NO_HALF*__ defines;
+# torch.utils.cpp_extension does: SOME_NVCC_CPP_EXTENSION_DEFINES=1 checks that way too.
+if [[ "${SOME_NVCC_CPP_EXTENSION_DEFINES:-0}" == 1 ]]; then
+  flags+=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+          -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 fi
 # shellcheck disable=SC2206
 if [[ -n "${NVCC_EXTRA:-}" ]]; then flags+=(${NVCC_EXTRA}); fi
