@@ -185,7 +185,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   const char* op = "some.route";
   auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active);
   const Gating gating = plan.gating;
-  const bool cosine = plan.cosine;
   const int64_t T = plan.T, N = plan.N;
   const auto& S = plan.S;  // (T, N)
   auto &indices = plan.indices, &gates = plan.gates, &scores = plan.scores;
