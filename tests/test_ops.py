@@ -14,12 +14,10 @@ and one bf16 problem at A4's shape (the sm_90 grouped-GEMM path), too big for th
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import needs_cuda
+from helpers import needs_cuda, repeatable
 from inputs import make_experts, make_route_inputs, random_routing, update_op_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -603,18 +601,6 @@ def test_keystore_opcheck(device):
 # ------------------------------------------------------------ determinism
 
 
-@contextlib.contextmanager
-def deterministic_algorithms():
-    """PyTorch's deterministic algorithms for a block; warn_only: an op that has none only
-    warns (cuBLAS without CUBLAS_WORKSPACE_CONFIG, whose GEMMs repeat on one stream anyway)."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ops_bit_identical_across_runs(dtype, device, backend):
     torch.manual_seed(0)
@@ -637,7 +623,7 @@ def test_ops_bit_identical_across_runs(dtype, device, backend):
     # The native kernels add without atomics on every device. PyTorch's index_add_ (the torch
     # backend's combine and sums) adds atomically on a GPU unless asked for its deterministic
     # algorithms, as a user of the torch backend who wants bit-identical runs there would.
-    with deterministic_algorithms() if device.type != "cpu" and backend == "torch" else contextlib.nullcontext():
+    with repeatable(device, backend):
         a, b = run(), run()
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), i
