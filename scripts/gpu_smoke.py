@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from some import ops
 from some.ops.reference import experts_ref, keystore_stats_ref, keystore_update_ref, route_ref
+from some.ops.selftest import expert_problem
 
 # loose: this is a smoke test (the self-test and the test suite hold the real tolerances)
 TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
@@ -57,18 +58,13 @@ def check(what: str, err: float, tol: float) -> None:
 
 
 def inputs(s: dict, seed: int):
+    """Routing inputs (queries, unit keys, thresholds) and the self-test's experts problem."""
     g = torch.Generator().manual_seed(seed)
     T, d, N, h, k = s["T"], s["d"], s["N"], s["h"], s["k"]
     q = torch.randn(T, d, generator=g, dtype=torch.float64)
     keys = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
     thr = 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
-    x = torch.randn(T, d, generator=g, dtype=torch.float64)
-    w = [torch.randn(*sh, generator=g, dtype=torch.float64) / sh[-1] ** 0.5
-         for sh in ((N, h, d), (N, h), (N, d, h), (N, d))]
-    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)])
-    idx[torch.rand(T, k, generator=g) < 0.1] = -1  # empty slots
-    gates = torch.rand(T, k, generator=g, dtype=torch.float64) * (idx >= 0)
-    gy = torch.randn(T, d, generator=g, dtype=torch.float64)
+    x, idx, gates, w, gy = expert_problem(T, d, N, h, k, seed + 1)
     return q, keys, thr, x, w, idx, gates, gy
 
 

@@ -26,7 +26,7 @@ from .backend import use_backend
 from .reference import experts_loop_ref, keystore_stats_ref, keystore_update_ref, route_ref
 from .types import GATINGS
 
-__all__ = ["CheckResult", "record_verification", "run_selftest"]
+__all__ = ["CheckResult", "expert_problem", "record_verification", "run_selftest"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # error relative to the largest reference value, per dtype of the inputs
@@ -112,7 +112,9 @@ def _route_checks(device, dtype, quick) -> Iterator[CheckResult]:
                                   backend, err, TOLERANCE[dtype], seconds, note)
 
 
-def _expert_inputs(T, d, N, h, k, device, dtype, seed):
+def expert_problem(T: int, d: int, N: int, h: int, k: int, seed: int):
+    """A seeded ``experts`` problem in float64 on the CPU: ``(x, indices, gates, [w1, b1, w2, b2],
+    grad_y)``, about a tenth of the slots empty (also the GPU smoke script's inputs)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g, dtype=torch.float64)
     w = [torch.randn(*s, generator=g, dtype=torch.float64) / s[-1] ** 0.5
@@ -121,6 +123,11 @@ def _expert_inputs(T, d, N, h, k, device, dtype, seed):
     idx[torch.rand(T, k, generator=g) < 0.1] = -1  # empty slots
     gates = torch.rand(T, k, generator=g, dtype=torch.float64) * (idx >= 0)
     gy = torch.randn(T, d, generator=g, dtype=torch.float64)
+    return x, idx, gates, w, gy
+
+
+def _expert_inputs(T, d, N, h, k, device, dtype, seed):
+    x, idx, gates, w, gy = expert_problem(T, d, N, h, k, seed)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(x), idx.to(device), cast(gates), [cast(t) for t in w], cast(gy)
 
