@@ -15,7 +15,8 @@ namespace some {
 inline void check_route_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
                         int64_t k, double temperature, Gating gating, double top_p,
                         const c10::optional<at::Tensor>& thresholds,
-                        const c10::optional<at::Tensor>& active) {
+                        const c10::optional<at::Tensor>& active,
+                        const c10::optional<at::Tensor>& selection_bias = c10::nullopt) {
   check_defined(op, "query", query);
   check_defined(op, "keys", keys);
   check_dim(op, "query", query, 2);
@@ -52,6 +53,21 @@ inline void check_route_inputs(const char* op, const at::Tensor& query, const at
     check_size(op, "active", a, 0, N, "the number of experts N");
     check_dtype(op, "active", a, at::kBool);
     check_same_device(op, "active", a, "query", query);
+  }
+  if (selection_bias.has_value() && selection_bias->defined()) {
+    const auto& b = *selection_bias;
+    // the bias reorders a top-k; top_p and top_any select by the scores' own values
+    TORCH_CHECK_VALUE(gating != Gating::TopP && gating != Gating::TopAny, op,
+                      ": 'selection_bias' works with the top-k gatings (softmax, sigmoid, relu, avg_k), not with "
+                      "gating '", gating == Gating::TopP ? "top_p" : "top_any", "'");
+    check_dim(op, "selection_bias", b, 1);
+    check_size(op, "selection_bias", b, 0, N, "the number of experts N");
+    check_floating(op, "selection_bias", b);
+    check_same_device(op, "selection_bias", b, "query", query);
+    // a value check (a device sync on GPUs, only where a bias is given): a NaN or Inf
+    // bias would decide the selection alone
+    TORCH_CHECK_VALUE(b.numel() == 0 || at::isfinite(b).all().item<bool>(), op,
+                      ": 'selection_bias' must be finite (no NaN or Inf)");
   }
 }
 

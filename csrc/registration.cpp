@@ -17,11 +17,13 @@
 
 TORCH_LIBRARY(some, m) {
   // docs/method.md §3 steps 1-4: scores, top-k selection and gates. (Float outputs come
-  // first; some.ops.route returns them as (indices, gates, scores).)
+  // first; some.ops.route returns them as (indices, gates, scores).) selection_bias (N,):
+  // added to the scores for choosing the top-k only (SPEC §4.1 balance_bias); the gates,
+  // the returned scores and the backward use the unbiased scores.
   m.def(
       "route(Tensor query, Tensor keys, int k, float temperature, str gating='softmax', "
       "str score_mode='cosine', float top_p=0.4, Tensor? thresholds=None, "
-      "Tensor? active=None, bool fallback_top1=False) "
+      "Tensor? active=None, bool fallback_top1=False, Tensor? selection_bias=None) "
       "-> (Tensor gates, Tensor scores, Tensor indices)");
   m.def(
       "route_backward(Tensor grad_gates, Tensor grad_scores, Tensor query, Tensor keys, "

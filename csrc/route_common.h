@@ -36,16 +36,18 @@ struct RoutePlan {
   at::Tensor S;                           // (T, N), accumulation dtype
   at::Tensor indices, gates, scores;      // (T, k) outputs (gates/scores in acc dtype)
   at::Tensor active, thresholds;          // contiguous, or undefined when absent / unused
+  at::Tensor bias;                        // selection bias in the accumulation dtype, or undefined
 };
 
 inline RoutePlan plan_route(const char* op, const at::Tensor& query, const at::Tensor& keys, int64_t k,
                             double temperature, c10::string_view gating_name, c10::string_view score_mode,
                             double top_p, const c10::optional<at::Tensor>& thresholds,
-                            const c10::optional<at::Tensor>& active) {
+                            const c10::optional<at::Tensor>& active,
+                            const c10::optional<at::Tensor>& selection_bias) {
   RoutePlan p;
   p.gating = parse_gating(op, gating_name);
   p.cosine = parse_score_mode(op, score_mode);
-  check_route_inputs(op, query, keys, k, temperature, p.gating, top_p, thresholds, active);
+  check_route_inputs(op, query, keys, k, temperature, p.gating, top_p, thresholds, active, selection_bias);
   p.T = query.size(0);
   p.N = keys.size(0);
   const auto acc = stats_dtype(query.scalar_type());
@@ -55,6 +57,7 @@ inline RoutePlan plan_route(const char* op, const at::Tensor& query, const at::T
   p.scores = at::empty({p.T, k}, query.options().dtype(acc));
   if (active.has_value() && active->defined()) p.active = active->contiguous();
   if (p.gating == Gating::TopAny) p.thresholds = thresholds->to(acc).contiguous();
+  if (selection_bias.has_value() && selection_bias->defined()) p.bias = selection_bias->to(acc).contiguous();
   return p;
 }
 

@@ -27,7 +27,10 @@ SOME_HOST_DEVICE void gates_of_selected(Gating gating, const acc_t* sc, int64_t 
   using std::exp;
   switch (gating) {
     case Gating::Softmax: {
-      const acc_t mx = count ? sc[0] / tau : acc_t(0);  // the best score: exp never overflows
+      // the largest selected score, so exp never overflows (sc[0] unless a selection
+      // bias chose the slots in another order)
+      acc_t mx = count ? sc[0] / tau : acc_t(0);
+      for (int64_t j = 1; j < count; ++j) mx = sc[j] / tau > mx ? sc[j] / tau : mx;
       acc_t sum = 0;
       for (int64_t j = 0; j < count; ++j) sum += (g[j] = exp(sc[j] / tau - mx));
       for (int64_t j = 0; j < count; ++j) g[j] /= sum;

@@ -228,6 +228,101 @@ def test_route_opcheck(gating, device):
     torch.library.opcheck(torch.ops.some.route.default, (q, K, 3, 0.8, gating, "cosine", 0.4, th, None, False))
 
 
+# selection bias (SPEC §4.1 balance_bias): chooses the top-k by s + b, gates by s
+TOPK_GATINGS = [g for g in GATINGS if g not in ("top_p", "top_any")]
+
+
+def _selection_bias(N, dtype, device, scale=0.6, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+@pytest.mark.parametrize("gating", TOPK_GATINGS)
+@pytest.mark.parametrize("score_mode", ["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,d,N,k", ROUTE_SIZES)
+def test_route_selection_bias_matches_reference(T, d, N, k, gating, score_mode, dtype, device, backend):
+    q, K, _ = make_route_inputs(T, d, N, dtype, device)
+    bias = _selection_bias(N, dtype, device)
+    temp = 0.8 if score_mode == "cosine" else 3.0
+    g = torch.Generator().manual_seed(5)
+    wg, ws = (torch.randn(T, k, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
+    got, got_grad = _route_and_grads(q, K, k, temp, gating, wg, ws, score_mode=score_mode, selection_bias=bias)
+    q2 = q.clone().requires_grad_()
+    ref = route_ref(q2, K, k, temp, gating, score_mode, selection_bias=bias)
+    assert torch.equal(got.indices.cpu(), ref[0]), "selected experts differ"
+    # the gates and the scores returned are those of the unbiased scores of the chosen experts
+    torch.testing.assert_close(got.gates.cpu(), ref[1].detach().cpu(), **tol(dtype, device))
+    torch.testing.assert_close(got.scores.cpu(), ref[2].detach().cpu(), **tol(dtype, device))
+    (ref[1] * wg).sum().add((ref[2] * ws).sum()).backward()
+    torch.testing.assert_close(got_grad, q2.grad, **tol(dtype, device))
+
+
+def test_route_selection_bias_changes_only_the_choice(device, backend):
+    q, K, _ = make_route_inputs(40, 6, 8, torch.float64, device)
+    zero = ops.route(q, K, 3, 0.8, selection_bias=torch.zeros(8, dtype=torch.float64, device=device))
+    plain = ops.route(q, K, 3, 0.8)
+    for a, b in zip(zero, plain):  # a zero bias is no bias, bit for bit
+        assert torch.equal(a, b)
+    # a large bias on expert 5 makes every token choose it, with the gate its own score earns
+    bias = torch.zeros(8, dtype=torch.float64, device=device)
+    bias[5] = 10.0
+    r = ops.route(q, K, 3, 0.8, selection_bias=bias)
+    assert (r.indices[:, 0] == 5).all()
+    torch.testing.assert_close(r.scores[:, 0], F.normalize(q, dim=1) @ F.normalize(K[5], dim=0))
+    # a bias of float32 with float64 queries is taken in the accumulation dtype
+    r32 = ops.route(q, K, 3, 0.8, selection_bias=bias.float())
+    assert torch.equal(r32.indices, r.indices)
+
+
+@pytest.mark.parametrize("gating", TOPK_GATINGS)
+def test_route_selection_bias_gradcheck(gating, device, backend):
+    q, K, _ = make_route_inputs(7, 5, 6, seed=3, device=device)
+    bias = _selection_bias(6, torch.float64, device, scale=0.3)
+    q.requires_grad_()
+
+    def f(q):
+        r = ops.route(q, K, 3, 0.7, gating, selection_bias=bias)
+        return r.gates, r.scores
+
+    assert torch.autograd.gradcheck(f, (q,), eps=1e-6, atol=1e-7)
+
+
+def test_route_selection_bias_opcheck(device):
+    q, K, _ = make_route_inputs(9, 6, 5, torch.float32, device)
+    q.requires_grad_()
+    bias = _selection_bias(5, torch.float32, device)
+    torch.library.opcheck(torch.ops.some.route.default,
+                          (q, K, 3, 0.8, "softmax", "cosine", 0.4, None, None, False, bias))
+
+
+def test_route_selection_bias_bad_inputs(device, backend):
+    q, K, thr = make_route_inputs(4, 3, 5, torch.float32, device)
+    bias = torch.zeros(5, device=device)
+    with pytest.raises(ValueError, match="'selection_bias' has shape"):
+        ops.route(q, K, 2, 0.8, selection_bias=bias[:4])
+    with pytest.raises(ValueError, match="'selection_bias' must be 1-D"):
+        ops.route(q, K, 2, 0.8, selection_bias=bias.reshape(1, 5))
+    with pytest.raises(TypeError, match="'selection_bias' must be float32"):
+        ops.route(q, K, 2, 0.8, selection_bias=bias.long())
+    with pytest.raises(TypeError, match="'selection_bias' must be a torch.Tensor"):
+        ops.route(q, K, 2, 0.8, selection_bias=[0.0] * 5)
+    with pytest.raises(ValueError, match="same device"):
+        ops.route(q, K, 2, 0.8, selection_bias=bias.to(other_device(device)))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="'selection_bias' must be finite"):
+            ops.route(q, K, 2, 0.8, selection_bias=torch.tensor([0, 0, bad, 0, 0], device=device))
+    with pytest.raises(ValueError, match="top-k gatings.*top_p"):
+        ops.route(q, K, 2, 0.8, "top_p", selection_bias=bias)
+    with pytest.raises(ValueError, match="top-k gatings.*top_any"):
+        ops.route(q, K, 2, 0.8, "top_any", thresholds=thr, selection_bias=bias)
+    if backend == "native":  # the kernel checks too
+        with pytest.raises(ValueError, match="must be finite"):
+            torch.ops.some.route(q, K, 2, 0.8, selection_bias=torch.full((5,), float("nan"), device=device))
+        with pytest.raises(ValueError, match="top-k gatings"):
+            torch.ops.some.route(q, K, 2, 0.8, "top_p", selection_bias=bias)
+
+
 def test_route_bfloat16_close_to_float32(device, backend):
     q, K, _ = make_route_inputs(64, 32, 16, torch.float32, device)
     r32 = ops.route(q, K, 4, 0.8)

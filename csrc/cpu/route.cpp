@@ -79,12 +79,13 @@ int64_t select_topk(const acc_t* s, int64_t N, int64_t cap, Eligible eligible, a
 
 template <typename acc_t>
 void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const bool* active,
-                const acc_t* thr, int64_t* out_idx, acc_t* out_gate, acc_t* out_score) {
+                const acc_t* thr, const acc_t* bias, int64_t* out_idx, acc_t* out_gate, acc_t* out_score) {
   const int64_t k = a.k;
   const acc_t tau = static_cast<acc_t>(a.temperature);
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> scratch;
     scratch.reserve(N);
+    std::vector<acc_t> biased(bias ? N : 0);  // a token's scores plus the selection bias
     for (int64_t t = begin; t < end; ++t) {
       const acc_t* s = S + t * N;
       int64_t* idx = out_idx + t * k;
@@ -104,6 +105,12 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
         } else {
           for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(count);
         }
+      } else if (bias) {
+        // choose by s + b, then gate (and report) the unbiased scores of the chosen
+        for (int64_t e = 0; e < N; ++e) biased[e] = s[e] + bias[e];
+        count = select_topk(biased.data(), N, k, is_active, sc, idx, scratch);
+        for (int64_t j = 0; j < count; ++j) sc[j] = s[idx[j]];
+        gates_of_selected(a.gating, sc, count, tau, g);  // top-k gatings only (checked)
       } else {
         count = select_topk(s, N, k, is_active, sc, idx, scratch);
         switch (a.gating) {
@@ -142,9 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& query, const at::Tensor& keys, int64_t k, double temperature,
     c10::string_view gating_name, c10::string_view score_mode, double top_p,
     const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& active,
-    bool fallback_top1) {
+    bool fallback_top1, const c10::optional<at::Tensor>& selection_bias) {
   const char* op = "some.route";
-  auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active);
+  auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active,
+                         selection_bias);
   const Gating gating = plan.gating;
   const bool cosine = plan.cosine;
   const int64_t T = plan.T, N = plan.N;
@@ -157,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
     route_rows<scalar_t>(S.data_ptr<scalar_t>(), T, N, args,
                          act.defined() ? act.data_ptr<bool>() : nullptr,
                          thr.defined() ? thr.data_ptr<scalar_t>() : nullptr,
+                         plan.bias.defined() ? plan.bias.data_ptr<scalar_t>() : nullptr,
                          indices.data_ptr<int64_t>(), gates.data_ptr<scalar_t>(),
                          scores.data_ptr<scalar_t>());
   });

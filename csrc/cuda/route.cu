@@ -4,7 +4,8 @@
 // normalized rows (at::mm, cuBLAS); selection and gating run one warp per
 // token; all arithmetic is in the accumulation type (float64 for float64
 // queries, float32 otherwise) and the outputs are cast to the query's dtype.
-// Nothing here synchronizes with the host.
+// Nothing here synchronizes with the host, but the finiteness check of a
+// selection bias where one is given (csrc/op_checks.h).
 //
 // Selection: k rounds of a warp-wide arg-max over the token's score row, each
 // round restricted to the experts ranked after the previous winner in the
@@ -73,6 +74,7 @@ struct RouteParams {
   bool fallback_top1;
   const bool* active;  // [N] or nullptr
   const acc_t* thr;    // [N] (top_any) or nullptr
+  const acc_t* bias;   // [N] selection bias (top-k gatings) or nullptr
   int64_t* out_idx;    // [T, k]
   acc_t* out_gate;
   acc_t* out_score;
@@ -93,8 +95,9 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
   auto next = [&](Cand<acc_t> prev, bool need_fired) -> Cand<acc_t> {
     Cand<acc_t> best{acc_t(0), -1};
     for (int e = lane; e < a.N; e += kWarpSize) {
-      const acc_t v = s[e];
-      if (!(v == v)) continue;  // NaN
+      if (!(s[e] == s[e])) continue;  // NaN
+      // ranked by the biased score where a selection bias is given (finite: checked)
+      const acc_t v = a.bias != nullptr ? s[e] + a.bias[e] : s[e];
       if (a.active != nullptr && !a.active[e]) continue;
       // top_any fires when σ(s/τ) > σ(G_e), i.e. s/τ > G_e (as the CPU)
       if (need_fired && !(v / tau > a.thr[e])) continue;
@@ -162,7 +165,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
       if (c.e < 0) break;
       if (lane == 0) {
         idx[count] = c.e;
-        sc[count] = c.s;
+        sc[count] = s[c.e];  // the unbiased score (c.s holds the biased one with a selection bias)
       }
       ++count;
     }
@@ -181,9 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& query, const at::Tensor& keys, int64_t k, double temperature,
     c10::string_view gating_name, c10::string_view score_mode, double top_p,
     const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& active,
-    bool fallback_top1) {
+    bool fallback_top1, const c10::optional<at::Tensor>& selection_bias) {
   const char* op = "some.route";
-  auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active);
+  auto plan = plan_route(op, query, keys, k, temperature, gating_name, score_mode, top_p, thresholds, active,
+                         selection_bias);
   const Gating gating = plan.gating;
   const int64_t T = plan.T, N = plan.N;
   const auto& S = plan.S;  // (T, N)
@@ -206,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
                               fallback_top1,
                               act.defined() ? act.data_ptr<bool>() : nullptr,
                               thr.defined() ? thr.data_ptr<scalar_t>() : nullptr,
+                              plan.bias.defined() ? plan.bias.data_ptr<scalar_t>() : nullptr,
                               indices.data_ptr<int64_t>(),
                               gates.data_ptr<scalar_t>(),
                               scores.data_ptr<scalar_t>()};

@@ -56,6 +56,7 @@ def route(
     thresholds: Tensor | None = None,
     active: Tensor | None = None,
     fallback_top1: bool = False,
+    selection_bias: Tensor | None = None,
 ) -> RouteResult:
     """Score every token against the key store and pick its experts (docs/method.md §3 steps 1-4).
 
@@ -72,6 +73,11 @@ def route(
         active: ``(N,)`` bool mask; inactive experts are never selected.
         fallback_top1: for ``top_any``, a token that fires no expert gets its
             top-1 expert with gate 1 (used at evaluation).
+        selection_bias: ``(N,)`` finite per-expert bias added to the scores for
+            choosing the top-k only (loss-free balancing, SPEC §4.1 ``balance_bias``);
+            the slots come in the order of the biased scores, the gates, the returned
+            scores and the gradients use the unbiased ones. Top-k gatings only (not
+            ``top_p`` / ``top_any``). Never differentiated.
 
     Returns:
         ``RouteResult(indices, gates, scores)``, each ``(T, k)``; empty slots
@@ -80,21 +86,25 @@ def route(
     """
     _check_tensor("query", query)
     _check_tensor("keys", keys)
+    if selection_bias is not None:
+        _check_tensor("selection_bias", selection_bias)
     if gating not in GATINGS:
         raise ValueError(f"some.route: unknown gating {gating!r}; expected one of {GATINGS}")
     if score_mode not in SCORE_MODES:
         raise ValueError(f"some.route: unknown score_mode {score_mode!r}; expected one of {SCORE_MODES}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"some.route: k must be an int, got {type(k).__name__}")
-    _check_devices("route", query=query, keys=keys, thresholds=thresholds, active=active)
+    _check_devices("route", query=query, keys=keys, thresholds=thresholds, active=active,
+                   selection_bias=selection_bias)
     if gating == "top_any" and thresholds is None:
         raise ValueError("some.route: gating 'top_any' needs the per-expert 'thresholds' tensor of shape (N,)")
     if backend_for(query.device) == "torch":
         return torch_backend.route(query, keys, k, float(temperature), gating, score_mode=score_mode,
                                    top_p=float(top_p), thresholds=thresholds, active=active,
-                                   fallback_top1=fallback_top1)
+                                   fallback_top1=fallback_top1, selection_bias=selection_bias)
     gates, scores, indices = torch.ops.some.route(
-        query, keys, k, float(temperature), gating, score_mode, float(top_p), thresholds, active, fallback_top1
+        query, keys, k, float(temperature), gating, score_mode, float(top_p), thresholds, active, fallback_top1,
+        None if selection_bias is None else selection_bias.detach(),
     )
     return RouteResult(indices, gates, scores)
 

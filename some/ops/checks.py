@@ -88,7 +88,8 @@ def check_indices(op: str, indices: Tensor, num_experts: int) -> None:
 
 
 def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float, gating: str, score_mode: str,
-                top_p: float, thresholds: Tensor | None, active: Tensor | None) -> None:
+                top_p: float, thresholds: Tensor | None, active: Tensor | None,
+                selection_bias: Tensor | None = None) -> None:
     if gating not in GATINGS:
         raise ValueError(f"{op}: unknown gating '{gating}'; expected one of {', '.join(GATINGS)}")
     if score_mode not in SCORE_MODES:
@@ -123,6 +124,19 @@ def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float
         _size(op, "active", active, 0, N, "the number of experts N")
         _dtype(op, "active", active, torch.bool)
         _same_device(op, "active", active, "query", query)
+    if selection_bias is not None:
+        # the bias reorders a top-k; top_p and top_any select by the scores' own values
+        if gating in ("top_p", "top_any"):
+            raise ValueError(f"{op}: 'selection_bias' works with the top-k gatings (softmax, sigmoid, relu, avg_k), "
+                             f"not with gating '{gating}'")
+        _dim(op, "selection_bias", selection_bias, 1)
+        _size(op, "selection_bias", selection_bias, 0, N, "the number of experts N")
+        _floating(op, "selection_bias", selection_bias)
+        _same_device(op, "selection_bias", selection_bias, "query", query)
+        # a value check (a device sync on GPUs; fake tensors have no values): a NaN or Inf
+        # bias would decide the selection alone
+        if not is_fake(selection_bias) and not bool(torch.isfinite(selection_bias).all()):
+            raise ValueError(f"{op}: 'selection_bias' must be finite (no NaN or Inf)")
 
 
 def check_experts(op: str, x: Tensor, indices: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,

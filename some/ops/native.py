@@ -63,8 +63,9 @@ def built_for(device: torch.device) -> bool:
 
 
 def _route_fake(query, keys, k, temperature, gating="softmax", score_mode="cosine", top_p=0.4,
-                thresholds=None, active=None, fallback_top1=False):
-    checks.check_route("some.route", query, keys, k, temperature, gating, score_mode, top_p, thresholds, active)
+                thresholds=None, active=None, fallback_top1=False, selection_bias=None):
+    checks.check_route("some.route", query, keys, k, temperature, gating, score_mode, top_p, thresholds, active,
+                       selection_bias)
     T = query.shape[0]
     return (query.new_empty((T, k)), query.new_empty((T, k)), query.new_empty((T, k), dtype=torch.long))
 
@@ -86,7 +87,7 @@ def _no_double_backward(op: str, *grads) -> None:
 
 
 def _route_setup_context(ctx, inputs, output):
-    query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, fallback_top1 = inputs
+    query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, fallback_top1, _bias = inputs
     gates, scores, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.set_materialize_grads(False)
@@ -101,7 +102,7 @@ def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
     need_query = ctx.needs_input_grad[0]
     need_thr = thresholds is not None and ctx.needs_input_grad[7]
     if not (need_query or need_thr) or (grad_gates is None and grad_scores is None):
-        return (None,) * 10
+        return (None,) * 11
     grad_gates = torch.zeros_like(gates) if grad_gates is None else grad_gates.contiguous()
     grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores.contiguous()
     grad_query, grad_thr = torch.ops.some.route_backward(
@@ -109,7 +110,7 @@ def _route_backward(ctx, grad_gates, grad_scores, grad_indices):
         temperature, gating, score_mode, thresholds, active,
     )
     return (grad_query if need_query else None, None, None, None, None, None, None,
-            grad_thr if need_thr else None, None, None)
+            grad_thr if need_thr else None, None, None, None)
 
 
 def _experts_fake(x, indices, gates, w1, b1, w2, b2):

@@ -23,8 +23,9 @@ def scores_ref(query: Tensor, keys: Tensor, score_mode: str = "cosine") -> Tenso
 
 def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str = "softmax",
               score_mode: str = "cosine", top_p: float = 0.4, thresholds: Tensor | None = None,
-              active: Tensor | None = None, fallback_top1: bool = False):
-    """Steps 1-4 of docs/method.md §3, one token at a time."""
+              active: Tensor | None = None, fallback_top1: bool = False, selection_bias: Tensor | None = None):
+    """Steps 1-4 of docs/method.md §3, one token at a time (a ``selection_bias`` ranks by
+    score + bias, DeepSeek-V3's loss-free balancing; the gates use the scores alone)."""
     S = scores_ref(query, keys, score_mode)  # (T, N)
     T, N = S.shape
     tau = temperature
@@ -33,6 +34,8 @@ def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: s
     for t in range(T):
         s = S[t]
         vals = s.detach().tolist()
+        if selection_bias is not None:
+            vals = [v + b for v, b in zip(vals, selection_bias.tolist())]
         # descending score, ties to the lower index
         ranked = sorted((e for e in range(N) if is_active[e]), key=lambda e: (-vals[e], e))
         const_gate = None

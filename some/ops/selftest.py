@@ -70,10 +70,10 @@ def _backends(device: torch.device) -> list[str]:
     return (["native"] if native.built_for(device) else []) + ["torch"]
 
 
-def _route_call(backend: str, query, keys, k, gating, thresholds, weights):
+def _route_call(backend: str, query, keys, k, gating, thresholds, bias, weights):
     """Forward and backward of route on ``backend``; the loss weighs gates and scores."""
     with use_backend(backend):
-        r = api.route(query, keys, k, 0.8, gating, thresholds=thresholds)
+        r = api.route(query, keys, k, 0.8, gating, thresholds=thresholds, selection_bias=bias)
         wg, ws = (w.to(device=query.device, dtype=r.gates.dtype) for w in weights)
         ((r.gates * wg).sum() + (r.scores * ws).sum()).backward()
     return r
@@ -86,16 +86,20 @@ def _route_checks(device, dtype, quick) -> Iterator[CheckResult]:
         q64 = torch.randn(T, d, generator=g, dtype=torch.float64)
         K64 = torch.randn(N, d, generator=g, dtype=torch.float64)
         thr64 = 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+        bias64 = 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
         q, K, thr = (t.to(device=device, dtype=dtype) for t in (q64, K64, thr64))
+        bias = bias64.to(device=device, dtype=torch.float32)  # as the layer keeps it (float32)
         weights = tuple(torch.randn(T, k, generator=g, dtype=torch.float64) for _ in range(2))
-        for gating in GATINGS:
+        # every gating, and softmax choosing with a selection bias (balance_bias)
+        for gating, b in [*((gating, None) for gating in GATINGS), ("softmax", bias)]:
             th = thr if gating == "top_any" else None
             qr = q.detach().double().cpu().clone().requires_grad_()  # a copy even for float64 inputs
-            ref = route_ref(qr, K.double().cpu(), k, 0.8, gating, thresholds=None if th is None else th.double().cpu())
+            ref = route_ref(qr, K.double().cpu(), k, 0.8, gating, thresholds=None if th is None else th.double().cpu(),
+                            selection_bias=None if b is None else b.double().cpu())
             ((ref[1] * weights[0]).sum() + (ref[2] * weights[1]).sum()).backward()
             for backend in _backends(device):
                 qq = q.detach().clone().requires_grad_()
-                r, seconds = _timed(_route_call, device, backend, qq, K, k, gating, th, weights)
+                r, seconds = _timed(_route_call, device, backend, qq, K, k, gating, th, b, weights)
                 same = (r.indices.cpu() == ref[0]).all(dim=1)
                 note = "" if bool(same.all()) else f"{int((~same).sum())}/{T} tokens chose other experts (near ties)"
                 if dtype == torch.float64 and not bool(same.all()):
@@ -108,7 +112,8 @@ def _route_checks(device, dtype, quick) -> Iterator[CheckResult]:
                     err = float("inf")
                 if float((~same).float().mean()) > 0.02:  # a few near ties flip in low precision, not more
                     err = float("inf")
-                yield CheckResult(f"route[{gating}]", f"T={T} d={d} N={N} k={k}", str(dtype).removeprefix("torch."),
+                name = f"route[{gating}]" if b is None else f"route[{gating}, selection_bias]"
+                yield CheckResult(name, f"T={T} d={d} N={N} k={k}", str(dtype).removeprefix("torch."),
                                   backend, err, TOLERANCE[dtype], seconds, note)
 
 

@@ -73,9 +73,10 @@ def _top(scores: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str = "softmax", *,
           score_mode: str = "cosine", top_p: float = 0.4, thresholds: Tensor | None = None,
-          active: Tensor | None = None, fallback_top1: bool = False) -> RouteResult:
+          active: Tensor | None = None, fallback_top1: bool = False,
+          selection_bias: Tensor | None = None) -> RouteResult:
     op = "some.route"
-    check_route(op, query, keys, k, temperature, gating, score_mode, top_p, thresholds, active)
+    check_route(op, query, keys, k, temperature, gating, score_mode, top_p, thresholds, active, selection_bias)
     acc = stats_dtype(query.dtype)
     tau = float(temperature)
     q, K = query.to(acc), keys.detach().to(acc)
@@ -95,6 +96,8 @@ def route(query: Tensor, keys: Tensor, k: int, temperature: float, gating: str =
                 best, best_valid = _top(S, eligible, 1)
                 idx[:, :1] = torch.where(fallback.unsqueeze(1), best, idx[:, :1])
                 valid[:, :1] |= fallback.unsqueeze(1) & best_valid
+        elif selection_bias is not None:  # chosen by s + b; gated by s (below)
+            idx, valid = _top(S + selection_bias.detach().to(acc).unsqueeze(0), eligible, k)
         else:
             idx, valid = _top(S, eligible, k)
     s_sel = S.gather(1, idx)  # (T, k), differentiable
