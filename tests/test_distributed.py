@@ -133,10 +133,13 @@ def test_dead_rank_stops_the_other_with_a_clear_error(tmp_path):
     assert elapsed < 200
 
 
-def test_ranks_keep_identical_query_means(tmp_path):
+def test_ranks_keep_identical_routing_health_state(tmp_path):
     # center_queries: μ comes from the step's real rows of every rank (summed before the
-    # update), so two ranks hold the same μ, keys and parameters after every step
+    # update); balance_bias: the bias from the step's counts of every rank; key_init = data:
+    # rank 0's k-means keys (and μ) broadcast at the first forward. So two ranks hold the
+    # same μ, biases, keys and parameters after every step.
     out = tmp_path / "centered"
-    run_train(out, "--set", "center_queries=true", nproc=2, faults={"state_digest": "1"})
+    run_train(out, "--set", "center_queries=true", "balance_bias=true", "key_init=data", nproc=2,
+              faults={"state_digest": "1"})
     rank0 = (out / "digest.rank0.jsonl").read_text().splitlines()
     assert rank0 == (out / "digest.rank1.jsonl").read_text().splitlines() and len(rank0) == 16

@@ -16,8 +16,8 @@ from ..fields import check_choice, check_field_types, check_range, check_size, p
 from ..ops.checks import MIN_TEMPERATURE
 from ..ops.types import GATINGS, SCORE_MODES
 
-__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "ROUTERS", "ROUTING_LEVELS", "ModelConfig",
-           "SoMELayerConfig"]
+__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "KEY_INITS", "ROUTERS", "ROUTING_LEVELS",
+           "ModelConfig", "SoMELayerConfig"]
 
 ROUTERS = ("mlp", "linear", "frozen", "random")
 ROUTING_LEVELS = ("token", "sequence")
@@ -27,6 +27,9 @@ ROUTING_LEVELS = ("token", "sequence")
 EXPERT_INITS = ("default", "cluster")
 EXPERT_DTYPES = ("float32", "bfloat16")
 EXPERT_STORAGES = ("materialized", "procedural")
+# "random": unit keys drawn from seed + layer; "data": k-means centroids of the first
+# training batch's (centered) router outputs (SPEC §4.1, the VQ codebook habit)
+KEY_INITS = ("random", "data")
 
 
 @dataclass
@@ -75,6 +78,13 @@ class SoMELayerConfig:
     # ranks; the first step sets it, later ones move it by center_momentum), frozen in eval.
     center_queries: bool = False
     center_momentum: float = 0.1
+    # balance_bias: loss-free balancing (DeepSeek-V3): a per-expert bias b added to the scores
+    # for choosing the top-k only (gates use the unbiased scores, in training and evaluation),
+    # after every optimizer step b_e += balance_rate · sign(mean(c) − c_e) with c the step's
+    # selection counts over the active experts (all micro-batches and ranks).
+    balance_bias: bool = False
+    balance_rate: float = 0.01
+    key_init: str = "random"  # random | data (see KEY_INITS)
 
     @validator
     def validate(self) -> SoMELayerConfig:
@@ -102,6 +112,14 @@ class SoMELayerConfig:
         check_range("adaptive_threshold", self.adaptive_threshold)
         check_size("revive_after", self.revive_after, 0)
         check_range("center_momentum", self.center_momentum, 0, 1, lo_open=True)
+        check_range("balance_rate", self.balance_rate, 0, lo_open=True)
+        check_choice("key_init", self.key_init, KEY_INITS)
+        if self.balance_bias and self.gating in ("top_p", "top_any"):
+            raise ConfigError(f"balance_bias reorders a top-k: it needs a top-k gating (softmax, sigmoid, relu, "
+                              f"avg_k), not gating = {self.gating!r}")
+        if self.key_init == "data" and self.expert_init == "cluster":
+            raise ConfigError("key_init = 'data' and expert_init = 'cluster' both set the keys: the clustering "
+                              "starts each key at its expert's cluster mean; use one of them")
         if self.initial_experts is not None and not self.top_k <= self.initial_experts <= self.num_experts:
             raise ConfigError(f"config field 'initial_experts' must be in top_k..num_experts = "
                               f"{self.top_k}..{self.num_experts}, got {self.initial_experts}")

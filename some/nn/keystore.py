@@ -18,11 +18,21 @@ from .. import ops
 from ..ops import KeystoreStats
 from ..ops.checks import stats_dtype
 from .config import SoMELayerConfig
+from .key_init import kmeans_keys
 from .revival import draw_candidates, revive_dead_keys
 from .router import Queries
 from .telemetry import RoutingTelemetry, real_rows
 
 __all__ = ["KeyStore"]
+
+
+def _broadcast_from_rank0(tensors: list[Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place, where a process group of more
+    than one rank is running (the engine's data parallelism); nothing otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        for t in tensors:
+            torch.distributed.broadcast(t, src=0)
 
 
 class KeyStore(nn.Module):
@@ -59,6 +69,12 @@ class KeyStore(nn.Module):
             self.register_buffer("query_mean", torch.zeros(d, device=device, dtype=kdt))
             self.register_buffer("query_mean_updates", torch.zeros((), device=device, dtype=torch.long))
         self._pending_query_sum: Tensor | None = None
+        # balance_bias: the per-expert selection bias b (registered only then, as μ)
+        if config.balance_bias:
+            self.register_buffer("selection_bias", torch.zeros(N, device=device, dtype=kdt))
+        # key_init = data: whether the keys were set from data yet (saved: a resumed run keeps them)
+        if config.key_init == "data":
+            self.register_buffer("keys_from_data", torch.zeros((), device=device, dtype=torch.bool))
 
     @property
     def num_experts(self) -> int:
@@ -81,8 +97,38 @@ class KeyStore(nn.Module):
         self.window_counts.zero_()
         self.window_unmatched.zero_()
         self.window_steps.zero_()
+        if self.config.center_queries:
+            self.query_mean.zero_()
+            self.query_mean_updates.zero_()
+        if self.config.balance_bias:
+            self.selection_bias.zero_()
+        if self.config.key_init == "data":
+            self.keys_from_data.fill_(False)
 
     # --------------------------------------------------------------- routing
+    @torch.no_grad()
+    def init_keys_from_data(self, rows: Tensor, real: Tensor | None) -> None:
+        """``key_init = data``: once, at the first training forward, the keys become k-means
+        centroids of ``rows`` ``(R, d)`` (the router outputs; ``real`` marks the real ones),
+        centered on their mean with center_queries (which then also starts μ there). With
+        fewer real rows than experts, the remaining keys stay random. Under data parallelism
+        rank 0's keys (and μ) are broadcast, so every rank starts from the same store."""
+        cfg = self.config
+        if cfg.key_init != "data" or bool(self.keys_from_data):
+            return
+        x = rows.detach().to(self.keys.dtype)
+        if real is not None:
+            x = x[real.reshape(-1)]
+        if x.shape[0] > 0:
+            if cfg.center_queries:
+                self.query_mean.copy_(x.mean(0))
+                x = x - self.query_mean
+            gen = torch.Generator().manual_seed(self.seed + self.layer)
+            centroids = kmeans_keys(x, cfg.num_experts, gen, cosine=cfg.score_mode == "cosine")
+            self.keys[:centroids.shape[0]] = centroids.to(self.keys.device, self.keys.dtype)
+        _broadcast_from_rank0([self.keys, *([self.query_mean] if cfg.center_queries else [])])
+        self.keys_from_data.fill_(True)
+
     def center(self, rows: Tensor, real: Tensor | None, *, training: bool) -> Tensor:
         """``rows`` ``(R, d)`` minus μ with center_queries (as they are otherwise); in
         training, their real rows' sum joins the step's statistics for μ's update."""
@@ -100,7 +146,8 @@ class KeyStore(nn.Module):
         cfg = self.config
         return ops.route(query, self.keys, cfg.top_k, cfg.temperature, cfg.gating, score_mode=cfg.score_mode,
                          top_p=cfg.top_p, thresholds=self.thresholds, active=self.expert_active,
-                         fallback_top1=not training)
+                         fallback_top1=not training,
+                         selection_bias=self.selection_bias if cfg.balance_bias else None)
 
     @torch.no_grad()
     def observe(self, queries: Queries, routed: ops.RouteResult, indices: Tensor, gates: Tensor,
@@ -205,6 +252,8 @@ class KeyStore(nn.Module):
             counts, coselect, cfg.alpha, cfg.beta, cfg.delta, cfg.theta_percentile, cfg.ema_decay,
             normalize=cfg.score_mode == "cosine", wait=wait)
         telemetry.observe_update(counts, keys_before, self.keys)
+        if cfg.balance_bias:
+            self._balance(counts)
         if cfg.revive_after and self._pending_candidates is not None:  # after the step's self-organization
             revive_dead_keys(self.keys, self.key_velocity, self.key_usage, self.expert_active, telemetry,
                              self._pending_candidates, cfg.revive_after, revival_generator())
@@ -226,6 +275,15 @@ class KeyStore(nn.Module):
         else:
             self.query_mean.lerp_(mean, self.config.center_momentum)
         self.query_mean_updates += 1
+
+    def _balance(self, counts: Tensor) -> None:
+        """Loss-free balancing (DeepSeek-V3): b_e += u · sign(mean(c) − c_e) over the active
+        experts, c this step's selection counts (the inactive ones keep their bias)."""
+        active = self.expert_active
+        c = counts.to(self.selection_bias.dtype)
+        mean = c[active].mean() if bool(active.any()) else c.new_zeros(())
+        step = self.config.balance_rate * torch.sign(mean - c)
+        self.selection_bias.add_(torch.where(active, step, 0.0))
 
     def _adapt(self, counts: Tensor) -> None:
         """One step of the adaptive process's window (docs/method.md §4, DynMoE)."""
@@ -258,9 +316,6 @@ class KeyStore(nn.Module):
         self.window_counts.zero_()
         self.window_unmatched.zero_()
         self.window_steps.zero_()
-        if self.config.center_queries:
-            self.query_mean.zero_()
-            self.query_mean_updates.zero_()
 
     @property
     def active_experts(self) -> int:

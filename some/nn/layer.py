@@ -95,6 +95,8 @@ class SoMELayer(nn.Module):
         B, S, _ = x.shape
 
         queries = self.router(x, token_mask)  # step 1
+        if self.training:  # key_init = data: the keys from this first batch's queries (once)
+            self.key_store.init_keys_from_data(queries.rows, queries.real)
         queries = replace(queries, rows=self.key_store.center(queries.rows, queries.real, training=self.training))
         if queries.rows.device.type == "cpu" and not bool(torch.isfinite(queries.rows).all()):  # (a sync on GPUs)
             raise TrainingDiverged(f"the router's output is not finite (NaN/Inf) in SoME layer {self.layer}")
