@@ -188,7 +188,8 @@ def _eval(args: argparse.Namespace) -> int:
                             val_docs=args.docs)
     print(eval_text(result))
     if args.out:
-        print(f"Wrote {Path(args.out) / 'eval.json'}, eval.md, usage_histogram.png")
+        picture = ", usage_histogram.png" if "usage_counts" in result else ""  # none for a dense control
+        print(f"Wrote {Path(args.out) / 'eval.json'}, eval.md{picture}")
     return 0
 
 

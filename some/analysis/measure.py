@@ -73,17 +73,19 @@ def analytic_flops_per_token(config: ModelConfig, experts_per_token: float | Seq
         [float(x) for x in experts_per_token]
     if len(k_eff) != L:
         raise ValueError(f"experts_per_token needs one value per layer ({L}), got {len(k_eff)}")
-    router = 2 * d * d if config.router == "linear" else 2 * (d * 2 * d + 2 * d * d)  # d -> 2d -> d
-    # sequence-level routing scores one query per sequence, shared by its S tokens
-    route = 2 * N * d / (S if config.routing_level == "sequence" else 1)
     parts = {
         "attention_linear": L * (2 * d * 3 * d + 2 * d * d),  # fused qkv + output projection
         "attention_sdpa": L * 4 * S * d,  # q kᵀ and (attn) v
-        "router": L * router,
-        "route": L * route,
-        "experts": sum(4 * k * h * d for k in k_eff),  # two GEMMs per selected expert
-        "lm_head": 2 * d * V,
     }
+    if getattr(config, "ffn", "some") == "dense":  # a dense control: two GEMMs of width dense_width
+        parts["dense_ffn"] = L * 4 * config.dense_width * d
+    else:
+        router = 2 * d * d if config.router == "linear" else 2 * (d * 2 * d + 2 * d * d)  # d -> 2d -> d
+        # sequence-level routing scores one query per sequence, shared by its S tokens
+        route = 2 * N * d / (S if config.routing_level == "sequence" else 1)
+        parts.update(router=L * router, route=L * route,
+                     experts=sum(4 * k * h * d for k in k_eff))  # two GEMMs per selected expert
+    parts["lm_head"] = 2 * d * V
     parts["total"] = sum(parts.values())
     return parts
 

@@ -16,7 +16,7 @@ from ..fields import check_choice, check_field_types, check_range, check_size, p
 from ..ops.checks import MIN_TEMPERATURE
 from ..ops.types import GATINGS, SCORE_MODES
 
-__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "KEY_INITS", "ROUTERS", "ROUTING_LEVELS",
+__all__ = ["EXPERT_DTYPES", "EXPERT_INITS", "EXPERT_STORAGES", "FFNS", "KEY_INITS", "ROUTERS", "ROUTING_LEVELS",
            "ModelConfig", "SoMELayerConfig"]
 
 ROUTERS = ("mlp", "linear", "frozen", "random")
@@ -26,6 +26,9 @@ ROUTING_LEVELS = ("token", "sequence")
 # replaces the default ones.
 EXPERT_INITS = ("default", "cluster")
 EXPERT_DTYPES = ("float32", "bfloat16")
+# "some": every feed-forward part is a SoME layer; "dense": a trainable dense FFN of width
+# dense_width in its place (the controls an MoE result is read against)
+FFNS = ("some", "dense")
 EXPERT_STORAGES = ("materialized", "procedural")
 # "random": unit keys drawn from seed + layer; "data": k-means centroids of the first
 # training batch's (centered) router outputs (SPEC §4.1, the VQ codebook habit)
@@ -138,6 +141,11 @@ class ModelConfig(SoMELayerConfig):
     seq_len: int = 768  # SEQ_LEN: the longest input the model takes
     rope_base: float = 10000.0
     expert_dtype: str = "float32"  # storage dtype of the frozen experts: float32 | bfloat16
+    # The feed-forward parts (see FFNS). A dense control of width 2d has the SoME layer's
+    # trainable parameters (its router MLP: does the frozen store add anything beyond it?);
+    # of width k·h its active FFN FLOPs per token. The SoME layer's fields do not apply to it.
+    ffn: str = "some"
+    dense_width: int = 0  # hidden width of the dense FFN (ffn = dense)
     # Initialization is a pure function of the seed: SoME layer i's experts (the generator's,
     # any device) and keys (drawn on the CPU from seed + i) are the same on every device; the
     # trainable weights come from torch's generator of the device the model is built on.
@@ -157,7 +165,23 @@ class ModelConfig(SoMELayerConfig):
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"head size d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
         check_choice("expert_dtype", self.expert_dtype, EXPERT_DTYPES)
+        check_choice("ffn", self.ffn, FFNS)
+        check_size("dense_width", self.dense_width, 0)
+        if self.ffn == "dense" and self.dense_width < 1:
+            raise ConfigError("ffn = 'dense' needs its hidden width: set dense_width (e.g. 2·d_model for the "
+                              "router's trainable parameters, top_k·d_ffn for the active FLOPs)")
         return self
+
+    def describe(self) -> str:
+        """The architecture in one sentence (the report's and the model card's)."""
+        shape = (f"V = {self.vocab_size}, d = {self.d_model}, L = {self.n_layers}, {self.n_heads} heads, "
+                 f"seq_len = {self.seq_len}")
+        if self.ffn == "dense":
+            return (f"Dense control decoder LM: {shape}; per layer a trainable dense FFN of width {self.dense_width} "
+                    f"in place of the SoME layer (no experts, router or key store).")
+        return (f"SoME decoder LM: {shape}; per layer N = {self.num_experts} frozen experts (h = {self.d_ffn}), "
+                f"top-{self.top_k} {self.gating} gating (τ = {self.temperature}), {self.router} router at "
+                f"{self.routing_level} level.")
 
     def layer_config(self) -> SoMELayerConfig:
         """The :class:`SoMELayerConfig` of every SoME layer (this config's layer fields)."""

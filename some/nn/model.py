@@ -184,6 +184,8 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
     """The SoME language model of docs/method.md §2: every feed-forward part is a
     :class:`SoMELayer`; layer ``i``'s experts are the generator's for
     ``(config.seed, i)`` (docs/method.md §9), its keys drawn from seed ``config.seed + i``.
+    With ``config.ffn = "dense"`` they are trainable :class:`DenseFFN` of width
+    ``config.dense_width`` instead (a control; :meth:`some_layers` is then empty).
 
     ``save_pretrained(dir)`` / ``SoMEForCausalLM.from_pretrained(dir or hub id)``
     (and ``push_to_hub``) store and load it as :mod:`some.nn.pretrained`
@@ -196,8 +198,14 @@ class SoMEForCausalLM(CausalLM, ModelHubMixin, library_name="some",
         config.validate()
         layer = config.layer_config()
         expert_dtype = getattr(torch, config.expert_dtype)
-        super().__init__(config, lambda i: SoMELayer(layer, seed=config.seed, layer=i, device=device, dtype=dtype,
-                                                     expert_dtype=expert_dtype), device=device, dtype=dtype)
+        if config.ffn == "dense":  # a dense control: the same model around trainable dense FFNs
+            def make_ffn(i):
+                return DenseFFN(config.d_model, config.dense_width, device=device, dtype=dtype)
+        else:
+            def make_ffn(i):
+                return SoMELayer(layer, seed=config.seed, layer=i, device=device, dtype=dtype,
+                                 expert_dtype=expert_dtype)
+        super().__init__(config, make_ffn, device=device, dtype=dtype)
         self.tokenizer = None
         self.card_info: dict | None = None
         self.eos_token_id: int | None = None

@@ -70,11 +70,10 @@ def model_card(model, info: dict[str, Any] | None = None) -> str:
                else "stored in model.safetensors")
     lines = ["---", "library_name: some", "tags: [mixture-of-experts, some, self-organizing-moe]", "---", "",
              f"# SoME language model ({info.get('name', 'some')})", "",
-             f"SoME decoder LM: V = {cfg.vocab_size}, d = {cfg.d_model}, L = {cfg.n_layers}, {cfg.n_heads} heads, "
-             f"seq_len = {cfg.seq_len}; per layer N = {cfg.num_experts} frozen experts (h = {cfg.d_ffn}), "
-             f"top-{cfg.top_k} {cfg.gating} gating, {cfg.router} router at {cfg.routing_level} level.", "",
-             f"- Parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable; the frozen experts are "
-             f"{experts} (seed {cfg.seed}).", f"- Written by some {__version__}."]
+             cfg.describe(), "",
+             f"- Parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable"
+             + (f"; the frozen experts are {experts} (seed {cfg.seed})." if cfg.ffn == "some" else "."),
+             f"- Written by some {__version__}."]
     if info.get("data"):
         lines.append(f"- Data: {info['data']}")
     metrics = info.get("metrics") or {}

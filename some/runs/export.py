@@ -138,17 +138,18 @@ def evaluate_model(model_dir: str | Path, source: str | None = None, *, ood: str
         raise ConfigError(str(e)) from None
     data = build_eval_data(cfg, model.tokenizer, same_split=same)
     batch = batch_size or run.get("eval_batch_size", 16)
-    middle = len(model.some_layers()) // 2
+    middle = len(model.some_layers()) // 2 if model.some_layers() else None  # None: a dense control
     result: dict[str, Any] = {"model": str(model_dir), "device": str(device), "source": source,
                               "split": "the run's validation split" if same else "validation split of a fresh split",
                               "documents": data.val.num_documents, "tokens": data.val.num_tokens}
     precision = run.get("precision", "auto")  # as the model was trained (runs before the field: auto)
     val = evaluate(model, data.val, batch, device, middle, precision=precision)
     counts = val.usage_counts
-    result.update(loss=val.loss, perplexity=val.perplexity, middle_layer=middle,
-                  experts_used=experts_used(counts).used, experts_used_text=str(experts_used(counts)),
-                  gini=float(gini(counts)), entropy=float(entropy_bits(counts)),
-                  max_entropy=float(max_entropy_bits(len(counts))), usage_counts=counts.tolist())
+    result.update(loss=val.loss, perplexity=val.perplexity, middle_layer=middle)
+    if counts is not None:
+        result.update(experts_used=experts_used(counts).used, experts_used_text=str(experts_used(counts)),
+                      gini=float(gini(counts)), entropy=float(entropy_bits(counts)),
+                      max_entropy=float(max_entropy_bits(len(counts))), usage_counts=counts.tolist())
     if data.ood is not None:
         o = evaluate(model, data.ood, batch, device, precision=precision)
         result.update(ood_source=ood, ood_loss=o.loss, ood_perplexity=o.perplexity)
@@ -157,8 +158,9 @@ def evaluate_model(model_dir: str | Path, source: str | None = None, *, ood: str
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
         atomic_write(out / "eval.md", eval_text(result) + "\n")
-        usage_histogram(counts, out / "usage_histogram.png",
-                        title=f"Expert usage, layer {middle} ({source}, validation)", unit="selections")
+        if counts is not None:
+            usage_histogram(counts, out / "usage_histogram.png",
+                            title=f"Expert usage, layer {middle} ({source}, validation)", unit="selections")
     return result
 
 
@@ -169,8 +171,9 @@ def eval_text(r: dict[str, Any]) -> str:
     if "ood_perplexity" in r:
         lines.append(f"OOD ({r['ood_source']}): Val Loss = {r['ood_loss']:.4f}, "
                      f"Val Perplexity = {r['ood_perplexity']:.2f}")
-    lines.append(f"Middle layer {r['middle_layer']}: experts used {r['experts_used_text']}, Gini = {r['gini']:.3f}, "
-                 f"Entropy = {r['entropy']:.3f} (Max: {r['max_entropy']:.3f})")
+    if "gini" in r:
+        lines.append(f"Middle layer {r['middle_layer']}: experts used {r['experts_used_text']}, "
+                     f"Gini = {r['gini']:.3f}, Entropy = {r['entropy']:.3f} (Max: {r['max_entropy']:.3f})")
     return "\n".join(lines)
 
 

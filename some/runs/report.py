@@ -46,11 +46,16 @@ def utilization_analysis(counts, layer: int, used_in_training=None) -> dict[str,
     }
 
 
-def finish_run(run_dir: RunDirectory, model, counts, middle: int, *, make_plots: bool = True, data=None,
-               config: SoMEConfig | None = None, device=None, rp=None) -> dict[str, Any]:
+def finish_run(run_dir: RunDirectory, model, counts, middle: int | None, *, make_plots: bool = True, data=None,
+               config: SoMEConfig | None = None, device=None, rp=None) -> dict[str, Any] | None:
     """The end of a run: log and write the middle layer's analysis, its pictures, the experts'
     specialization (given the run's ``data``, ``config`` and ``device``; from the routing pass
-    ``rp`` over the validation set when the caller took one) and ``report.md``."""
+    ``rp`` over the validation set when the caller took one) and ``report.md``. A dense control
+    (``middle`` None: no SoME layer) has no expert analysis: the report alone, and None."""
+    if middle is None:
+        if run_dir.is_main:
+            log.info(f"Report: {write_report(run_dir.path)}")
+        return None
     n_layers = len(model.blocks)
     layer = model.some_layers()[middle]
     analysis = utilization_analysis(counts, middle, layer.telemetry.ever_used.cpu().tolist())
@@ -128,23 +133,22 @@ def build_report(run_dir: str | Path) -> str:
         last = history[-1]
         ood = f" (OOD {cfg.ood_source}: {last['ood_perplexity']:.2f})" if "ood_perplexity" in last else ""
         used = f"; experts used {analysis['experts_used_text']}" if analysis else ""
+        experts = (f"; middle layer Gini {last['gini']:.3f}, entropy {last['entropy']:.3f} bits{used}"
+                   if last.get("gini") is not None else "")
         headline = (f"**After epoch {last['epoch']}/{cfg.epochs}:** val loss {last['val_loss']:.4f}, "
-                    f"val perplexity {last['val_perplexity']:.2f}{ood}; middle layer Gini {last['gini']:.3f}, "
-                    f"entropy {last['entropy']:.3f} bits{used}.")
+                    f"val perplexity {last['val_perplexity']:.2f}{ood}{experts}.")
         lines += [headline, ""]
 
     # ---- architecture
     lines += ["## Architecture", ""]
-    arch = (f"SoME decoder LM: V = {cfg.vocab_size}, d = {cfg.d_model}, L = {cfg.n_layers}, "
-            f"{cfg.n_heads} heads, seq_len = {cfg.seq_len}; per layer N = {cfg.num_experts} frozen experts "
-            f"(h = {cfg.d_ffn}), top-{cfg.top_k} {cfg.gating} gating (τ = {cfg.temperature}).")
-    lines += [arch, ""]
+    lines += [cfg.describe(), ""]
     params = info.get("parameters")
     if params:
         total, trainable = params["total"], params["trainable"]
     if params and "total_steps" in info:  # the seed's one-line summary
+        what = f"expert init {cfg.expert_init}, router {cfg.router}" if cfg.ffn == "some" else "dense control"
         summary = (f"**{total / 1e6:.2f}M total / {trainable / 1e6:.2f}M trainable parameters, "
-                   f"{info['total_steps']} steps, expert init {cfg.expert_init}, router {cfg.router}**")
+                   f"{info['total_steps']} steps, {what}**")
         lines += [summary, ""]
     if params:
         lines.append(f"- Total parameters: {total / 1e6:.2f}M; Trainable parameters: {trainable / 1e6:.2f}M "
@@ -157,8 +161,9 @@ def build_report(run_dir: str | Path) -> str:
     data = (f"- Data: {cfg.data_source} ({info.get('train_samples', cfg.train_subset_size)} train / "
             f"{info.get('val_samples', cfg.val_subset_size)} val samples)"
             + (f", OOD: {cfg.ood_source}" if cfg.ood_source else ""))
-    lines += [f"- Expert init: {cfg.expert_init}; router: {cfg.router} ({cfg.routing_level}-level)",
-              keystore, data, ""]
+    if cfg.ffn == "some":
+        lines += [f"- Expert init: {cfg.expert_init}; router: {cfg.router} ({cfg.routing_level}-level)", keystore]
+    lines += [data, ""]
     if info.get("device"):
         lines += [f"Trained on `{info['device']}` with torch {info.get('torch', '?')}, some {info.get('some', '?')}.",
                   ""]
@@ -177,7 +182,8 @@ def build_report(run_dir: str | Path) -> str:
             if has_ood:
                 row += [f"{r['ood_loss']:.4f}", f"{r['ood_perplexity']:.2f}"] if "ood_loss" in r else ["", ""]
             rate = (r.get("timing") or {}).get("train_tokens_per_s")
-            row += [f"{r['gini']:.3f}", f"{r['entropy']:.3f}", f"{rate:,.0f}" if rate else ""]
+            row += ["" if r.get("gini") is None else f"{r['gini']:.3f}",
+                    "" if r.get("entropy") is None else f"{r['entropy']:.3f}", f"{rate:,.0f}" if rate else ""]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", ("Losses are mean next-token cross-entropies over real (non-padding) tokens; "
                        "PPL = exp(loss). Gini and entropy: middle-layer expert usage on the validation set. "
@@ -188,7 +194,9 @@ def build_report(run_dir: str | Path) -> str:
 
     # ---- analysis and pictures
     lines += ["## Expert utilization (aggregate, middle layer)", ""]
-    if analysis:
+    if cfg.ffn == "dense":
+        lines += ["A dense control has no experts: no utilization, dynamics or specialization.", ""]
+    elif analysis:
         where = (f"Middle layer {analysis['middle_layer']} of {cfg.n_layers}, usage counts over the "
                  f"validation tokens after the last epoch.")
         entropy = (f"- Final entropy: {analysis['entropy']:.3f} bits (Max: log2 {analysis['num_experts']} = "

@@ -197,15 +197,16 @@ class EpochEvaluator:
     """The end-of-epoch record of docs/method.md §6: validation loss and perplexity, OOD
     perplexity, and the middle layer's usage metrics on the validation set."""
 
-    def __init__(self, config: SoMEConfig, data, device: torch.device, parallel: DataParallel, middle: int):
+    def __init__(self, config: SoMEConfig, data, device: torch.device, parallel: DataParallel, middle: int | None):
         self.config, self.data, self.device, self.parallel, self.middle = config, data, device, parallel, middle
 
-    def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor]:
+    def __call__(self, model: SoMEForCausalLM) -> tuple[dict[str, Any], torch.Tensor | None]:
         batch, how = self.config.micro_batch_size, dict(dist_ctx=self.parallel.ctx, precision=self.config.precision)
         val = evaluate(model, self.data.val, batch, self.device, self.middle, **how)
         counts = val.usage_counts
         record: dict[str, Any] = {"val_loss": val.loss, "val_perplexity": val.perplexity, "middle_layer": self.middle,
-                                  "gini": float(gini(counts)), "entropy": float(entropy_bits(counts))}
+                                  "gini": None if counts is None else float(gini(counts)),
+                                  "entropy": None if counts is None else float(entropy_bits(counts))}
         if self.data.ood is not None:
             ood = evaluate(model, self.data.ood, batch, self.device, **how)
             record.update(ood_loss=ood.loss, ood_perplexity=ood.perplexity)
@@ -258,7 +259,8 @@ class Trainer:
             raise ConfigError(f"the training set has {len(self.data.train)} samples, "
                               f"fewer than batch_size = {config.batch_size}")
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.middle = config.n_layers // 2
+        # the layer whose experts the report analyses; None for a dense control (no experts)
+        self.middle = config.n_layers // 2 if config.ffn == "some" else None
 
         with self.run_dir.logging(self.echo):  # expert construction logs what it does
             self.model, construction = build_model(config, self.device, data=self.data if state is None else None)
@@ -346,7 +348,8 @@ class Trainer:
                 while self.progress.epoch < self.config.epochs:
                     timing = self._train_epoch()
                     self._end_epoch(timing)
-                if self.run_dir.is_main:  # one pass over the validation set serves the report and a study
+                if self.run_dir.is_main and self.middle is not None:  # one pass over the validation set
+                    # serves the report and a study
                     with autocast(self.device, self.config.precision):
                         self.final_routing = routing_pass(self.model, self.data.val, self.config.micro_batch_size,
                                                           self.device)
@@ -377,9 +380,10 @@ class Trainer:
         cfg = self.config
         if self.global_step == 0:
             log.info(format_parameter_counts(*self.run_info["parameters"].values()))
+            what = (f"N = {cfg.num_experts}, k = {cfg.top_k}, router {cfg.router}, expert init {cfg.expert_init}"
+                    if cfg.ffn == "some" else f"dense control FFN width {cfg.dense_width}")
             log.info(f"Training: {cfg.epochs} epochs x {self.steps_per_epoch} steps = {self.total_steps} steps, "
-                     f"batch {cfg.batch_size} x {cfg.seq_len} tokens, N = {cfg.num_experts}, k = {cfg.top_k}, "
-                     f"router {cfg.router}, expert init {cfg.expert_init}, device {self.device}")
+                     f"batch {cfg.batch_size} x {cfg.seq_len} tokens, {what}, device {self.device}")
         else:
             log.info(f"Resuming from {self.run_dir.checkpoint} at step {self.global_step}/{self.total_steps} "
                      f"(epoch {self.progress.epoch + 1}, batch {self.progress.step})")
@@ -474,7 +478,8 @@ class Trainer:
             record.update(ood_loss=metrics["ood_loss"], ood_perplexity=metrics["ood_perplexity"])
             log.info(f"OOD ({cfg.ood_source}): Val Loss = {record['ood_loss']:.4f}, "
                      f"Val Perplexity = {record['ood_perplexity']:.2f}")
-        log.info(f"Middle Layer Expert Metrics: Gini = {record['gini']:.3f}, Entropy = {record['entropy']:.3f}")
+        if record["gini"] is not None:
+            log.info(f"Middle Layer Expert Metrics: Gini = {record['gini']:.3f}, Entropy = {record['entropy']:.3f}")
         # timing is not part of the deterministic record (it differs between identical runs)
         record["timing"] = timing
         pos.history.append(record)

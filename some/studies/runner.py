@@ -231,30 +231,18 @@ def _child_run(spec_path: str) -> int:
 
 
 def measure_run(trainer, measure: Measure) -> dict[str, Any]:
-    """Everything the study table reports about one trained run."""
+    """Everything the study table reports about one trained run (a dense control: no expert metrics)."""
     cfg, model, data, device = trainer.config, trainer.model, trainer.data, trainer.device
     history = trainer.history
     last = history[-1]
     seconds = [r["timing"]["epoch_seconds"] for r in history if (r.get("timing") or {}).get("epoch_seconds")]
     # training throughput over the epochs this process timed (input positions, padding included)
     tokens = trainer.steps_per_epoch * cfg.batch_size * cfg.seq_len * len(seconds)
-
-    rp = trainer.final_routing  # the validation pass the run's report was made from
-    if rp is None:
-        with autocast(device, cfg.precision):  # as the model is evaluated
-            rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
-    counts = rp.usage_counts[rp.layer]
-    # every layer's specialization by token class, token id and topic (some.runs.specialization): the run's
-    # specialization.json, written from that pass
-    saved = trainer.out / SPECIALIZATION_FILE
-    full_spec = json.loads(saved.read_text()) if trainer.final_routing is not None and saved.is_file() else \
-        specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
-                                routing_level=cfg.routing_level, seed=cfg.seed, rp=rp, precision=cfg.precision)
-    spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
+    experts = _expert_measures(trainer) if trainer.middle is not None else {}
 
     flops_ids = token_batch(data.val, measure.flops_rows, cfg.seq_len).to(device)
     counted = count_flops(model, flops_ids)
-    analytic = analytic_flops_per_token(cfg, rp.experts_per_token)
+    analytic = analytic_flops_per_token(cfg, experts.get("experts_per_token_by_layer", cfg.top_k))
     lat_ids = token_batch(data.val, measure.latency_batch, cfg.seq_len).to(device)
     with autocast(device, cfg.precision):
         latency = inference_latency(model, lat_ids, repeats=measure.latency_repeats, warmup=measure.latency_warmup)
@@ -268,7 +256,30 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
         "flops_per_token_counted": counted["total"] / flops_ids.numel(),
         "flops_analytic_parts": analytic, "flops_counted_by_op": counted, "flops_tokens": flops_ids.numel(),
         "latency_ms": latency["median_ms"], "latency": latency, "latency_shape": list(lat_ids.shape),
-        "middle_layer": rp.layer, "num_experts": cfg.num_experts,
+        "ffn": cfg.ffn, "num_experts": cfg.num_experts if cfg.ffn == "some" else None,
+        **experts,
+        "parameters": trainer.run_info["parameters"],
+        "torch": torch.__version__,
+    }
+
+
+def _expert_measures(trainer) -> dict[str, Any]:
+    """The middle layer's routing on the validation set, its specialization and its dynamics."""
+    cfg, model, data, device = trainer.config, trainer.model, trainer.data, trainer.device
+    rp = trainer.final_routing  # the validation pass the run's report was made from
+    if rp is None:
+        with autocast(device, cfg.precision):  # as the model is evaluated
+            rp = routing_pass(model, data.val, cfg.micro_batch_size, device)
+    counts = rp.usage_counts[rp.layer]
+    # every layer's specialization by token class, token id and topic (some.runs.specialization): the run's
+    # specialization.json, written from that pass
+    saved = trainer.out / SPECIALIZATION_FILE
+    full_spec = json.loads(saved.read_text()) if trainer.final_routing is not None and saved.is_file() else \
+        specialization_analysis(model, data, batch_size=cfg.micro_batch_size, device=device,
+                                routing_level=cfg.routing_level, seed=cfg.seed, rp=rp, precision=cfg.precision)
+    spec = {k: v for k, v in full_spec["layers"][rp.layer].items() if k != "layer"}
+    return {
+        "middle_layer": rp.layer,
         "experts_per_token": rp.experts_per_token[rp.layer], "experts_per_token_by_layer": rp.experts_per_token,
         "experts_used": experts_used(counts).used, "active_experts": rp.active_experts[rp.layer],
         "active_experts_by_layer": rp.active_experts,
@@ -280,8 +291,6 @@ def measure_run(trainer, measure: Measure) -> dict[str, Any]:
         "spec_topic_matrix": full_spec.get("topic_matrix"), "spec_class_matrix": full_spec["class_matrix"],
         # the middle layer's routing dynamics during training (dynamics.jsonl)
         **{f"dyn_{k}": v for k, v in dynamics_summary(read_dynamics(trainer.out), rp.layer).items()},
-        "parameters": trainer.run_info["parameters"],
-        "torch": torch.__version__,
     }
 
 

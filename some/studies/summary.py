@@ -125,7 +125,7 @@ def summarize(study: Study, out: str | Path) -> Path:
     for v in variants:
         rs = by_variant[v]
         row: dict[str, Any] = {"variant": v, "runs": len(rs),
-                               "num_experts": rs[0]["num_experts"] if rs else math.nan}
+                               "num_experts": rs[0]["num_experts"] if rs and rs[0]["num_experts"] else math.nan}
         for ds in study.datasets:
             for metric in ("id_perplexity", "ood_perplexity"):
                 vals = [r[metric] for r in rs if r["dataset"] == ds.name]
@@ -316,7 +316,7 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
     counts = {}
     for v, rs in by_variant.items():
         first = sorted(rs, key=lambda r: (r["dataset"] != study.datasets[0].name, r["seed"]))
-        if first:
+        if first and "usage_counts" in first[0]:  # (a dense control has no experts)
             counts[v] = np.asarray(first[0]["usage_counts"], dtype=np.float64)
     if counts:
         ds0, seed0 = study.datasets[0].name, study.seeds[0]
@@ -338,7 +338,7 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
         pics += [("dynamics.png", "Routing dynamics per variant"), ("usage_heatmaps.png", "Usage heat maps")]
     for v, rs in by_variant.items():  # the first run's experts x topics / classes of each variant
         first = sorted(rs, key=lambda r: (r["dataset"] != study.datasets[0].name, r["seed"]))
-        if not first:
+        if not first or "middle_layer" not in first[0]:  # (a dense control has no experts)
             continue
         r0 = first[0]
         where = f"{r0['dataset']}, seed {r0['seed']}, layer {r0['middle_layer']}"
@@ -350,8 +350,8 @@ def _pictures(study: Study, out: Path, table, by_variant) -> list[tuple[str, str
             label_heatmap(r0["spec_class_matrix"], list(TOKEN_CLASSES), out / f"class_heatmap_{v}.png",
                           title=f"{study.name} / {v}: experts x token classes ({where})", what="token class")
             pics.append((f"class_heatmap_{v}.png", f"Experts x token classes, {v}"))
-    mi = {row["variant"]: row["spec_mi_class_bits"] for row in table}
-    if any(math.isfinite(x) for x in mi.values()):
+    mi = {row["variant"]: row["spec_mi_class_bits"] for row in table if math.isfinite(row["spec_mi_class_bits"])}
+    if mi:
         comparison_bars(mi, out / "specialization.png", ylabel="bits", fmt="{:.3f}",
                         title=f"{study.name}: MI(expert; token class), middle layer, mean over runs "
                               f"(higher = more specialized)")
