@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from packaging.version import InvalidVersion, Version
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -51,34 +50,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import ModelFileError
 from .nn import ModelConfig, SoMEForCausalLM, lm_loss
-from .nn.pretrained import FORMAT, HF_MODEL_TYPE, read_model_config
-from .version import __version__
+from .nn.pretrained import FORMAT, HF_MODEL_TYPE, check_written_version, read_model_config
 
-__all__ = ["SoMEHFConfig", "SoMEHFForCausalLM", "check_written_version", "register"]
+__all__ = ["SoMEHFConfig", "SoMEHFForCausalLM", "register"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 _DERIVED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 _SEQUENCE_NO_CACHE = "sequence-level routing pools the whole sequence: it runs without a cache (use_cache=False)"
 # the output's cache field: "cache" in recent transformers, "past_key_values" before
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def check_written_version(written: Any) -> None:
-    """Raise :class:`ModelFileError` when a model directory was written by a newer ``some``
-    than the installed one (its integration with transformers may need the newer code)."""
-    if written is None:
-        return
-    try:
-        theirs = Version(str(written))
-    except InvalidVersion:
-        raise ModelFileError(f"config.json: some_version {written!r} is not a version number") from None
-    try:
-        ours = Version(__version__)
-    except InvalidVersion:  # a source tree that is not installed ("0+unknown"): nothing to compare
-        return
-    if theirs.release > ours.release or (theirs.release == ours.release and theirs > ours):
-        raise ModelFileError(f"this model was written by some {written}, newer than the installed some "
-                             f"{__version__}: upgrade it (pip install -U 'some[hf]') to load the model")
 
 
 class SoMEHFConfig(PretrainedConfig):

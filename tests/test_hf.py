@@ -44,6 +44,16 @@ def finished(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def finished_dense(tmp_path_factory):
+    """A dense baseline (ffn = dense, width 2d) trained and exported the same way."""
+    out = tmp_path_factory.mktemp("hf_dense") / "run"
+    cfg = apply_overrides(get_preset("tiny-test"), [f"cache_dir={out.parent / 'cache'}", "ffn=dense", "dense_width=64"])
+    trainer = Trainer(cfg, out, progress=False, echo=False)
+    trainer.run(make_plots=False)
+    return trainer, out / "model"
+
+
+@pytest.fixture(scope="module")
 def hf():
     """``some.hf`` (imported: the Auto classes know model_type "some") and transformers."""
     if not HAS_TRANSFORMERS:
@@ -314,12 +324,13 @@ def _some_loglikelihood(model: SoMEForCausalLM, context: str, target: str) -> tu
 
 @pytest.mark.slow
 @needs_lm_eval
-def test_lm_eval_runs_the_offline_tasks_on_the_model(finished, hf, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("model", ["finished", "finished_dense"])  # a SoME model and a dense baseline
+def test_lm_eval_runs_the_offline_tasks_on_the_model(model, request, hf, tmp_path, monkeypatch, capsys):
     import datasets
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    _, model_dir = finished
+    _, model_dir = request.getfixturevalue(model)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     assert main(["lm-eval-task", str(tmp_path / "tasks"), "--model", str(model_dir), "--items", "16"]) == 0
     printed = capsys.readouterr().out

@@ -104,6 +104,10 @@ def test_damaged_model_files_give_clear_errors(finished, tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "colour": "blue"}))
     with pytest.raises(ModelFileError, match=r"unknown config fields \['colour'\]"):
         SoMEForCausalLM.from_pretrained(d)
+    # a newer some's fields are not "unknown": the error says to upgrade
+    cfg_path.write_text(json.dumps({**cfg, "some_version": "99.0.0", "expert_shape": "round"}))
+    with pytest.raises(ModelFileError, match="written by some 99.0.0, newer than the installed some"):
+        SoMEForCausalLM.from_pretrained(d)
     cfg_path.write_text(json.dumps({**cfg, "format": "transformers"}))
     with pytest.raises(ModelFileError, match="not written by some"):
         SoMEForCausalLM.from_pretrained(d)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from ..errors import ConfigError, ModelFileError
 from ..files import atomic_write, read_text_file
@@ -32,8 +33,9 @@ from .config import ModelConfig
 from .revision import METHODS_REVISION, warn_if_methods_changed
 
 __all__ = ["AUTO_MAP", "CONFIG_FILE", "FORMAT", "HF_MODEL_TYPE", "MODEL_CARD", "REMOTE_CODE_FILE",
-           "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "framed_tokenizer", "load_model_files",
-           "model_card", "read_model_config", "remote_code", "save_model_files", "tokenizer_config"]
+           "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "check_written_version", "framed_tokenizer",
+           "load_model_files", "model_card", "read_model_config", "remote_code", "save_model_files",
+           "tokenizer_config"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 TOKENIZER_FILE, MODEL_CARD = "tokenizer.json", "README.md"
@@ -149,6 +151,24 @@ def save_model_files(model, directory: str | Path, *, tokenizer=None, info: dict
     return directory
 
 
+def check_written_version(written: Any) -> None:
+    """Raise :class:`ModelFileError` when a model directory was written by a newer ``some``
+    than the installed one (its config fields or its integration with transformers may need the newer code)."""
+    if written is None:
+        return
+    try:
+        theirs = Version(str(written))
+    except InvalidVersion:
+        raise ModelFileError(f"config.json: some_version {written!r} is not a version number") from None
+    try:
+        ours = Version(__version__)
+    except InvalidVersion:  # a source tree that is not installed ("0+unknown"): nothing to compare
+        return
+    if theirs.release > ours.release or (theirs.release == ours.release and theirs > ours):
+        raise ModelFileError(f"this model was written by some {written}, newer than the installed some "
+                             f"{__version__}: upgrade it (pip install -U some) to load the model")
+
+
 def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The :class:`ModelConfig` of a model directory and its other config.json keys."""
     path = Path(directory) / CONFIG_FILE
@@ -165,6 +185,7 @@ def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
                              f"an incompatible version)")
     if raw.get("model_type", HF_MODEL_TYPE) != HF_MODEL_TYPE:
         raise ModelFileError(f"{path}: model_type {raw['model_type']!r} is not {HF_MODEL_TYPE!r}")
+    check_written_version(raw.get("some_version"))  # a newer some's fields are not "unknown": say why
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - fields - set(_META_KEYS))
     if unknown:
