@@ -207,9 +207,9 @@ CMD[ops_tests]="set -euo pipefail
 $PYTEST $OPS_FILES -k \"$OPS_K\" --junitxml \"\$LOGS/ops_tests.xml\""
 CMD[gemm_kernels]=$(cat <<EOF
 set -uo pipefail
-# the switch in csrc/cuda/experts.cu (grouped_mm_path): kernels | grouped_mm | auto
-if ! grep -q 'getenv("SOME_CUDA_GEMM")' csrc/cuda/experts.cu || ! grep -q '"kernels"' csrc/cuda/experts.cu; then
-  echo "csrc/cuda/experts.cu reads no SOME_CUDA_GEMM=kernels switch: the hand-written GEMM path cannot be forced" >&2
+# the switch in csrc/cuda/grouped_mm.cuh (grouped_mm_path): kernels | grouped_mm | auto
+if ! grep -q 'getenv("SOME_CUDA_GEMM")' csrc/cuda/grouped_mm.cuh || ! grep -q '"kernels"' csrc/cuda/grouped_mm.cuh; then
+  echo "csrc/cuda/grouped_mm.cuh reads no SOME_CUDA_GEMM=kernels switch: the hand-written GEMM path cannot be forced" >&2
   exit 3
 fi
 rc=0

@@ -3,9 +3,8 @@
 // * device helpers: warp/block reductions and scans with a fixed combination
 //   order (so every result is bit-identical run to run), exact-GELU pieces;
 // * host entry points of the device-side token-by-expert grouping and of the
-//   grouped tile schedule. They are defined once in experts.cu (the op that
-//   owns the grouping) and reused by route.cu and keystore.cu; they never
-//   synchronize with the host.
+//   grouped tile schedule. They are defined once in grouping.cu and used by
+//   experts.cu, route.cu and keystore.cu; they never synchronize with the host.
 #pragma once
 
 #include <ATen/ATen.h>
