@@ -281,7 +281,7 @@ class KeyStore(nn.Module):
         experts, c this step's selection counts (the inactive ones keep their bias)."""
         active = self.expert_active
         c = counts.to(self.selection_bias.dtype)
-        mean = c[active].mean() if bool(active.any()) else c.new_zeros(())
+        mean = (c * active).sum() / active.sum().clamp_min(1)  # (no host sync on GPUs)
         step = self.config.balance_rate * torch.sign(mean - c)
         self.selection_bias.add_(torch.where(active, step, 0.0))
 
