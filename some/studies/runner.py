@@ -8,7 +8,7 @@ run again; one with a checkpoint is resumed. At the end (and whenever the study
 is run again) :func:`~some.studies.summary.summarize` writes the tables and
 pictures.
 
-The child process is ``python -m some.studies.runner _run SPEC.json``.
+The child process is ``python -m some.studies _run SPEC.json`` (some/studies/__main__.py).
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def _run_in_subprocess(run: Run, out: Path, study: Study, device: str, echo: boo
     spec_path = _spec_path(run, out)
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    return _child([sys.executable, "-m", "some.studies.runner", "_run", str(spec_path)], _log_path(run, out), echo)
+    return _child([sys.executable, "-m", "some.studies", "_run", str(spec_path)], _log_path(run, out), echo)
 
 
 def _child(cmd: list[str], log_path: Path, echo: bool) -> int:
@@ -193,7 +193,7 @@ def _prepare_dense_models(study: Study, todo: list[Run], out: Path, device: str,
         spec_path = out / "dense" / f"{path.stem}.json"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps({"config": run.config.to_dict(), "device": device}, indent=2) + "\n")
-        rc = _child([sys.executable, "-m", "some.studies.runner", "_dense", str(spec_path)],
+        rc = _child([sys.executable, "-m", "some.studies", "_dense", str(spec_path)],
                     spec_path.with_suffix(".log"), stream)
         if rc != 0:  # the runs that need it will try again themselves and fail with their own log
             failed.append(f"dense pre-training {path.stem} (exit code {rc}, log {spec_path.with_suffix('.log')})")
@@ -309,11 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"_run": _child_run, "_dense": _child_dense}
     if len(argv) != 2 or argv[0] not in commands:
-        print("usage: python -m some.studies.runner _run|_dense SPEC.json (started by 'some ablate')", file=sys.stderr)
+        print("usage: python -m some.studies _run|_dense SPEC.json (started by 'some ablate')", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     return commands[argv[0]](argv[1])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
