@@ -18,6 +18,25 @@ namespace some {
 // SOME_HOST_DEVICE qualifiers differ between them).
 namespace {
 
+// The forward's gating rules that depend on the selection itself, shared by the CPU
+// selection loop and the CUDA warp selection (gates_of_selected below has the others):
+// top_any fires expert e when σ(s/τ) > σ(G_e), i.e. s/τ > G_e (DynMoE), each of the
+// `count` fired experts gated 1/count; top_p's probability of a score against the
+// softmax's max and denominator, and its stop: the selection ends with the first slot
+// where the cumulative probability exceeds p, strictly (at a tie the next one is kept,
+// as the authors' code).
+template <typename acc_t>
+SOME_HOST_DEVICE bool top_any_fires(acc_t s, acc_t tau, acc_t threshold) { return s / tau > threshold; }
+template <typename acc_t>
+SOME_HOST_DEVICE acc_t top_any_gate(int64_t count) { return acc_t(1) / acc_t(count); }
+template <typename acc_t>
+SOME_HOST_DEVICE acc_t top_p_probability(acc_t s, acc_t tau, acc_t mx, acc_t denom) {
+  using std::exp;
+  return exp(s / tau - mx) / denom;
+}
+template <typename acc_t>
+SOME_HOST_DEVICE bool top_p_stops(acc_t cumulative, acc_t p) { return cumulative > p; }
+
 // Gates of one token's `count` selected slots (scores `sc`, best first) for the
 // gatings whose gates depend on the selected scores alone: softmax over the
 // selected, sigmoid, relu, avg_k (top_p and top_any need the selection itself
@@ -96,7 +115,7 @@ SOME_HOST_DEVICE void route_backward_token(const acc_t* gg, const acc_t* gs, con
         // dL/dm_j = gg_j / k(x): one fired expert still gets a gradient.
         // A fallback top-1 slot (nothing fired, evaluation) has no gradient.
         const int64_t e = idx[j];
-        if (s / tau > thr[e]) {
+        if (top_any_fires(s, tau, thr[e])) {
           const acc_t dm = ggj / acc_t(count);
           const acc_t sg = acc_t(1) / (acc_t(1) + exp(-s / tau));
           ds += dm * sg * (acc_t(1) - sg) / tau;

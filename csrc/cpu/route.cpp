@@ -96,14 +96,13 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
       auto is_active = [active, s](int64_t e) { return (active == nullptr || active[e]) && !std::isnan(s[e]); };
       int64_t count = 0;
       if (a.gating == Gating::TopAny) {
-        // Fired: σ(s/τ) > σ(G_e), i.e. s/τ > G_e.
-        auto fired = [&](int64_t e) { return is_active(e) && s[e] / tau > thr[e]; };
+        auto fired = [&](int64_t e) { return is_active(e) && top_any_fires(s[e], tau, thr[e]); };
         count = select_topk(s, N, k, fired, sc, idx, scratch);
         if (count == 0 && a.fallback_top1) {
           count = select_topk(s, N, 1, is_active, sc, idx, scratch);
           if (count == 1) g[0] = acc_t(1);
         } else {
-          for (int64_t j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(count);
+          for (int64_t j = 0; j < count; ++j) g[j] = top_any_gate<acc_t>(count);
         }
       } else if (bias) {
         // choose by s + b, then gate (and report) the unbiased scores of the chosen
@@ -116,17 +115,16 @@ void route_rows(const acc_t* S, int64_t T, int64_t N, const RouteArgs& a, const 
         switch (a.gating) {
           case Gating::TopP: {
             // P = softmax(s/τ) over all active experts; keep the best ones up
-            // to and including the first where the cumulative P exceeds p
-            // (strictly, as the authors' code: at a tie the next one is kept).
+            // to and including the first where the cumulative P exceeds p.
             acc_t mx = count ? sc[0] / tau : acc_t(0), denom = 0;
             for (int64_t e = 0; e < N; ++e)
               if (is_active(e)) denom += std::exp(s[e] / tau - mx);
             acc_t cum = 0;
             int64_t kept = 0;
             while (kept < count) {
-              g[kept] = std::exp(sc[kept] / tau - mx) / denom;
+              g[kept] = top_p_probability(sc[kept], tau, mx, denom);
               cum += g[kept++];
-              if (cum > static_cast<acc_t>(a.top_p)) break;
+              if (top_p_stops(cum, static_cast<acc_t>(a.top_p))) break;
             }
             count = kept;
             break;

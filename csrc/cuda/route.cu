@@ -99,8 +99,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
       // ranked by the biased score where a selection bias is given (finite: checked)
       const acc_t v = a.bias != nullptr ? s[e] + a.bias[e] : s[e];
       if (a.active != nullptr && !a.active[e]) continue;
-      // top_any fires when σ(s/τ) > σ(G_e), i.e. s/τ > G_e (as the CPU)
-      if (need_fired && !(v / tau > a.thr[e])) continue;
+      if (need_fired && !top_any_fires(v, tau, a.thr[e])) continue;
       if (prev.e >= 0 && !ranks_before(prev.s, prev.e, v, e)) continue;
       if (ranks_before(v, e, best.s, best.e)) best = {v, e};
     }
@@ -132,7 +131,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
         count = 1;
       }
     } else if (lane == 0) {
-      for (int j = 0; j < count; ++j) g[j] = acc_t(1) / acc_t(count);
+      for (int j = 0; j < count; ++j) g[j] = top_any_gate<acc_t>(count);
     }
   } else if (a.gating == Gating::TopP) {
     // P = softmax(s/τ) over the active experts; keep the best ones up to and
@@ -146,7 +145,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
       const acc_t denom = warp_sum(part);
       acc_t cum = 0;
       while (true) {
-        const acc_t p = dev_exp(c.s / tau - mx) / denom;
+        const acc_t p = top_p_probability(c.s, tau, mx, denom);
         if (lane == 0) {
           idx[count] = c.e;
           sc[count] = c.s;
@@ -154,7 +153,7 @@ __global__ void route_select_kernel(const RouteParams<acc_t> a) {
         }
         ++count;
         cum += p;
-        if (cum > a.top_p || count == a.k) break;
+        if (top_p_stops(cum, a.top_p) || count == a.k) break;
         c = next(c, false);
         if (c.e < 0) break;
       }
