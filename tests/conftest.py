@@ -24,6 +24,19 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(scope="session")
+def tiny_test_run(tmp_path_factory):
+    """One tiny-test run on the synthetic corpus trained to the end, ``(trainer, run dir)``: the
+    test modules that only read a finished run and its exported model share it."""
+    from some.runs import Trainer, apply_overrides, get_preset
+
+    out = tmp_path_factory.mktemp("tiny_test") / "run"
+    cfg = apply_overrides(get_preset("tiny-test"), [f"cache_dir={out.parent / 'cache'}"])
+    trainer = Trainer(cfg, out, progress=False, echo=False)
+    trainer.run(make_plots=False)
+    return trainer, out
+
+
 def pytest_report_header(config):
     info = some.build_info()
     return (f"some {info['version']} (torch {info['torch_version']}, cuda kernels: {info['cuda']}, "

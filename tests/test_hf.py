@@ -33,13 +33,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PROMPTS = ["ka lo", "mi nu pe ra so"]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A tiny-test run on the synthetic corpus, trained to the end; its model directory is RUN/model."""
-    out = tmp_path_factory.mktemp("hf") / "run"
-    cfg = apply_overrides(get_preset("tiny-test"), [f"cache_dir={out.parent / 'cache'}"])
-    trainer = Trainer(cfg, out, progress=False, echo=False)
-    trainer.run(make_plots=False)
+@pytest.fixture
+def finished(tiny_test_run):
+    """The session's tiny-test run (tests/conftest.py, read only) and its model directory RUN/model."""
+    trainer, out = tiny_test_run
     return trainer, out / "model"
 
 

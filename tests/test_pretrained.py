@@ -16,14 +16,11 @@ from some.runs import Trainer, apply_overrides, get_preset
 from some.runs.export import evaluate_model, export_run, generate_text
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A tiny-test run on the offline-free synthetic corpus, trained to the end (the trainer kept)."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    cfg = apply_overrides(get_preset("tiny-test"), [f"cache_dir={out.parent / 'cache'}"])
-    trainer = Trainer(cfg, out, progress=False, echo=False)
-    trainer.run(make_plots=False)
-    return trainer, out
+@pytest.fixture
+def finished(tiny_test_run):
+    """A tiny-test run on the offline-free synthetic corpus, trained to the end (the trainer kept;
+    the session's, tests/conftest.py: read only)."""
+    return tiny_test_run
 
 
 def val_batch(trainer, n=4):
