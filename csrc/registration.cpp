@@ -18,7 +18,7 @@
 TORCH_LIBRARY(some, m) {
   // docs/method.md §3 steps 1-4: scores, top-k selection and gates. (Float outputs come
   // first; some.ops.route returns them as (indices, gates, scores).) selection_bias (N,):
-  // added to the scores for choosing the top-k only (SPEC §4.1 balance_bias); the gates,
+  // added to the scores for choosing the top-k only (docs/method.md §4.1, balance_bias); the gates,
   // the returned scores and the backward use the unbiased scores.
   m.def(
       "route(Tensor query, Tensor keys, int k, float temperature, str gating='softmax', "
@@ -64,7 +64,7 @@ TORCH_LIBRARY(some, m) {
   // The co-selection C enters as what peer-pull reads of it, peer_sum = Σ_f C_ef K_f
   // (N, d) and peer_count = Σ_f C_ef (N), f ≠ e: some.ops.coselect makes both from a
   // dense or a compact C, so no N × N matrix has to exist (some.ops.keystore_stats /
-  // keystore_update keep SPEC §5's (…, coselect) signatures).
+  // keystore_update keep the (…, coselect) signatures of docs/method.md §5).
   m.def(
       "keystore_stats(Tensor query, Tensor indices, Tensor gates, int num_experts) "
       "-> (Tensor sum_q, Tensor mass, Tensor counts)");

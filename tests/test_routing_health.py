@@ -1,4 +1,4 @@
-"""SPEC §4.1's routing-health options: center_queries (the running mean μ of the routed rows),
+"""The routing-health options (docs/method.md §4.1): center_queries (the running mean μ of the routed rows),
 balance_bias (a selection bias from the usage imbalance) and key_init = data (k-means keys)."""
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ EXPERT_DTYPES = ("float32", "bfloat16")
 FFNS = ("some", "dense")
 EXPERT_STORAGES = ("materialized", "procedural")
 # "random": unit keys drawn from seed + layer; "data": k-means centroids of the first
-# training batch's (centered) router outputs (SPEC §4.1, the VQ codebook habit)
+# training batch's (centered) router outputs (docs/method.md §4.1, the VQ codebook habit)
 KEY_INITS = ("random", "data")
 
 
@@ -75,7 +75,7 @@ class SoMELayerConfig:
     # generator seeded by seed, layer and step: the same on every rank), with
     # its velocity and usage reset.
     revive_after: int = 0
-    # Routing health (SPEC §4.1, off in the seed's presets). center_queries: score and
+    # Routing health (docs/method.md §4.1, off in the seed's presets). center_queries: score and
     # update with q − μ, μ a running mean of the real tokens' router outputs (rows routed),
     # updated after every optimizer step from the step's tokens (all micro-batches and
     # ranks; the first step sets it, later ones move it by center_momentum), frozen in eval.

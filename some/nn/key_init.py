@@ -1,4 +1,4 @@
-"""Keys from data (SPEC §4.1 ``key_init = data``): k-means centroids of router outputs.
+"""Keys from data (docs/method.md §4.1, ``key_init = data``): k-means centroids of router outputs.
 
 The VQ codebook habit (VQ-VAE, vector-quantize-pytorch's ``kmeans_init``): instead of
 random unit vectors, the keys start where the first training batch's queries are, so no

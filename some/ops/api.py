@@ -74,7 +74,7 @@ def route(
         fallback_top1: for ``top_any``, a token that fires no expert gets its
             top-1 expert with gate 1 (used at evaluation).
         selection_bias: ``(N,)`` finite per-expert bias added to the scores for
-            choosing the top-k only (loss-free balancing, SPEC §4.1 ``balance_bias``);
+            choosing the top-k only (loss-free balancing, docs/method.md §4.1 ``balance_bias``);
             the slots come in the order of the biased scores, the gates, the returned
             scores and the gradients use the unbiased ones. Top-k gatings only (not
             ``top_p`` / ``top_any``). Never differentiated.
