@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
 
 namespace some {
@@ -75,6 +76,13 @@ inline void check_index_range(const char* op, const at::Tensor& indices, int64_t
   for (int64_t p = 0; p < idx.numel(); ++p)
     TORCH_CHECK_INDEX(I[p] >= -1 && I[p] < N, op, ": indices must be in -1..N-1 = -1..", N - 1, ", found ", I[p],
                       " at flat position ", p);
+}
+
+// Whether value checks that need a host synchronization on a GPU (expert indices in range,
+// a finite selection bias) run there too: SOME_CHECK_INDICES=1 (opt-in; the CPU always checks).
+inline bool device_value_checks_requested() {
+  const char* v = std::getenv("SOME_CHECK_INDICES");
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
 }
 
 // The accumulation type of the key-store statistics for a query dtype:

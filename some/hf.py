@@ -95,7 +95,7 @@ class SoMEHFConfig(PretrainedConfig):
         tokens = {"eos_token_id": eos, "bos_token_id": kwargs.pop("bos_token_id", eos),
                   "pad_token_id": kwargs.pop("pad_token_id", None)}
         # sequence-level routing pools the whole sequence: a cache of earlier positions does not fit
-        use_cache = kwargs.pop("use_cache", model.routing_level == "token")
+        use_cache = kwargs.pop("use_cache", model.decodes_with_cache)
         kwargs.pop("tie_word_embeddings", None)
         methods_revision = kwargs.pop("methods_revision", None)
         super().__init__(**kwargs)
@@ -225,7 +225,7 @@ class SoMEHFForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; with sequence-level routing always without a cache, as
         :func:`some.nn.generate.generate` (every token's experts depend on the whole sequence)."""
-        if self.model.config.routing_level != "token":
+        if not self.model.config.decodes_with_cache:
             config = kwargs.get("generation_config")
             if kwargs.get("use_cache") or (config is not None and config.use_cache):
                 warnings.warn(f"{_SEQUENCE_NO_CACHE}: generate recomputes the sequence at every step", stacklevel=2)
@@ -252,7 +252,7 @@ class SoMEHFForCausalLM(PreTrainedModel, GenerationMixin):
         # a plain forward keeps no cache (it computes as SoMEForCausalLM's forward, bit for bit);
         # one given (generate gives a DynamicCache) or asked for is used and returned
         use_cache = cache is not None or bool(use_cache)
-        if use_cache and self.model.config.routing_level != "token":
+        if use_cache and not self.model.config.decodes_with_cache:
             raise ValueError(_SEQUENCE_NO_CACHE)
         if use_cache and cache is None:
             cache = DynamicCache()

@@ -30,6 +30,8 @@ def test_dense_needs_its_width_and_a_known_kind():
         _config("ffn=dense")
     with pytest.raises(ConfigError, match="ffn"):
         _config("ffn=moe")
+    with pytest.raises(ConfigError, match="expert_init = 'cluster' applies to ffn = 'some' only"):
+        _config("ffn=dense", "dense_width=64", "expert_init=cluster")
 
 
 def test_width_2d_has_the_trainable_parameters_of_the_some_layer_and_kh_its_ffn_flops():

@@ -296,7 +296,8 @@ def test_route_selection_bias_opcheck(device):
                           (q, K, 3, 0.8, "softmax", "cosine", 0.4, None, None, False, bias))
 
 
-def test_route_selection_bias_bad_inputs(device, backend):
+def test_route_selection_bias_bad_inputs(device, backend, monkeypatch):
+    monkeypatch.setenv("SOME_CHECK_INDICES", "1")  # the value checks on a GPU (a host sync) are opt-in
     q, K, thr = make_route_inputs(4, 3, 5, torch.float32, device)
     bias = torch.zeros(5, device=device)
     with pytest.raises(ValueError, match="'selection_bias' has shape"):
@@ -312,6 +313,9 @@ def test_route_selection_bias_bad_inputs(device, backend):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="'selection_bias' must be finite"):
             ops.route(q, K, 2, 0.8, selection_bias=torch.tensor([0, 0, bad, 0, 0], device=device))
+    # finite in float64, infinite in the float32 the scores of a float32 query are chosen in
+    with pytest.raises(ValueError, match="'selection_bias' must be finite"):
+        ops.route(q, K, 2, 0.8, selection_bias=torch.tensor([0, 0, 1e300, 0, 0], dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="top-k gatings.*top_p"):
         ops.route(q, K, 2, 0.8, "top_p", selection_bias=bias)
     with pytest.raises(ValueError, match="top-k gatings.*top_any"):

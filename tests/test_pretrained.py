@@ -105,6 +105,12 @@ def test_damaged_model_files_give_clear_errors(finished, tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "some_version": "99.0.0", "expert_shape": "round"}))
     with pytest.raises(ModelFileError, match="written by some 99.0.0, newer than the installed some"):
         SoMEForCausalLM.from_pretrained(d)
+    import some.nn.pretrained as pretrained  # a source tree that is not installed compares with nothing
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrained, "__version__", "0+unknown")
+        cfg_path.write_text(json.dumps({**cfg, "some_version": "99.0.0"}))
+        assert SoMEForCausalLM.from_pretrained(d).config.d_model == cfg["d_model"]
     cfg_path.write_text(json.dumps({**cfg, "format": "transformers"}))
     with pytest.raises(ModelFileError, match="not written by some"):
         SoMEForCausalLM.from_pretrained(d)

@@ -137,6 +137,19 @@ def test_selection_bias_is_saved_and_restored():
     assert torch.equal(other.key_store.selection_bias, layer.key_store.selection_bias)
 
 
+def test_a_revived_key_starts_without_the_bias_its_idle_steps_earned():
+    torch.manual_seed(0)
+    layer = _layer(balance_bias=True, revive_after=1)
+    layer.usage.start()
+    layer(torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)) + 2)  # a few experts take all
+    used = set(layer.usage.last_indices.flatten().tolist())
+    layer.update_keys()
+    idle = [e for e in range(12) if e not in used]
+    assert idle and int(layer.telemetry.revived) == len(idle)  # each idle one got +rate, then was revived
+    assert all(float(layer.key_store.selection_bias[e]) == 0.0 for e in idle)
+    assert any(float(layer.key_store.selection_bias[e]) != 0.0 for e in used)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(balance_bias=True, gating="top_p"), "balance_bias.*top-k gating"),
     (dict(balance_bias=True, gating="top_any"), "balance_bias.*top-k gating"),
@@ -162,8 +175,11 @@ def test_kmeans_keys_finds_separated_directions():
     # each center is matched by one centroid (cosine > 0.99)
     assert sorted((got @ centers.T).argmax(dim=0).tolist()) == list(range(6))
     assert bool(((got @ centers.T).max(dim=0).values > 0.99).all())
-    # fewer rows than keys: as many centroids as rows
+    # fewer rows than keys: as many centroids as rows; repeated rows count once, zero rows not at all
     assert kmeans_keys(rows[:4], 6, torch.Generator().manual_seed(1), cosine=True).shape == (4, 16)
+    repeated = torch.cat([centers[:3].repeat(5, 1), torch.zeros(4, 16, dtype=torch.float64)])
+    got3 = kmeans_keys(repeated, 6, torch.Generator().manual_seed(1), cosine=True)
+    assert got3.shape == (3, 16) and torch.linalg.matrix_rank(got3) == 3
     # dot scoring: Euclidean means, not unit vectors
     far = kmeans_keys(5 * rows, 6, torch.Generator().manual_seed(1), cosine=False)
     assert bool((far.norm(dim=1) > 4).all())

@@ -15,7 +15,7 @@ namespace gpu {
 namespace {
 
 // ---- epilogues -------------------------------------------------------
-// `acc` / `v` / `dv` below: the GEMM result already rounded to T (see above).
+// `acc` / `v` / `dv` below: the GEMM result already rounded to T (grouped_gemm_kernel, grouped_gemm.cuh).
 
 // Forward up-projection: pre = acc + b1_e (stored as `hidden`, grouped rows),
 // act = GELU(pre) (input of the down-projection).

@@ -138,11 +138,6 @@ __global__ void tile_schedule_kernel(const int64_t* __restrict__ offsets, int nu
   }
 }
 
-bool index_checks_requested() {
-  const char* v = std::getenv("SOME_CHECK_INDICES");
-  return v != nullptr && *v != '\0' && std::string(v) != "0";
-}
-
 // The CPU's IndexError, at the price of a synchronization (opt-in).
 void check_index_range_sync(const char* op, const at::Tensor& idx, int64_t N) {
   const auto flat = idx.reshape({-1});
@@ -162,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> group_by_expert_cuda(const char* op, const at
   const int64_t P = idx.numel();
   TORCH_CHECK_VALUE(P < INT_MAX, op, ": at most ", INT_MAX - 1, " (token, slot) pairs are supported on CUDA, got ", P);
   TORCH_CHECK_VALUE(N >= 0 && N < INT_MAX, op, ": too many experts (", N, ")");
-  if (index_checks_requested()) check_index_range_sync(op, idx, N);
+  if (device_value_checks_requested()) check_index_range_sync(op, idx, N);
   c10::cuda::CUDAGuard guard(idx.device());
   auto offsets = at::zeros({N + 1}, idx.options());
   auto order = at::full({P}, -1, idx.options());

@@ -167,10 +167,19 @@ class ModelConfig(SoMELayerConfig):
         check_choice("expert_dtype", self.expert_dtype, EXPERT_DTYPES)
         check_choice("ffn", self.ffn, FFNS)
         check_size("dense_width", self.dense_width, 0)
+        if self.ffn == "dense" and self.expert_init == "cluster":
+            raise ConfigError("ffn = 'dense' has no experts to cut from a dense FFN: expert_init = 'cluster' "
+                              "applies to ffn = 'some' only")
         if self.ffn == "dense" and self.dense_width < 1:
             raise ConfigError("ffn = 'dense' needs its hidden width: set dense_width (e.g. 2·d_model for the "
                               "router's trainable parameters, top_k·d_ffn for the active FLOPs)")
         return self
+
+    @property
+    def decodes_with_cache(self) -> bool:
+        """Whether generation can keep a key/value cache: not with sequence-level routing, whose
+        pooled query makes every token's experts depend on the whole sequence."""
+        return self.ffn == "dense" or self.routing_level == "token"
 
     def describe(self) -> str:
         """The architecture in one sentence (the report's and the model card's)."""

@@ -71,7 +71,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 50, *, temperature:
         raise ValueError(f"generate: prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"seq_len = {cfg.seq_len}")
     if use_cache is None:
-        use_cache = cfg.routing_level == "token"
+        use_cache = cfg.decodes_with_cache
     device = model.lm_head.weight.device
     ids = input_ids.to(device=device, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -24,9 +24,14 @@ def kmeans_keys(rows: Tensor, num_keys: int, generator: torch.Generator, *, cosi
     Lloyd's iterations; a cluster that loses all its rows keeps its centroid. With
     ``cosine`` the rows and centroids are unit vectors."""
     x = rows.detach().to("cpu", torch.float64)
-    if cosine:
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if cosine:  # directions: a zero row has none
+        norm = x.norm(dim=1, keepdim=True)
+        x = x[norm.squeeze(1) > 0] / norm[norm.squeeze(1) > 0]
+    # distinct rows only: a repeated row would give two keys in one place, always chosen together
+    x = torch.unique(x, dim=0)
     n = min(num_keys, x.shape[0])
+    if n == 0:
+        return x
     centroids = _kmeans_plus_plus(x, n, generator)
     for _ in range(iterations):
         if cosine:

@@ -26,11 +26,15 @@ from .telemetry import RoutingTelemetry, real_rows
 __all__ = ["KeyStore"]
 
 
+def _distributed() -> bool:
+    """Whether a process group of more than one rank is running (the engine's data parallelism)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 def _broadcast_from_rank0(tensors: list[Tensor]) -> None:
-    """Rank 0's values of ``tensors`` on every rank, in place, where a process group of more
-    than one rank is running (the engine's data parallelism); nothing otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    """Rank 0's values of ``tensors`` on every rank, in place, under data parallelism."""
+    if _distributed():
         for t in tensors:
             torch.distributed.broadcast(t, src=0)
 
@@ -75,6 +79,8 @@ class KeyStore(nn.Module):
         # key_init = data: whether the keys were set from data yet (saved: a resumed run keeps them)
         if config.key_init == "data":
             self.register_buffer("keys_from_data", torch.zeros((), device=device, dtype=torch.bool))
+        self._keys_from_data_seen = False  # keys_from_data read as True (loading a state reads it again)
+        self._register_load_state_dict_pre_hook(self._forget_keys_from_data)
 
     @property
     def num_experts(self) -> int:
@@ -104,6 +110,10 @@ class KeyStore(nn.Module):
             self.selection_bias.zero_()
         if self.config.key_init == "data":
             self.keys_from_data.fill_(False)
+        self._keys_from_data_seen = False
+
+    def _forget_keys_from_data(self, *args, **kwargs) -> None:
+        self._keys_from_data_seen = False
 
     # --------------------------------------------------------------- routing
     @torch.no_grad()
@@ -114,12 +124,16 @@ class KeyStore(nn.Module):
         fewer real rows than experts, the remaining keys stay random. Under data parallelism
         rank 0's keys (and μ) are broadcast, so every rank starts from the same store."""
         cfg = self.config
-        if cfg.key_init != "data" or bool(self.keys_from_data):
+        if cfg.key_init != "data" or self._keys_from_data_seen:
+            return
+        if bool(self.keys_from_data):  # (read once: a host sync on GPUs; set, it stays set)
+            self._keys_from_data_seen = True
             return
         x = rows.detach().to(self.keys.dtype)
         if real is not None:
             x = x[real.reshape(-1)]
-        if x.shape[0] > 0:
+        computes = not _distributed() or torch.distributed.get_rank() == 0  # the others receive rank 0's
+        if computes and x.shape[0] > 0:
             if cfg.center_queries:
                 self.query_mean.copy_(x.mean(0))
                 x = x - self.query_mean
@@ -128,6 +142,7 @@ class KeyStore(nn.Module):
             self.keys[:centroids.shape[0]] = centroids.to(self.keys.device, self.keys.dtype)
         _broadcast_from_rank0([self.keys, *([self.query_mean] if cfg.center_queries else [])])
         self.keys_from_data.fill_(True)
+        self._keys_from_data_seen = True
 
     def center(self, rows: Tensor, real: Tensor | None, *, training: bool) -> Tensor:
         """``rows`` ``(R, d)`` minus μ with center_queries (as they are otherwise); in
@@ -172,7 +187,9 @@ class KeyStore(nn.Module):
         if cfg.gating == "top_any":
             unmatched = (routed.indices < 0).all(dim=1)
         else:
-            unmatched = routed.scores[:, 0].float() < cfg.adaptive_threshold
+            # the best selected score (slot 0 holds it unless a selection bias chose the order)
+            best = routed.scores.float().masked_fill(routed.indices < 0, float("-inf")).amax(dim=1)
+            unmatched = best < cfg.adaptive_threshold
         if real is not None:
             unmatched &= real
         raw = q.to(self.window_unmatched.dtype)
@@ -256,7 +273,8 @@ class KeyStore(nn.Module):
             self._balance(counts)
         if cfg.revive_after and self._pending_candidates is not None:  # after the step's self-organization
             revive_dead_keys(self.keys, self.key_velocity, self.key_usage, self.expert_active, telemetry,
-                             self._pending_candidates, cfg.revive_after, revival_generator())
+                             self._pending_candidates, cfg.revive_after, revival_generator(),
+                             self.selection_bias if cfg.balance_bias else None)
         self._pending_candidates = None
         if cfg.adaptive:  # after the step's self-organization, which used this step's experts
             self._adapt(counts)
@@ -312,6 +330,8 @@ class KeyStore(nn.Module):
             self.key_usage[slot] = 0
             if self.thresholds is not None:
                 self.thresholds[slot] = 0
+            if cfg.balance_bias:  # (it grew while the slot was unused)
+                self.selection_bias[slot] = 0
             self.expert_active[slot] = True
         self.window_counts.zero_()
         self.window_unmatched.zero_()

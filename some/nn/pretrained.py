@@ -70,7 +70,8 @@ def model_card(model, info: dict[str, Any] | None = None) -> str:
     info = info or {}
     experts = ("regenerated from (seed, layer) by the Philox generator of some" if cfg.expert_init == "default"
                else "stored in model.safetensors")
-    lines = ["---", "library_name: some", "tags: [mixture-of-experts, some, self-organizing-moe]", "---", "",
+    tags = "[mixture-of-experts, some, self-organizing-moe]" if cfg.ffn == "some" else "[some, dense-control]"
+    lines = ["---", "library_name: some", f"tags: {tags}", "---", "",
              f"# SoME language model ({info.get('name', 'some')})", "",
              cfg.describe(), "",
              f"- Parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable"
@@ -160,10 +161,9 @@ def check_written_version(written: Any) -> None:
         theirs = Version(str(written))
     except InvalidVersion:
         raise ModelFileError(f"config.json: some_version {written!r} is not a version number") from None
-    try:
-        ours = Version(__version__)
-    except InvalidVersion:  # a source tree that is not installed ("0+unknown"): nothing to compare
+    if __version__ == "0+unknown":  # a source tree that is not installed: nothing to compare with
         return
+    ours = Version(__version__)
     if theirs.release > ours.release or (theirs.release == ours.release and theirs > ours):
         raise ModelFileError(f"this model was written by some {written}, newer than the installed some "
                              f"{__version__}: upgrade it (pip install -U some) to load the model")

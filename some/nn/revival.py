@@ -41,10 +41,12 @@ def draw_candidates(q: Tensor, real: Tensor | None, num: int, generator: torch.G
 
 @torch.no_grad()
 def revive_dead_keys(keys: Tensor, velocity: Tensor, usage: Tensor, active: Tensor, telemetry: RoutingTelemetry,
-                     candidates: Tensor, after: int, generator: torch.Generator) -> None:
+                     candidates: Tensor, after: int, generator: torch.Generator,
+                     selection_bias: Tensor | None = None) -> None:
     """Move every dead key (active, unselected in the last ``after`` updates) to a
     distinct valid candidate, drawn uniformly, as far as there are candidates;
-    reset its velocity and usage and give it a new lease of ``after`` updates."""
+    reset its velocity, usage and selection bias (balance_bias: it grew while the key was
+    unused) and give it a new lease of ``after`` updates."""
     dead = active & telemetry.dead(after)
     valid = candidates[:, -1] > 0
     g = _gumbel(candidates.shape[0], generator, candidates.device).masked_fill(~valid, -math.inf)
@@ -55,5 +57,7 @@ def revive_dead_keys(keys: Tensor, velocity: Tensor, usage: Tensor, active: Tens
     keys.copy_(torch.where(revive.unsqueeze(1), candidates[chosen, :-1], keys))
     velocity.masked_fill_(revive.unsqueeze(1), 0)
     usage.masked_fill_(revive, 0)
+    if selection_bias is not None:
+        selection_bias.masked_fill_(revive, 0)
     telemetry.last_used.copy_(torch.where(revive, telemetry.step - 1, telemetry.last_used))
     telemetry.revived += revive.sum()

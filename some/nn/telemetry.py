@@ -63,8 +63,10 @@ class RoutingTelemetry(nn.Module):
         (-1 / 0 in empty slots)."""
         valid = (indices >= 0).to(self.scores.dtype)
         kept = scores.to(self.scores.dtype) * valid
+        # the top-1 score: the best selected one (slot 0 unless a selection bias chose the order)
+        top1 = kept.masked_fill(indices < 0, float("-inf")).amax(dim=1, keepdim=True) * valid[:, :1]
         # one reduction for the four sums (the step's per-op overhead is what this costs)
-        sums = torch.cat([kept[:, :1], kept, valid[:, :1], valid], dim=1).sum(0)
+        sums = torch.cat([top1.nan_to_num(0.0, neginf=0.0), kept, valid[:, :1], valid], dim=1).sum(0)
         k = indices.shape[1]
         self.scores += torch.stack([sums[0], sums[1:1 + k].sum(), sums[2 + k:].sum(), sums[1 + k]])
         if self.probe_next:

@@ -135,7 +135,7 @@ def check_route(op: str, query: Tensor, keys: Tensor, k: int, temperature: float
         _same_device(op, "selection_bias", selection_bias, "query", query)
         # a value check (a device sync on GPUs; fake tensors have no values): a NaN or Inf
         # bias would decide the selection alone
-        if not is_fake(selection_bias) and not bool(torch.isfinite(selection_bias).all()):
+        if not is_fake(selection_bias) and not bool(torch.isfinite(selection_bias.to(stats_dtype(query.dtype))).all()):
             raise ValueError(f"{op}: 'selection_bias' must be finite (no NaN or Inf)")
 
 

@@ -26,6 +26,8 @@ def route_ref(query: Tensor, keys: Tensor, k: int, temperature: float, gating: s
               active: Tensor | None = None, fallback_top1: bool = False, selection_bias: Tensor | None = None):
     """Steps 1-4 of docs/method.md §3, one token at a time (a ``selection_bias`` ranks by
     score + bias, DeepSeek-V3's loss-free balancing; the gates use the scores alone)."""
+    if selection_bias is not None and gating in ("top_p", "top_any"):
+        raise ValueError(f"route_ref: selection_bias is for the top-k gatings, not {gating!r}")
     S = scores_ref(query, keys, score_mode)  # (T, N)
     T, N = S.shape
     tau = temperature

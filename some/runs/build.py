@@ -21,6 +21,8 @@ def parameter_bytes(config: SoMEConfig) -> int:
     router = d * d + d if config.router == "linear" else 2 * d * 2 * d + 3 * d
     per_layer = 4 * d * d + 4 * d + 4 * d + router + 3 * N * d  # attention, 2 LayerNorms, router, key store
     experts = N * (2 * h * d + h + d) if config.expert_storage == "materialized" else 0
+    if config.ffn == "dense":  # attention, 2 LayerNorms, the dense FFN; no experts
+        per_layer, experts = 4 * d * d + 4 * d + 4 * d + 2 * config.dense_width * d + config.dense_width + d, 0
     expert_size = 2 if config.expert_dtype == "bfloat16" else 4
     return 4 * (2 * V * d + 2 * d + L * per_layer) + expert_size * L * experts
 

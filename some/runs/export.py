@@ -39,7 +39,8 @@ TRAINING_FILE = "training.json"  # the run's data fields, next to the model file
 
 def _card_info(run_name: str, config: SoMEConfig, history: list[dict[str, Any]], description: str) -> dict:
     last = history[-1] if history else {}
-    metrics = {k: last[k] for k in ("val_loss", "val_perplexity", "ood_perplexity", "gini", "entropy") if k in last}
+    metrics = {k: last[k] for k in ("val_loss", "val_perplexity", "ood_perplexity", "gini", "entropy")
+               if last.get(k) is not None}  # (a dense control has no gini / entropy)
     if last:
         metrics["epochs"] = last.get("epoch")
     return {"name": run_name, "data": description, "metrics": metrics}

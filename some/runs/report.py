@@ -174,7 +174,8 @@ def build_report(run_dir: str | Path) -> str:
         has_ood = any("ood_loss" in r for r in history)
         head = ["Epoch", "Step", "Train loss", "Val loss", "Val PPL"]
         head += ["OOD loss", "OOD PPL"] if has_ood else []
-        head += ["Gini (middle)", "Entropy (bits)", "Train tok/s"]
+        experts = cfg.ffn == "some"
+        head += (["Gini (middle)", "Entropy (bits)"] if experts else []) + ["Train tok/s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in history:
             row = [str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
@@ -182,11 +183,14 @@ def build_report(run_dir: str | Path) -> str:
             if has_ood:
                 row += [f"{r['ood_loss']:.4f}", f"{r['ood_perplexity']:.2f}"] if "ood_loss" in r else ["", ""]
             rate = (r.get("timing") or {}).get("train_tokens_per_s")
-            row += ["" if r.get("gini") is None else f"{r['gini']:.3f}",
-                    "" if r.get("entropy") is None else f"{r['entropy']:.3f}", f"{rate:,.0f}" if rate else ""]
+            if experts:
+                row += ["" if r.get("gini") is None else f"{r['gini']:.3f}",
+                        "" if r.get("entropy") is None else f"{r['entropy']:.3f}"]
+            row.append(f"{rate:,.0f}" if rate else "")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", ("Losses are mean next-token cross-entropies over real (non-padding) tokens; "
-                       "PPL = exp(loss). Gini and entropy: middle-layer expert usage on the validation set. "
+                       "PPL = exp(loss). " + ("Gini and entropy: middle-layer expert usage on the validation set. "
+                                              if experts else "") +
                        "Train tok/s counts all batch positions (batch x seq_len, padding included).")]
     else:
         lines.append("No epoch has finished yet.")
