@@ -55,3 +55,30 @@ def _deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def without_timing(records) -> list[dict]:
+    """Per-epoch records (a run's history, or metrics.jsonl's lines) without their timing,
+    which differs between identical runs."""
+    return [{k: v for k, v in r.items() if k != "timing"} for r in records]
+
+
+def metrics_records(path) -> list[dict]:
+    """A metrics.jsonl file's records without their timing."""
+    import json
+    from pathlib import Path
+
+    return without_timing(json.loads(line) for line in Path(path).read_text().splitlines())
+
+
+def stop_and_resume(config, out, step: int):
+    """Train ``config`` into ``out``, stopped by fault injection after ``step``, then resume it to
+    the end: the resumed Trainer (its ``history`` is the whole run's)."""
+    from some.runs import Trainer
+    from some.runs.faults import Faults
+
+    with pytest.raises(Exception, match=f"stopped after step {step}"):
+        Trainer(config, out, progress=False, echo=False, faults=Faults(stop_after_step=step)).run(make_plots=False)
+    resumed = Trainer(None, out, resume=True, progress=False, echo=False)
+    resumed.run(make_plots=False)
+    return resumed

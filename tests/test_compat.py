@@ -2,11 +2,11 @@
 (tests/fixtures/README.md says how the files were made)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
+from helpers import metrics_records
 
 from some.nn import SoMEForCausalLM
 from some.runs import train
@@ -14,16 +14,12 @@ from some.runs import train
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _metrics(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "timing"} for line in path.read_text().splitlines()]
-
-
 def test_an_old_checkpoint_resumes_to_the_metrics_of_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setenv("SOME_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run_v0_1", run)
     train(None, run, resume=True, make_plots=False, progress=False)
-    assert _metrics(run / "metrics.jsonl") == _metrics(FIXTURES / "run_v0_1" / "expected_metrics.jsonl")
+    assert metrics_records(run / "metrics.jsonl") == metrics_records(FIXTURES / "run_v0_1" / "expected_metrics.jsonl")
 
 
 def test_an_old_exported_model_gives_its_logits_bit_for_bit():

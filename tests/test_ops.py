@@ -76,14 +76,25 @@ ROUTE_SIZES = [
 ]
 
 
-@pytest.mark.parametrize("gating", GATINGS)
+# selection bias (docs/method.md §4.1 balance_bias): chooses the top-k by s + b; the gates, the
+# returned scores and the gradients are those of the unbiased scores of the chosen experts
+TOPK_GATINGS = [g for g in GATINGS if g not in ("top_p", "top_any")]
+
+
+def _selection_bias(N, dtype, device, scale=0.6, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+@pytest.mark.parametrize("gating,biased", [(g, False) for g in GATINGS] + [(g, True) for g in TOPK_GATINGS])
 @pytest.mark.parametrize("score_mode", ["cosine", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T,d,N,k", ROUTE_SIZES)
-def test_route_matches_reference(T, d, N, k, gating, score_mode, dtype, device, backend):
+def test_route_matches_reference(T, d, N, k, gating, biased, score_mode, dtype, device, backend):
     q, K, thr = make_route_inputs(T, d, N, dtype, device)
     temp = 0.8 if score_mode == "cosine" else 3.0
-    kw = dict(score_mode=score_mode, thresholds=thr if gating == "top_any" else None)
+    kw = dict(score_mode=score_mode, thresholds=thr if gating == "top_any" else None,
+              selection_bias=_selection_bias(N, dtype, device) if biased else None)
     g = torch.Generator().manual_seed(5)
     wg, ws = (torch.randn(T, k, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
     got, got_grad = _route_and_grads(q, K, k, temp, gating, wg, ws, **kw)
@@ -97,7 +108,7 @@ def test_route_matches_reference(T, d, N, k, gating, score_mode, dtype, device, 
     (ref[1] * wg).sum().add((ref[2] * ws).sum()).backward()
     torch.testing.assert_close(got_grad, q2.grad, **tol(dtype, device))
     if device.type != "cpu":  # and the same op (same backend) on the CPU
-        kw_cpu = dict(kw, thresholds=None if kw["thresholds"] is None else kw["thresholds"].cpu())
+        kw_cpu = {name: v.cpu() if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
         want, want_grad = _route_and_grads(q.cpu(), K.cpu(), k, temp, gating, wg.cpu(), ws.cpu(), **kw_cpu)
         assert torch.equal(got.indices.cpu(), want.indices), "selected experts differ from the CPU op"
         for a, b in ((got.gates, want.gates), (got.scores, want.scores), (got_grad, want_grad)):
@@ -226,36 +237,6 @@ def test_route_opcheck(gating, device):
     q.requires_grad_()
     th = thr.clone().requires_grad_() if gating == "top_any" else None
     torch.library.opcheck(torch.ops.some.route.default, (q, K, 3, 0.8, gating, "cosine", 0.4, th, None, False))
-
-
-# selection bias (SPEC §4.1 balance_bias): chooses the top-k by s + b, gates by s
-TOPK_GATINGS = [g for g in GATINGS if g not in ("top_p", "top_any")]
-
-
-def _selection_bias(N, dtype, device, scale=0.6, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(N, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
-
-@pytest.mark.parametrize("gating", TOPK_GATINGS)
-@pytest.mark.parametrize("score_mode", ["cosine", "dot"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("T,d,N,k", ROUTE_SIZES)
-def test_route_selection_bias_matches_reference(T, d, N, k, gating, score_mode, dtype, device, backend):
-    q, K, _ = make_route_inputs(T, d, N, dtype, device)
-    bias = _selection_bias(N, dtype, device)
-    temp = 0.8 if score_mode == "cosine" else 3.0
-    g = torch.Generator().manual_seed(5)
-    wg, ws = (torch.randn(T, k, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
-    got, got_grad = _route_and_grads(q, K, k, temp, gating, wg, ws, score_mode=score_mode, selection_bias=bias)
-    q2 = q.clone().requires_grad_()
-    ref = route_ref(q2, K, k, temp, gating, score_mode, selection_bias=bias)
-    assert torch.equal(got.indices.cpu(), ref[0]), "selected experts differ"
-    # the gates and the scores returned are those of the unbiased scores of the chosen experts
-    torch.testing.assert_close(got.gates.cpu(), ref[1].detach().cpu(), **tol(dtype, device))
-    torch.testing.assert_close(got.scores.cpu(), ref[2].detach().cpu(), **tol(dtype, device))
-    (ref[1] * wg).sum().add((ref[2] * ws).sum()).backward()
-    torch.testing.assert_close(got_grad, q2.grad, **tol(dtype, device))
 
 
 def test_route_selection_bias_changes_only_the_choice(device, backend):

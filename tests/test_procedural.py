@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ENV, kernels_on, repeatable
+from helpers import ENV, kernels_on, repeatable, stop_and_resume, without_timing
 from inputs import random_routing
 
 from some import ops
@@ -207,15 +207,8 @@ def test_a_procedural_run_checkpoints_no_expert_and_resumes_exactly(tmp_path):
     record = state["model"]["blocks.1.ffn.experts._extra_state"]
     assert record == {"generator": philox.GENERATOR, "storage": "procedural", "seed": config.seed, "layer": 1,
                       "from_generator": True}
-    from some.runs.faults import Faults
-
-    out = tmp_path / "stopped"
-    with pytest.raises(Exception, match="stopped after step 5"):
-        Trainer(config, out, progress=False, echo=False, faults=Faults(stop_after_step=5)).run(make_plots=False)
-    resumed = Trainer(None, out, resume=True, progress=False, echo=False)
-    resumed.run(make_plots=False)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "timing"} for r in h]  # noqa: E731
-    assert strip(resumed.history) == strip(ref.history)
+    resumed = stop_and_resume(config, tmp_path / "stopped", 5)
+    assert without_timing(resumed.history) == without_timing(ref.history)
 
 
 def test_a_checkpoint_of_other_generated_experts_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import metrics_records, stop_and_resume, without_timing
 
 from some import ops
 from some.errors import ConfigError
@@ -51,14 +52,18 @@ def test_centering_uses_real_tokens_and_moves_by_momentum():
     assert torch.equal(store.query_mean, before) and int(store.query_mean_updates) == 2
 
 
-def test_query_mean_is_saved_and_restored():
-    layer = _layer(center_queries=True)
+@pytest.mark.parametrize("option,buffers", [("center_queries", ("query_mean", "query_mean_updates")),
+                                            ("balance_bias", ("selection_bias",))])
+def test_the_options_state_is_saved_and_restored(option, buffers):
+    layer = _layer(**{option: True})
     layer(torch.randn(1, 4, 16))
     layer.update_keys()
-    other = _layer(center_queries=True)
+    other = _layer(**{option: True})
     other.load_state_dict(layer.state_dict())
-    assert torch.equal(other.key_store.query_mean, layer.key_store.query_mean)
-    assert int(other.key_store.query_mean_updates) == 1
+    for name in buffers:
+        assert torch.equal(getattr(other.key_store, name), getattr(layer.key_store, name)), name
+    if option == "center_queries":
+        assert int(other.key_store.query_mean_updates) == 1
 
 
 @pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5, float("nan")])
@@ -126,15 +131,6 @@ def test_balance_bias_evens_out_usage_on_skewed_queries():
         counts[on] = torch.bincount(idx[idx >= 0], minlength=12)
     assert int((counts[True] > 0).sum()) > int((counts[False] > 0).sum())
     assert counts[True].max() < counts[False].max()
-
-
-def test_selection_bias_is_saved_and_restored():
-    layer = _layer(balance_bias=True)
-    layer(torch.randn(1, 4, 16))
-    layer.update_keys()
-    other = _layer(balance_bias=True)
-    other.load_state_dict(layer.state_dict())
-    assert torch.equal(other.key_store.selection_bias, layer.key_store.selection_bias)
 
 
 def test_a_revived_key_starts_without_the_bias_its_idle_steps_earned():
@@ -224,19 +220,14 @@ ALL_OPTIONS = ["center_queries=true", "balance_bias=true", "key_init=data"]
 def test_a_run_with_every_option_resumes_bit_identically(tmp_path):
     from some.engine import load_checkpoint
     from some.runs import Trainer, apply_overrides, get_preset
-    from some.runs.faults import Faults
 
     config = apply_overrides(get_preset("tiny-test"), ["epochs=2", "checkpoint_every=3", f"cache_dir={tmp_path}",
                                                        *ALL_OPTIONS])
     ref = Trainer(config, tmp_path / "ref", progress=False, echo=False)
     ref.run(make_plots=False)
     out = tmp_path / "stopped"
-    with pytest.raises(Exception, match="stopped after step 5"):
-        Trainer(config, out, progress=False, echo=False, faults=Faults(stop_after_step=5)).run(make_plots=False)
-    resumed = Trainer(None, out, resume=True, progress=False, echo=False)
-    resumed.run(make_plots=False)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "timing"} for r in h]  # noqa: E731
-    assert strip(resumed.history) == strip(ref.history)
+    resumed = stop_and_resume(config, out, 5)
+    assert without_timing(resumed.history) == without_timing(ref.history)
     a, b = (load_checkpoint(p / "checkpoint.pt")["model"] for p in (tmp_path / "ref", out))
     state = [k for k in a if k.split(".")[-1] in ("keys", "query_mean", "selection_bias", "keys_from_data")]
     assert len(state) == 4 * 2  # the two SoME layers of tiny-test
@@ -288,9 +279,7 @@ def test_the_options_off_reproduce_the_small_run_bit_for_bit(tmp_path):
             "center_queries=false", "balance_bias=false", "key_init=random", f"cache_dir={tmp_path}"]
     trainer = Trainer(apply_overrides(get_preset("small"), sets), tmp_path / "run", progress=False, echo=False)
     trainer.run(make_plots=False)
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "timing"}
-               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == expected["metrics"]
+    assert metrics_records(tmp_path / "run" / "metrics.jsonl") == expected["metrics"]
     state = load_file(tmp_path / "run" / "model" / "model.safetensors")
 
     def sha(t):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV
+from helpers import ENV, metrics_records
 
 from some.engine import evaluate, load_checkpoint, lr_at, save_checkpoint
 from some.errors import CheckpointError, ConfigError, RunDirError, RunStopped, TrainingDiverged
@@ -46,9 +46,7 @@ def reference(config, tmp_path_factory):
 
 
 def _records(run_dir):
-    """metrics.jsonl without the timing (which differs between identical runs)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "timing"} for line in lines]
+    return metrics_records(Path(run_dir) / "metrics.jsonl")
 
 
 def _assert_same_final_state(run_a, run_b):
