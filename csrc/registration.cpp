@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "cpu/small_gemm.h"
 #include "philox.h"
 
 #ifdef _OPENMP
@@ -95,6 +96,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["torch_version"] = SOME_TORCH_VERSION;
     info["expert_generator"] = "philox4x32-10/some-philox-v" + std::to_string(some::philox::kVersion);
+    // the CPU experts' per-expert products: straight into torch's BLAS, or through at::mm
+    info["cpu_expert_gemm"] = some::small_gemm::direct<float>() ? "blas" : "at::mm";
     return info;
   });
 }

@@ -1,12 +1,15 @@
 """The key-store update at matrix-product speed (csrc/cpu/repulsion.h and the torch
 backend's ``_push_sums``) against the literal SPEC §4 reference, in float64.
 
-The fast update takes distances from products in row blocks, θ from an exact two-pass
-selection over a histogram of those distances, and the repulsion sum from one more
-product per block; nearly coincident pairs are resolved from their differences. Every
-path is forced here: one block, many blocks recomputed between the passes
-(SOME_KEYSTORE_BLOCK_BYTES), ties, θ at 0 and 1, a single pair, experts no token
-selected, experts masked out by the adaptive process, near-duplicate keys.
+The fast update takes distances from products in tiles, θ from an exact selection (one
+pass between bounds from a sample of pairs from 2^18 pairs on; two passes over a
+histogram of the distances below that, and whenever the sampled bounds miss), and the
+repulsion sum from the pairs under θ only; nearly coincident pairs are resolved from
+their differences. Every path is forced here: one tile, many tiles recomputed between
+the passes (SOME_KEYSTORE_BLOCK_BYTES), the sampled pass at every size and its fallback
+(SOME_KEYSTORE_SAMPLED_MIN_PAIRS, SOME_KEYSTORE_SAMPLE_SIGMAS), ties, θ at 0 and 1, a
+single pair, experts no token selected, experts masked out by the adaptive process,
+near-duplicate keys.
 """
 from __future__ import annotations
 
@@ -61,6 +64,50 @@ def test_blocks_recomputed_between_passes(block_bytes, monkeypatch, backend):
     monkeypatch.setenv("SOME_KEYSTORE_BLOCK_BYTES", str(block_bytes))
     _check(_unit(257, 16, seed=5), _stats(257, 16, seed=5), 0.05)
     _check(_unit(257, 16, seed=6), _stats(257, 16, seed=6), 0.5, normalize=False)
+
+
+SELECTIONS = {"sampled": {"SOME_KEYSTORE_SAMPLED_MIN_PAIRS": "1"},
+              # bounds narrowed past the two ranks: the pass finds they missed and starts again
+              "fallback": {"SOME_KEYSTORE_SAMPLED_MIN_PAIRS": "1", "SOME_KEYSTORE_SAMPLE_SIGMAS": "-6"}}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("N, theta_percentile", [(3, 0.5), (33, 0.05), (257, 0.0), (257, 0.5), (300, 1.0),
+                                                 (1024, 0.05)])
+def test_sampled_selection_equals_reference(selection, N, theta_percentile, monkeypatch):
+    # the native CPU op's one-pass selection (the default from 2^18 pairs, N = 1024 here)
+    # forced at every size, and its fallback when the sampled bounds miss
+    for name, value in SELECTIONS[selection].items():
+        monkeypatch.setenv(name, value)
+    _check(_unit(N, 16, seed=N), _stats(N, 16, seed=N), theta_percentile)
+    K = _unit(N, 16, seed=N)
+    K[1] = K[0]  # a coincident pair and ties at distance 0
+    _check(K, _stats(N, 16, seed=N), theta_percentile, normalize=False)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("theta_percentile", [0.0, 0.25, 0.9])
+def test_sampled_selection_with_ties(selection, theta_percentile, monkeypatch):
+    for name, value in SELECTIONS[selection].items():
+        monkeypatch.setenv(name, value)
+    eye = torch.eye(8, dtype=torch.float64)
+    _check(torch.cat([eye, -eye]), _stats(16, 8, seed=3), theta_percentile)
+
+
+def test_sampled_selection_in_float32(monkeypatch):
+    # N = 1024 float32 keys: the one-pass selection (the default at this size) picks the same θ
+    # and the same close pairs as the two passes over the same float32 distances; the sums
+    # differ only in their order. (Against the float64 reference a pair within float32 error
+    # of θ may fall on the other side of it.)
+    K = _unit(1024, 32, seed=14).float()
+    stats = [s.float() if s.is_floating_point() else s for s in _stats(1024, 32, seed=14)]
+    out = []
+    for min_pairs in (str(2**18), str(2**40)):
+        monkeypatch.setenv("SOME_KEYSTORE_SAMPLED_MIN_PAIRS", min_pairs)
+        keys, V, u = K.clone(), torch.zeros_like(K), torch.zeros(1024)
+        assert ops.keystore_update(keys, V, u, *stats, theta_percentile=0.05, **STRONG)
+        out.append(V)
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("theta_percentile", [0.0, 0.2, 0.25, 0.9, 1.0])

@@ -456,6 +456,34 @@ def test_experts_no_tokens(device, backend):
         assert offsets.tolist() == [0] * (N + 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_experts_products_have_torch_mm_bits(dtype):
+    # the CPU kernel calls torch's BLAS directly for its many small per-expert products
+    # (csrc/cpu/small_gemm.h) with the arguments at::mm would pass: the saved pre-activations
+    # are torch.mm's bits plus the bias, for experts of 1 to many rows. (One thread: MKL picks
+    # other kernels, with other bits, for a product it may thread itself.)
+    import some
+    if not some.build_info()["native"]:
+        pytest.skip("the native extension is not built")
+    if torch.backends.mkl.is_available():  # torch's x86 builds: MKL exports sgemm_/dgemm_
+        assert some.build_info()["cpu_expert_gemm"] == "blas"
+    T, d, N, h, k = 300, 32, 96, 48, 2
+    x = torch.randn(T, d, dtype=dtype)
+    idx, gates = random_routing(T, N, k, dtype, seed=4)
+    idx[:40] = torch.arange(2)  # one busy pair of experts beside many with a row or two
+    w1, b1, w2, b2 = make_experts(N, d, h, dtype, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, hidden, order, offsets = torch.ops.some.experts(x, idx, gates, w1, b1, w2, b2)
+        for e in range(N):
+            rows = order[offsets[e]:offsets[e + 1]]
+            want = torch.mm(x[rows // k], w1[e].t()) + b1[e]
+            assert torch.equal(hidden[offsets[e]:offsets[e + 1]], want), e
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("d,h", [(64, 128), (62, 130), (13, 17)])
 def test_experts_bfloat16_error_no_worse_than_pytorch(d, h, device, backend):
     """bf16 with fp32 accumulation: the op's error against an fp64 reference is within a

@@ -6,7 +6,8 @@
 //   1. group the (token, slot) pairs by expert with a stable counting sort
 //      (`order`, `offsets`); index -1 slots are dropped;
 //   2. per expert, gather its rows and run the two GEMMs through BLAS
-//      (at::mm_out into slices of one buffer);
+//      (called directly, small_gemm.h: with many experts of a few rows each, a
+//      product's call would cost more than its arithmetic);
 //   3. bias + GELU (forward) and GELU' + gate (backward) in one fused
 //      vectorized pass per expert, parallel over rows;
 //   4. combine per token (parallel over tokens, so no atomics and
@@ -29,6 +30,7 @@
 #include "../op_checks.h"
 #include "../philox.h"
 #include "grouping.h"
+#include "small_gemm.h"
 #include "kernels/expert_act.h"
 
 namespace some {
@@ -238,17 +240,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
       auto xg = at::empty({rows, d}, x.options());  // this expert's x rows
       auto act = at::empty({rows, h}, x.options());  // GELU(pre), input of the 2nd GEMM
       typename Src::Scratch scratch(src, x.options());
+      scalar_t* xg_p = xg.data_ptr<scalar_t>();
+      scalar_t* act_p = act.data_ptr<scalar_t>();
       for (int64_t e = e_begin; e < e_end; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        auto xg_e = xg.narrow(0, 0, n);
-        auto act_e = act.narrow(0, 0, n);
-        auto pre_e = hidden.narrow(0, r0, n);
-        auto out_e = out.narrow(0, r0, n);
-        gather_rows(x.data_ptr<scalar_t>(), xg_e.data_ptr<scalar_t>(), ord + r0, n, k, d);
-        at::mm_out(pre_e, xg_e, src.w1(e, scratch).t());  // (n, d) @ (d, h)
-        scalar_t* pre_p = pre_e.data_ptr<scalar_t>();
-        scalar_t* act_p = act_e.data_ptr<scalar_t>();
+        scalar_t* pre_p = hidden.data_ptr<scalar_t>() + r0 * h;
+        gather_rows(x.data_ptr<scalar_t>(), xg_p, ord + r0, n, k, d);
+        small_gemm::a_bt(pre_p, xg_p, src.w1(e, scratch).template data_ptr<scalar_t>(), n, h, d,
+                         x.options());  // (n, d) @ (d, h)
         const auto b1_e = src.b1(e, scratch);
         const scalar_t* b1_p = b1_e.template data_ptr<scalar_t>();
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
@@ -257,7 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
           else
             bias_gelu_generic(pre_p + b * h, act_p + b * h, b1_p, end - b, h);
         });
-        at::mm_out(out_e, act_e, src.w2(e, scratch).t());  // (n, h) @ (h, d)
+        small_gemm::a_bt(out.data_ptr<scalar_t>() + r0 * d, act_p, src.w2(e, scratch).template data_ptr<scalar_t>(),
+                         n, d, h, x.options());  // (n, h) @ (h, d)
       }
     });
     // y_t = Σ_j g_tj (out[pos(t, j)] + b2_e), accumulated in opmath.
@@ -331,16 +332,16 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
       std::vector<scalar_t> gate_rows(rows);
       std::vector<opmath> dot_rows(rows);
       typename Src::Scratch scratch(src, x.options());
+      scalar_t* gy_p = gy.data_ptr<scalar_t>();
+      scalar_t* d_p = dbuf.data_ptr<scalar_t>();
       for (int64_t e = e_begin; e < e_end; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        auto gy_e = gy.narrow(0, 0, n);
-        auto d_e = dbuf.narrow(0, 0, n);
-        gather_rows(grad_y.data_ptr<scalar_t>(), gy_e.data_ptr<scalar_t>(), ord + r0, n, k, d);
-        at::mm_out(d_e, gy_e, src.w2(e, scratch));  // dL/da (before the gate): (n, d) @ (d, h)
+        gather_rows(grad_y.data_ptr<scalar_t>(), gy_p, ord + r0, n, k, d);
+        small_gemm::a_b(d_p, gy_p, src.w2(e, scratch).template data_ptr<scalar_t>(), n, h, d,
+                        x.options());  // dL/da (before the gate): (n, d) @ (d, h)
         for (int64_t r = 0; r < n; ++r) gate_rows[r] = G[ord[r0 + r]];
         const scalar_t* pre_p = hid.data_ptr<scalar_t>() + r0 * h;
-        scalar_t* d_p = d_e.data_ptr<scalar_t>();
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
           if constexpr (std::is_same_v<scalar_t, float>)
             act_kernels().gelu_grad(pre_p + b * h, d_p + b * h, gate_rows.data() + b, dot_rows.data() + b,
@@ -351,7 +352,6 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
         });
         if (need_grad_gates) {
           // dL/dg_tj = dL/dy_t · E_e(x_t) = (dL/da)·GELU(pre) + dL/dy_t · b2_e
-          const scalar_t* gy_p = gy_e.data_ptr<scalar_t>();
           const scalar_t* b2_p = B2 + e * d;
           for (int64_t r = 0; r < n; ++r) {
             opmath acc = dot_rows[r];
@@ -360,10 +360,9 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
             GG[ord[r0 + r]] = static_cast<scalar_t>(acc);
           }
         }
-        if (need_grad_x) {
-          auto xpair_e = xpair.narrow(0, r0, n);
-          at::mm_out(xpair_e, d_e, src.w1(e, scratch));  // (n, h) @ (h, d)
-        }
+        if (need_grad_x)
+          small_gemm::a_b(xpair.data_ptr<scalar_t>() + r0 * d, d_p, src.w1(e, scratch).template data_ptr<scalar_t>(),
+                          n, d, h, x.options());  // (n, h) @ (h, d)
       }
     });
     if (need_grad_x) {

@@ -13,18 +13,24 @@
 // where its cancellation error is no longer small against D²) are recomputed from
 // their differences, so a nearly coincident pair keeps an exact distance.
 //
-// θ is an exact selection in two passes over the tiles: a histogram of the
-// distances' leading bits finds the buckets that hold the two ranks the
-// interpolation needs, and only those buckets are kept and partially sorted; the
-// second pass also adds the repulsion of every pair already known to lie under θ
-// (see push_sums). The repulsion sums visit only the pairs under θ (theta_percentile of them),
+// θ is an exact selection. With many pairs (kSampledMinPairs and up) it takes one
+// pass over the tiles: a sample of pairs brackets the two ranks the interpolation
+// needs between bounds [a, b]; the pass adds the repulsion of every pair under a
+// at once, keeps the pairs in [a, b] and only counts the rest; θ is then selected
+// among the kept pairs. Whether the bounds held is checked from the exact counts,
+// and if they did not (a rare sample), the update falls back to the two-pass
+// selection that small stores always use: a histogram of the distances' leading
+// bits finds the buckets that hold the two ranks, and only those buckets are kept
+// and partially sorted (see push_sums). The repulsion sums visit only the pairs under θ (theta_percentile of them),
 // each from its exact difference K_e − K_f: a dense product W·K over all pairs
 // would cost N²·d whatever θ, and lose every digit of a nearly coincident
 // pair's difference to the cancellation of (Σ w) K_e − Σ w K_f.
 //
-// The tiles are kept between passes when all N² distances take at most
-// 8 × the tile budget, and recomputed otherwise. The budget is
-// SOME_KEYSTORE_BLOCK_BYTES (default 8 MiB), a knob for tests and benchmarks.
+// The two-pass selection keeps the tiles between its passes when all N² distances
+// take at most 8 × the tile budget, and recomputes them otherwise. The budget is
+// SOME_KEYSTORE_BLOCK_BYTES (default 8 MiB) and the pair count from which the
+// sampled selection is used SOME_KEYSTORE_SAMPLED_MIN_PAIRS: knobs for tests and
+// benchmarks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -46,15 +53,30 @@ namespace repulsion {
 constexpr double kRepulsionEps = 1e-8;  // max(D, 1e-8) in the repulsion term
 constexpr double kNearFraction = 1e-2;  // D² below this share of |K_e|² + |K_f|²: recompute
 constexpr int64_t kDefaultBlockBytes = int64_t(8) << 20;
+constexpr int64_t kStreamTileBytes = int64_t(256) << 10;  // 256 × 256 float32
 constexpr int kKeptMantissaBits = 7;  // histogram resolution: 1/128 of an octave
+// From this many pairs (N ≈ 725) θ is selected in one pass from sampled bounds: below it
+// the two-pass selection costs little, and small stores keep the sums in the order they
+// always had (runs of the small presets reproduce bit for bit).
+constexpr int64_t kSampledMinPairs = int64_t(1) << 18;
 
-inline int64_t block_bytes() {
-  if (const char* env = std::getenv("SOME_KEYSTORE_BLOCK_BYTES")) {
+inline int64_t env_positive(const char* name, int64_t fallback) {
+  if (const char* env = std::getenv(name)) {
     const long long v = std::atoll(env);
     if (v > 0) return static_cast<int64_t>(v);
   }
-  return kDefaultBlockBytes;
+  return fallback;
 }
+
+// How many standard errors of the sample quantile the sampled bounds are widened by; a
+// negative count narrows them past the ranks, which tests use to force the fallback.
+inline double sample_sigmas() {
+  const char* env = std::getenv("SOME_KEYSTORE_SAMPLE_SIGMAS");
+  return env ? std::atof(env) : 6.0;
+}
+
+inline int64_t block_bytes() { return env_positive("SOME_KEYSTORE_BLOCK_BYTES", kDefaultBlockBytes); }
+inline int64_t sampled_min_pairs() { return env_positive("SOME_KEYSTORE_SAMPLED_MIN_PAIRS", kSampledMinPairs); }
 
 // Order-preserving bucket of a non-negative float: its leading bits.
 template <typename scalar_t>
@@ -87,14 +109,17 @@ void for_balanced_rows(int64_t n, const Fn& fn) {
 template <typename scalar_t>
 class Distances {
  public:
-  explicit Distances(const at::Tensor& keys) : K_(keys), N_(keys.size(0)), d_(keys.size(1)) {
-    const int64_t budget = block_bytes();
+  // keep: cache the tiles for a second pass (when they fit in 8 budgets)
+  Distances(const at::Tensor& keys, bool keep) : K_(keys), N_(keys.size(0)), d_(keys.size(1)) {
+    // one pass streams each tile once: tiles that stay in the core's cache while their rows
+    // are finished and scanned; two passes keep them, in as few products as the budget allows
+    const int64_t budget = keep ? block_bytes() : std::min(block_bytes(), kStreamTileBytes);
     const int64_t cells = std::max<int64_t>(budget / static_cast<int64_t>(sizeof(scalar_t)), 1);
     side_ = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(cells))), 1, N_);
     const int64_t grid = (N_ + side_ - 1) / side_;
     for (int64_t a = 0; a < grid; ++a)
       for (int64_t b = a; b < grid; ++b) tiles_.push_back({a * side_, b * side_});
-    cache_ = N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * budget;
+    cache_ = keep && N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * budget;
     if (cache_) cached_.resize(tiles_.size());
     sq_ = (K_ * K_).sum(1).contiguous();
   }
@@ -167,20 +192,161 @@ void for_each_pair(Distances<scalar_t>& dist, int64_t t, const Visit& visit) {
   });
 }
 
+template <typename scalar_t>
+struct Pair {
+  int64_t e, f;
+  scalar_t D;
+};
+template <typename scalar_t>
+using Band = std::vector<std::vector<Pair<scalar_t>>>;  // one list per thread
+
+// The running sums of push_sums: push (N, d) and close (N).
+template <typename scalar_t>
+struct Sums {
+  const scalar_t* k;
+  int64_t d;
+  scalar_t* P;
+  std::vector<int64_t>& close;
+
+  // The exact difference of pair (e, f), over max(D, 1e-8), added to pe and taken from pf.
+  void add_term(scalar_t* pe, scalar_t* pf, int64_t e, int64_t f, scalar_t Dv) const {
+    const scalar_t inv = scalar_t(1) / std::max(Dv, static_cast<scalar_t>(kRepulsionEps));
+    const scalar_t* ke = k + e * d;
+    const scalar_t* kf = k + f * d;
+    for (int64_t c = 0; c < d; ++c) {
+      const scalar_t term = (ke[c] - kf[c]) * inv;
+      pe[c] += term;
+      pf[c] -= term;
+    }
+  }
+};
+
+// One pass over the tiles. `where(D)` sorts each pair: kSure (closer than θ whatever θ
+// turns out to be: its term is added at once), kBand (kept in `band` for after the
+// selection) or kFar (not closer than θ). A sure pair adds its exact difference to its
+// row key (owned by the thread that visits the row) and subtracts it from its column key
+// in that thread's buffer of the tile's columns, summed after each tile: no races, no
+// N × N weights. Returns how many pairs were sure.
+enum Where { kSure, kBand, kFar };
+template <typename scalar_t, typename Classify>
+int64_t add_sure_keep_band(Distances<scalar_t>& dist, const Classify& where, const Sums<scalar_t>& sums,
+                           Band<scalar_t>& band) {
+  const int threads = at::get_num_threads();
+  const int64_t d = sums.d;
+  band.assign(threads, {});
+  std::vector<int64_t> sure(threads, 0);
+  std::vector<std::vector<scalar_t>> col_push(threads);
+  std::vector<std::vector<int64_t>> col_close(threads);
+  for (int64_t t = 0; t < dist.tiles(); ++t) {
+    const auto& tl = dist.tile(t);
+    const int64_t nc = dist.extent(tl.c0);
+    for (auto& v : col_push) v.clear();
+    for (auto& v : col_close) v.clear();
+    for_each_pair(dist, t, [&](int tid, int64_t e, int64_t f, scalar_t Dv) {
+      const Where w = where(Dv);
+      if (w == kFar) return;
+      if (w == kBand) {
+        band[tid].push_back({e, f, Dv});
+        return;
+      }
+      auto& cp = col_push[tid];
+      auto& cc = col_close[tid];
+      if (cc.empty()) {
+        cp.assign(nc * d, scalar_t(0));
+        cc.assign(nc, 0);
+      }
+      sums.add_term(sums.P + e * d, cp.data() + (f - tl.c0) * d, e, f, Dv);
+      ++sums.close[e];  // row e belongs to this thread
+      ++cc[f - tl.c0];
+      ++sure[tid];
+    });
+    for (int tid = 0; tid < threads; ++tid) {
+      if (col_close[tid].empty()) continue;
+      const auto& cp = col_push[tid];
+      for (int64_t j = 0; j < nc; ++j) {
+        sums.close[tl.c0 + j] += col_close[tid][j];
+        scalar_t* pf = sums.P + (tl.c0 + j) * d;
+        for (int64_t c = 0; c < d; ++c) pf[c] += cp[j * d + c];
+      }
+    }
+  }
+  int64_t total = 0;
+  for (int64_t n : sure) total += n;
+  return total;
+}
+
+// θ: the value at `rank` (linear interpolation between ranks lo and hi) of all pairs,
+// given that `below` pairs lie under every kept one and that ranks lo and hi are kept.
+template <typename scalar_t>
+scalar_t select_theta(const Band<scalar_t>& band, double rank, int64_t lo, int64_t hi, int64_t below) {
+  std::vector<scalar_t> v;
+  for (const auto& part : band)
+    for (const auto& p : part) v.push_back(p.D);
+  const int64_t at_lo = lo - below;
+  std::nth_element(v.begin(), v.begin() + at_lo, v.end());
+  const scalar_t v_lo = v[at_lo];
+  const scalar_t v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + at_lo + 1, v.end());
+  return lerp<scalar_t>(v_lo, v_hi, static_cast<scalar_t>(rank - static_cast<double>(lo)));
+}
+
+// The kept pairs closer than θ, in their order: one thread, so the sums do not depend on
+// the thread count beyond the order of the lists.
+template <typename scalar_t>
+void add_band(const Band<scalar_t>& band, scalar_t th, const Sums<scalar_t>& sums) {
+  for (const auto& part : band)
+    for (const auto& p : part) {
+      if (!(p.D < th)) continue;
+      sums.add_term(sums.P + p.e * sums.d, sums.P + p.f * sums.d, p.e, p.f, p.D);
+      ++sums.close[p.e];
+      ++sums.close[p.f];
+    }
+}
+
+// Bounds a <= D(rank lo) and D(rank hi) <= b from a sample of pairs (a fixed draw, so the
+// update is deterministic), widened by six standard errors of the sample quantile
+// (sample_sigmas) and by 1e-3 of the value (the sample's distances are taken from differences, the tiles' from
+// products). The pass that uses them checks that they held.
+template <typename scalar_t>
+std::pair<scalar_t, scalar_t> sampled_bounds(const at::Tensor& keys, int64_t lo, int64_t hi, int64_t M) {
+  const int64_t N = keys.size(0), d = keys.size(1);
+  const int64_t S = std::min<int64_t>(M, std::clamp<int64_t>(16 * static_cast<int64_t>(std::sqrt(double(M))),
+                                                             int64_t(1) << 14, int64_t(1) << 18));
+  const scalar_t* k = keys.data_ptr<scalar_t>();
+  std::vector<double> sample(S);
+  at::parallel_for(0, S, 1024, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      uint64_t x = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);  // splitmix64 of i
+      x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+      x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+      x ^= x >> 31;
+      const int64_t e = static_cast<int64_t>((x >> 32) % static_cast<uint64_t>(N));
+      int64_t f = static_cast<int64_t>((x & 0xFFFFFFFFull) % static_cast<uint64_t>(N - 1));
+      f += f >= e;
+      double d2 = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const double diff = static_cast<double>(k[e * d + c]) - static_cast<double>(k[f * d + c]);
+        d2 += diff * diff;
+      }
+      sample[i] = std::sqrt(d2);
+    }
+  });
+  std::sort(sample.begin(), sample.end());
+  const double q_lo = static_cast<double>(lo) / static_cast<double>(M);
+  const double q_hi = static_cast<double>(hi + 1) / static_cast<double>(M);
+  const double sigmas = sample_sigmas();
+  auto margin = [&](double q) {
+    return sigmas * std::sqrt(std::max(q * (1 - q), 1.0 / S) / S) + (sigmas < 0 ? -1.0 : 1.0) / S;
+  };
+  const int64_t ia = static_cast<int64_t>(std::floor((q_lo - margin(q_lo)) * S)) - 1;
+  const int64_t ib = static_cast<int64_t>(std::ceil((q_hi + margin(q_hi)) * S));
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const double widen = sigmas < 0 ? -1e-3 : 1e-3;
+  const scalar_t a = ia < 0 ? -inf : static_cast<scalar_t>(sample[std::min(ia, S - 1)] * (1 - widen));
+  const scalar_t b = ib >= S ? inf : static_cast<scalar_t>(sample[std::max<int64_t>(ib, 0)] * (1 + widen));
+  return {a, b};
+}
+
 // push (N, d): Σ_{f ≠ e, D_ef < θ} (K_e − K_f) / max(D_ef, 1e-8); close (N): how many such f.
-//
-// Two passes over the tiles. The first builds a histogram of the distances'
-// buckets, which locates the buckets of the two ranks θ interpolates between.
-// The second already knows every pair outside a narrow band of buckets around
-// them: below it a pair is closer than θ whatever θ turns out to be (its
-// repulsion term is added at once), above it it is not; the pairs inside the
-// band are kept, θ is selected among their distances, and then their terms are
-// added. (The band is one bucket wider on each side than the two ranks' buckets:
-// θ, a rounded interpolation, may fall an ulp outside [D_lo, D_hi].)
-//
-// A close pair adds its exact difference to its row key (owned by the thread that
-// visits the row) and subtracts it from its column key in that thread's buffer of
-// the tile's columns, summed after each tile: no races, no N × N weights.
 template <typename scalar_t>
 void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push, std::vector<int64_t>& close) {
   using B = Buckets<scalar_t>;
@@ -189,10 +355,33 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
   const double rank = theta_percentile * static_cast<double>(M - 1);
   const int64_t lo = static_cast<int64_t>(std::floor(rank));
   const int64_t hi = std::min<int64_t>(lo + 1, M - 1);
-  Distances<scalar_t> dist(keys);
-  const int threads = at::get_num_threads();
+  push = at::zeros({N, d}, keys.options());
+  close.assign(N, 0);
+  const Sums<scalar_t> sums{keys.data_ptr<scalar_t>(), d, push.data_ptr<scalar_t>(), close};
+  Band<scalar_t> band;
 
-  // Pass 1: histogram of the buckets (one per thread, summed after).
+  if (M >= sampled_min_pairs()) {  // one pass between sampled bounds
+    const auto [a, b] = sampled_bounds<scalar_t>(keys, lo, hi, M);
+    Distances<scalar_t> dist(keys, /*keep=*/false);
+    const int64_t below = add_sure_keep_band(
+        dist, [a = a, b = b](scalar_t v) { return v < a ? kSure : (v > b ? kFar : kBand); }, sums, band);
+    int64_t kept = 0;
+    for (const auto& part : band) kept += static_cast<int64_t>(part.size());
+    if (below <= lo && below + kept > hi) {  // ranks lo and hi were kept
+      const scalar_t th = select_theta(band, rank, lo, hi, below);
+      if (a <= th && th <= b) {  // so the sure pairs are closer than θ and the far ones not
+        add_band(band, th, sums);
+        return;
+      }
+    }
+    push.zero_();  // the bounds missed: start again with the two-pass selection
+    close.assign(N, 0);
+  }
+
+  // Pass 1: a histogram of the distances' buckets (one per thread, summed after), which
+  // locates the buckets of the two ranks θ interpolates between.
+  Distances<scalar_t> dist(keys, /*keep=*/true);
+  const int threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> local(threads);
   for (int64_t t = 0; t < dist.tiles(); ++t)
     for_each_pair(dist, t, [&](int tid, int64_t, int64_t, scalar_t v) {
@@ -211,86 +400,25 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
     seen += hist[j];
   }
   TORCH_INTERNAL_ASSERT(first >= 0 && last >= first, "some.keystore_update: distance histogram");
+  // Pass 2: every pair outside a narrow band of buckets around them is known: below it a
+  // pair is closer than θ, above it it is not. (The band is one bucket wider on each side
+  // than the two ranks' buckets: θ, a rounded interpolation, may fall an ulp outside
+  // [D_lo, D_hi].)
   const int64_t band_lo = std::max<int64_t>(first - 1, 0), band_hi = std::min<int64_t>(last + 1, B::kCount - 1);
   int64_t below = 0, in_band = 0;
   for (int64_t j = 0; j < band_lo; ++j) below += hist[j];
   for (int64_t j = band_lo; j <= band_hi; ++j) in_band += hist[j];
-
-  // Pass 2: the sure pairs' terms, and the band kept.
-  push = at::zeros({N, d}, keys.options());
-  close.assign(N, 0);
-  scalar_t* P = push.data_ptr<scalar_t>();
-  const scalar_t* k = keys.data_ptr<scalar_t>();
-  const scalar_t eps = static_cast<scalar_t>(kRepulsionEps);
-  struct Pair {
-    int64_t e, f;
-    scalar_t D;
-  };
-  std::vector<std::vector<Pair>> band(threads);
-  std::vector<std::vector<scalar_t>> col_push(threads);
-  std::vector<std::vector<int64_t>> col_close(threads);
-  auto add_term = [&](scalar_t* pe, scalar_t* pf, int64_t e, int64_t f, scalar_t Dv) {
-    const scalar_t inv = scalar_t(1) / std::max(Dv, eps);
-    const scalar_t* ke = k + e * d;
-    const scalar_t* kf = k + f * d;
-    for (int64_t c = 0; c < d; ++c) {
-      const scalar_t term = (ke[c] - kf[c]) * inv;
-      pe[c] += term;
-      pf[c] -= term;
-    }
-  };
-  for (int64_t t = 0; t < dist.tiles(); ++t) {
-    const auto& tl = dist.tile(t);
-    const int64_t nc = dist.extent(tl.c0);
-    for (auto& v : col_push) v.clear();
-    for (auto& v : col_close) v.clear();
-    for_each_pair(dist, t, [&](int tid, int64_t e, int64_t f, scalar_t Dv) {
-      const int64_t j = B::of(Dv);
-      if (j > band_hi) return;
-      if (j >= band_lo) {
-        band[tid].push_back({e, f, Dv});
-        return;
-      }
-      auto& cp = col_push[tid];
-      auto& cc = col_close[tid];
-      if (cc.empty()) {
-        cp.assign(nc * d, scalar_t(0));
-        cc.assign(nc, 0);
-      }
-      add_term(P + e * d, cp.data() + (f - tl.c0) * d, e, f, Dv);
-      ++close[e];  // row e belongs to this thread
-      ++cc[f - tl.c0];
-    });
-    for (int tid = 0; tid < threads; ++tid) {
-      if (col_close[tid].empty()) continue;
-      const auto& cp = col_push[tid];
-      for (int64_t j = 0; j < nc; ++j) {
-        close[tl.c0 + j] += col_close[tid][j];
-        scalar_t* pf = P + (tl.c0 + j) * d;
-        for (int64_t c = 0; c < d; ++c) pf[c] += cp[j * d + c];
-      }
-    }
-  }
-
-  // θ among the band's distances (ranks lo and hi lie in it), then the band's close pairs.
-  std::vector<scalar_t> v;
-  v.reserve(in_band);
-  for (const auto& part : band)
-    for (const auto& p : part) v.push_back(p.D);
-  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(v.size()) == in_band,
-                        "some.keystore_update: the distances changed between the two passes");
-  const int64_t at_lo = lo - below;
-  std::nth_element(v.begin(), v.begin() + at_lo, v.end());
-  const scalar_t v_lo = v[at_lo];
-  const scalar_t v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + at_lo + 1, v.end());
-  const scalar_t th = lerp<scalar_t>(v_lo, v_hi, static_cast<scalar_t>(rank - static_cast<double>(lo)));
-  for (const auto& part : band)
-    for (const auto& p : part) {
-      if (!(p.D < th)) continue;
-      add_term(P + p.e * d, P + p.f * d, p.e, p.f, p.D);
-      ++close[p.e];
-      ++close[p.f];
-    }
+  add_sure_keep_band(
+      dist,
+      [&](scalar_t v) {
+        const int64_t j = B::of(v);
+        return j > band_hi ? kFar : (j >= band_lo ? kBand : kSure);
+      },
+      sums, band);
+  int64_t kept = 0;
+  for (const auto& part : band) kept += static_cast<int64_t>(part.size());
+  TORCH_INTERNAL_ASSERT(kept == in_band, "some.keystore_update: the distances changed between the two passes");
+  add_band(band, select_theta(band, rank, lo, hi, below), sums);
 }
 
 }  // namespace repulsion

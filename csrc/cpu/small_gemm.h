@@ -1,0 +1,93 @@
+// The experts' per-expert products on the CPU, called straight into torch's BLAS.
+//
+// With many experts each one gets a few rows (N = 2048, k = 4, T = 2048: four on
+// average), and then the cost of a product is its call, not its arithmetic: at::mm_out
+// on views of slices costs several microseconds of dispatch, shape checks and tensor
+// bookkeeping, about 300 ms of a `small`-preset step at N = 2048 (4 products per expert
+// and layer). These helpers call the BLAS that at::mm itself calls for float32 and
+// float64 (sgemm_/dgemm_, which torch's libtorch_cpu exports where it is built with
+// MKL or OpenBLAS) with the arguments at::mm passes for the same row-major operands, so
+// the results are the bits at::mm gives in the same place (tests/test_ops.py compares
+// them with torch.mm on one thread); where torch exports no such symbol (weak references
+// resolve to null) and for bfloat16, they fall back to at::mm_out.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+extern "C" {
+// Fortran BLAS, column-major. Weak: resolved from libtorch_cpu when it has them.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace some {
+namespace small_gemm {
+
+// Whether the direct BLAS path serves scalar_t (float/double with the symbol present).
+template <typename scalar_t>
+constexpr bool has_blas_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+template <typename scalar_t>
+bool direct() {
+  if constexpr (std::is_same_v<scalar_t, float>) return sgemm_ != nullptr;
+  if constexpr (std::is_same_v<scalar_t, double>) return dgemm_ != nullptr;
+  return false;
+}
+
+// Column-major C (m × n, ldc) = op(A) · op(B), as at::mm hands it to BLAS.
+template <typename scalar_t>
+void blas(char ta, char tb, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
+          int64_t ldb, scalar_t* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const scalar_t one = 1, zero = 0;
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &zero, c, &lc);
+  else
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &zero, c, &lc);
+}
+
+inline at::Tensor view(const void* p, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return at::from_blob(const_cast<void*>(p), {rows, cols}, opts);
+}
+
+// C (m × n) = A (m × k) · Bᵀ, B (n × k); all row-major and contiguous.
+template <typename scalar_t>
+void a_bt(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
+          const at::TensorOptions& opts) {
+  if constexpr (has_blas_type<scalar_t>) {
+    if (direct<scalar_t>()) {
+      // row-major C is column-major Cᵀ (n × m) = B (n × k) · Aᵀ: B's rows are columns of
+      // length k ('T'), A's row-major storage is Aᵀ column-major ('N')
+      blas<scalar_t>('t', 'n', n, m, k, b, k, a, k, c, n);
+      return;
+    }
+  }
+  auto out = view(c, m, n, opts);
+  at::mm_out(out, view(a, m, k, opts), view(b, n, k, opts).t());
+}
+
+// C (m × n) = A (m × k) · B, B (k × n); all row-major and contiguous.
+template <typename scalar_t>
+void a_b(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
+         const at::TensorOptions& opts) {
+  if constexpr (has_blas_type<scalar_t>) {
+    if (direct<scalar_t>()) {
+      // column-major Cᵀ (n × m) = Bᵀ (n × k) · Aᵀ (k × m), both stored as they are ('N')
+      blas<scalar_t>('n', 'n', n, m, k, b, n, a, k, c, n);
+      return;
+    }
+  }
+  auto out = view(c, m, n, opts);
+  at::mm_out(out, view(a, m, k, opts), view(b, k, n, opts));
+}
+
+}  // namespace small_gemm
+}  // namespace some
