@@ -53,7 +53,7 @@ namespace repulsion {
 constexpr double kRepulsionEps = 1e-8;  // max(D, 1e-8) in the repulsion term
 constexpr double kNearFraction = 1e-2;  // D² below this share of |K_e|² + |K_f|²: recompute
 constexpr int64_t kDefaultBlockBytes = int64_t(8) << 20;
-constexpr int64_t kStreamTileBytes = int64_t(256) << 10;  // 256 × 256 float32
+constexpr int64_t kStreamTileBytes = int64_t(1) << 20;  // 512 × 512 float32
 constexpr int kKeptMantissaBits = 7;  // histogram resolution: 1/128 of an octave
 // From this many pairs (N ≈ 725) θ is selected in one pass from sampled bounds: below it
 // the two-pass selection costs little, and small stores keep the sums in the order they
@@ -209,10 +209,11 @@ struct Sums {
   std::vector<int64_t>& close;
 
   // The exact difference of pair (e, f), over max(D, 1e-8), added to pe and taken from pf.
-  void add_term(scalar_t* pe, scalar_t* pf, int64_t e, int64_t f, scalar_t Dv) const {
+  // (e != f, so the four rows never overlap: __restrict lets the loop vectorize)
+  void add_term(scalar_t* __restrict pe, scalar_t* __restrict pf, int64_t e, int64_t f, scalar_t Dv) const {
     const scalar_t inv = scalar_t(1) / std::max(Dv, static_cast<scalar_t>(kRepulsionEps));
-    const scalar_t* ke = k + e * d;
-    const scalar_t* kf = k + f * d;
+    const scalar_t* __restrict ke = k + e * d;
+    const scalar_t* __restrict kf = k + f * d;
     for (int64_t c = 0; c < d; ++c) {
       const scalar_t term = (ke[c] - kf[c]) * inv;
       pe[c] += term;
@@ -228,50 +229,55 @@ struct Sums {
 // in that thread's buffer of the tile's columns, summed after each tile: no races, no
 // N × N weights. Returns how many pairs were sure.
 enum Where { kSure, kBand, kFar };
+template <typename scalar_t>
+struct alignas(64) ThreadPart {  // one cache line apart: threads never write a shared line
+  std::vector<Pair<scalar_t>> band;
+  std::vector<scalar_t> col_push;
+  std::vector<int64_t> col_close;
+  int64_t sure = 0;
+};
 template <typename scalar_t, typename Classify>
 int64_t add_sure_keep_band(Distances<scalar_t>& dist, const Classify& where, const Sums<scalar_t>& sums,
                            Band<scalar_t>& band) {
   const int threads = at::get_num_threads();
   const int64_t d = sums.d;
-  band.assign(threads, {});
-  std::vector<int64_t> sure(threads, 0);
-  std::vector<std::vector<scalar_t>> col_push(threads);
-  std::vector<std::vector<int64_t>> col_close(threads);
+  std::vector<ThreadPart<scalar_t>> part(threads);
   for (int64_t t = 0; t < dist.tiles(); ++t) {
     const auto& tl = dist.tile(t);
     const int64_t nc = dist.extent(tl.c0);
-    for (auto& v : col_push) v.clear();
-    for (auto& v : col_close) v.clear();
+    for (auto& p : part) p.col_push.clear(), p.col_close.clear();
     for_each_pair(dist, t, [&](int tid, int64_t e, int64_t f, scalar_t Dv) {
       const Where w = where(Dv);
       if (w == kFar) return;
+      auto& mine = part[tid];
       if (w == kBand) {
-        band[tid].push_back({e, f, Dv});
+        mine.band.push_back({e, f, Dv});
         return;
       }
-      auto& cp = col_push[tid];
-      auto& cc = col_close[tid];
-      if (cc.empty()) {
-        cp.assign(nc * d, scalar_t(0));
-        cc.assign(nc, 0);
+      if (mine.col_close.empty()) {
+        mine.col_push.assign(nc * d, scalar_t(0));
+        mine.col_close.assign(nc, 0);
       }
-      sums.add_term(sums.P + e * d, cp.data() + (f - tl.c0) * d, e, f, Dv);
+      sums.add_term(sums.P + e * d, mine.col_push.data() + (f - tl.c0) * d, e, f, Dv);
       ++sums.close[e];  // row e belongs to this thread
-      ++cc[f - tl.c0];
-      ++sure[tid];
+      ++mine.col_close[f - tl.c0];
+      ++mine.sure;
     });
-    for (int tid = 0; tid < threads; ++tid) {
-      if (col_close[tid].empty()) continue;
-      const auto& cp = col_push[tid];
+    for (const auto& p : part) {
+      if (p.col_close.empty()) continue;
       for (int64_t j = 0; j < nc; ++j) {
-        sums.close[tl.c0 + j] += col_close[tid][j];
+        sums.close[tl.c0 + j] += p.col_close[j];
         scalar_t* pf = sums.P + (tl.c0 + j) * d;
-        for (int64_t c = 0; c < d; ++c) pf[c] += cp[j * d + c];
+        for (int64_t c = 0; c < d; ++c) pf[c] += p.col_push[j * d + c];
       }
     }
   }
+  band.clear();
   int64_t total = 0;
-  for (int64_t n : sure) total += n;
+  for (auto& p : part) {
+    band.push_back(std::move(p.band));
+    total += p.sure;
+  }
   return total;
 }
 
@@ -312,7 +318,7 @@ std::pair<scalar_t, scalar_t> sampled_bounds(const at::Tensor& keys, int64_t lo,
   const int64_t S = std::min<int64_t>(M, std::clamp<int64_t>(16 * static_cast<int64_t>(std::sqrt(double(M))),
                                                              int64_t(1) << 14, int64_t(1) << 18));
   const scalar_t* k = keys.data_ptr<scalar_t>();
-  std::vector<double> sample(S);
+  std::vector<scalar_t> sample(S);
   at::parallel_for(0, S, 1024, [&](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i) {
       uint64_t x = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);  // splitmix64 of i
@@ -322,15 +328,13 @@ std::pair<scalar_t, scalar_t> sampled_bounds(const at::Tensor& keys, int64_t lo,
       const int64_t e = static_cast<int64_t>((x >> 32) % static_cast<uint64_t>(N));
       int64_t f = static_cast<int64_t>((x & 0xFFFFFFFFull) % static_cast<uint64_t>(N - 1));
       f += f >= e;
-      double d2 = 0;
-      for (int64_t c = 0; c < d; ++c) {
-        const double diff = static_cast<double>(k[e * d + c]) - static_cast<double>(k[f * d + c]);
-        d2 += diff * diff;
-      }
+      const scalar_t* ke = k + e * d;
+      const scalar_t* kf = k + f * d;
+      scalar_t d2 = 0;  // (in the keys' precision: the bounds are widened far beyond its error)
+      for (int64_t c = 0; c < d; ++c) d2 += (ke[c] - kf[c]) * (ke[c] - kf[c]);
       sample[i] = std::sqrt(d2);
     }
   });
-  std::sort(sample.begin(), sample.end());
   const double q_lo = static_cast<double>(lo) / static_cast<double>(M);
   const double q_hi = static_cast<double>(hi + 1) / static_cast<double>(M);
   const double sigmas = sample_sigmas();
@@ -339,10 +343,15 @@ std::pair<scalar_t, scalar_t> sampled_bounds(const at::Tensor& keys, int64_t lo,
   };
   const int64_t ia = static_cast<int64_t>(std::floor((q_lo - margin(q_lo)) * S)) - 1;
   const int64_t ib = static_cast<int64_t>(std::ceil((q_hi + margin(q_hi)) * S));
-  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  // the two order statistics of the sample, without sorting it
+  auto order_stat = [&](int64_t i) {
+    std::nth_element(sample.begin(), sample.begin() + i, sample.end());
+    return static_cast<double>(sample[i]);
+  };
   const double widen = sigmas < 0 ? -1e-3 : 1e-3;
-  const scalar_t a = ia < 0 ? -inf : static_cast<scalar_t>(sample[std::min(ia, S - 1)] * (1 - widen));
-  const scalar_t b = ib >= S ? inf : static_cast<scalar_t>(sample[std::max<int64_t>(ib, 0)] * (1 + widen));
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const scalar_t a = ia < 0 ? -inf : static_cast<scalar_t>(order_stat(std::min(ia, S - 1)) * (1 - widen));
+  const scalar_t b = ib >= S ? inf : static_cast<scalar_t>(order_stat(std::max<int64_t>(ib, 0)) * (1 + widen));
   return {a, b};
 }
 
