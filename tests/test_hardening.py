@@ -205,11 +205,9 @@ def test_7_an_overflowing_update_leaves_the_store_and_says_so(backend):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard")
-    config = apply_overrides(get_preset("tiny-test"), ["epochs=2", "checkpoint_every=3", f"cache_dir={root}"])
-    Trainer(config, root / "run", progress=False, echo=False).run(make_plots=False)
-    return config, root / "run"
+def finished(tiny_test_run):
+    """The session's finished tiny-test run, ``(trainer, run dir)``: these tests only read it."""
+    return tiny_test_run
 
 
 def test_8_flipped_bits_are_refused(finished, tmp_path):
