@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "cpu/repulsion.h"
 #include "cpu/small_gemm.h"
 #include "philox.h"
 
@@ -99,5 +100,11 @@ PYBIND11_MODULE(_C, m) {
     // the CPU experts' per-expert products: straight into torch's BLAS, or through at::mm
     info["cpu_expert_gemm"] = some::small_gemm::direct<float>() ? "blas" : "at::mm";
     return info;
+  });
+  m.def("keystore_selection_counts", []() {
+    py::dict counts;  // since the extension was loaded (csrc/cpu/repulsion.h)
+    counts["sampled"] = some::repulsion::sampled_passes.load();
+    counts["fallback"] = some::repulsion::sampled_fallbacks.load();
+    return counts;
   });
 }

@@ -76,13 +76,19 @@ SELECTIONS = {"sampled": {"SOME_KEYSTORE_SAMPLED_MIN_PAIRS": "1"},
                                                  (1024, 0.05)])
 def test_sampled_selection_equals_reference(selection, N, theta_percentile, monkeypatch):
     # the native CPU op's one-pass selection (the default from 2^18 pairs, N = 1024 here)
-    # forced at every size, and its fallback when the sampled bounds miss
+    # forced at every size, and its fallback when the sampled bounds miss; the extension's
+    # counters say which path ran
+    from some import _C
     for name, value in SELECTIONS[selection].items():
         monkeypatch.setenv(name, value)
+    before = _C.keystore_selection_counts()
     _check(_unit(N, 16, seed=N), _stats(N, 16, seed=N), theta_percentile)
     K = _unit(N, 16, seed=N)
     K[1] = K[0]  # a coincident pair and ties at distance 0
     _check(K, _stats(N, 16, seed=N), theta_percentile, normalize=False)
+    after = _C.keystore_selection_counts()
+    assert after["sampled"] - before["sampled"] == 2
+    assert after["fallback"] - before["fallback"] == (2 if selection == "fallback" else 0)
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
@@ -96,14 +102,14 @@ def test_sampled_selection_with_ties(selection, theta_percentile, monkeypatch):
 
 def test_sampled_selection_in_float32(monkeypatch):
     # N = 1024 float32 keys: the one-pass selection (the default at this size) picks the same θ
-    # and the same close pairs as the two passes over the same float32 distances; the sums
-    # differ only in their order. (Against the float64 reference a pair within float32 error
-    # of θ may fall on the other side of it.)
+    # and the same close pairs as its two-pass fallback over the same tiles (the same float32
+    # distances); the sums differ only in their order. (Against the float64 reference a pair
+    # within float32 error of θ may fall on the other side of it.)
     K = _unit(1024, 32, seed=14).float()
     stats = [s.float() if s.is_floating_point() else s for s in _stats(1024, 32, seed=14)]
     out = []
-    for min_pairs in (str(2**18), str(2**40)):
-        monkeypatch.setenv("SOME_KEYSTORE_SAMPLED_MIN_PAIRS", min_pairs)
+    for sigmas in ("6", "-6"):
+        monkeypatch.setenv("SOME_KEYSTORE_SAMPLE_SIGMAS", sigmas)
         keys, V, u = K.clone(), torch.zeros_like(K), torch.zeros(1024)
         assert ops.keystore_update(keys, V, u, *stats, theta_percentile=0.05, **STRONG)
         out.append(V)

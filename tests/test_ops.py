@@ -456,6 +456,16 @@ def test_experts_no_tokens(device, backend):
         assert offsets.tolist() == [0] * (N + 1)
 
 
+@pytest.mark.parametrize("d, h", [(8, 0), (0, 8)])
+def test_experts_of_zero_width(d, h, device, backend):
+    # an empty product (BLAS refuses a zero leading dimension) still writes its zeros
+    T, N, k = 6, 3, 2
+    x = torch.randn(T, d, device=device)
+    idx, gates = random_routing(T, N, k, torch.float32, device=device, seed=2)
+    w = make_experts(N, d, h, torch.float32, device)
+    torch.testing.assert_close(ops.experts(x, idx, gates, *w), experts_ref(x, idx, gates, *w))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_experts_products_have_torch_mm_bits(dtype):
     # the CPU kernel calls torch's BLAS directly for its many small per-expert products

@@ -37,6 +37,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -72,8 +73,14 @@ inline int64_t env_positive(const char* name, int64_t fallback) {
 // negative count narrows them past the ranks, which tests use to force the fallback.
 inline double sample_sigmas() {
   const char* env = std::getenv("SOME_KEYSTORE_SAMPLE_SIGMAS");
-  return env ? std::atof(env) : 6.0;
+  const double v = env ? std::atof(env) : 6.0;
+  return std::isfinite(v) ? v : 6.0;
 }
+
+// How many updates took the sampled one-pass selection, and how many of those fell back
+// (some._C.keystore_selection_counts(): the tests check which path ran).
+inline std::atomic<int64_t> sampled_passes{0};
+inline std::atomic<int64_t> sampled_fallbacks{0};
 
 inline int64_t block_bytes() { return env_positive("SOME_KEYSTORE_BLOCK_BYTES", kDefaultBlockBytes); }
 inline int64_t sampled_min_pairs() { return env_positive("SOME_KEYSTORE_SAMPLED_MIN_PAIRS", kSampledMinPairs); }
@@ -109,17 +116,17 @@ void for_balanced_rows(int64_t n, const Fn& fn) {
 template <typename scalar_t>
 class Distances {
  public:
-  // keep: cache the tiles for a second pass (when they fit in 8 budgets)
-  Distances(const at::Tensor& keys, bool keep) : K_(keys), N_(keys.size(0)), d_(keys.size(1)) {
-    // one pass streams each tile once: tiles that stay in the core's cache while their rows
-    // are finished and scanned; two passes keep them, in as few products as the budget allows
-    const int64_t budget = keep ? block_bytes() : std::min(block_bytes(), kStreamTileBytes);
+  // tile_bytes: the tiles' size; keep: cache the tiles for a second pass (when all of them fit
+  // in 8 budgets). The same keys must always get the same tiles whichever selection runs: the
+  // products' bits may depend on their shapes.
+  Distances(const at::Tensor& keys, int64_t tile_bytes, bool keep) : K_(keys), N_(keys.size(0)), d_(keys.size(1)) {
+    const int64_t budget = tile_bytes;
     const int64_t cells = std::max<int64_t>(budget / static_cast<int64_t>(sizeof(scalar_t)), 1);
     side_ = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(cells))), 1, N_);
     const int64_t grid = (N_ + side_ - 1) / side_;
     for (int64_t a = 0; a < grid; ++a)
       for (int64_t b = a; b < grid; ++b) tiles_.push_back({a * side_, b * side_});
-    cache_ = keep && N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * budget;
+    cache_ = keep && N_ * N_ * static_cast<int64_t>(sizeof(scalar_t)) <= 8 * block_bytes();
     if (cache_) cached_.resize(tiles_.size());
     sq_ = (K_ * K_).sum(1).contiguous();
   }
@@ -369,9 +376,14 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
   const Sums<scalar_t> sums{keys.data_ptr<scalar_t>(), d, push.data_ptr<scalar_t>(), close};
   Band<scalar_t> band;
 
-  if (M >= sampled_min_pairs()) {  // one pass between sampled bounds
+  // From kSampledMinPairs on, one pass streams each tile once: tiles that stay in the core's
+  // cache while their rows are finished and scanned (and its fallback takes the same tiles).
+  const bool sampled = M >= sampled_min_pairs();
+  const int64_t tile_bytes = sampled ? std::min(block_bytes(), kStreamTileBytes) : block_bytes();
+  if (sampled) {  // one pass between sampled bounds
+    ++sampled_passes;
     const auto [a, b] = sampled_bounds<scalar_t>(keys, lo, hi, M);
-    Distances<scalar_t> dist(keys, /*keep=*/false);
+    Distances<scalar_t> dist(keys, tile_bytes, /*keep=*/false);
     const int64_t below = add_sure_keep_band(
         dist, [a = a, b = b](scalar_t v) { return v < a ? kSure : (v > b ? kFar : kBand); }, sums, band);
     int64_t kept = 0;
@@ -383,13 +395,15 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
         return;
       }
     }
+    ++sampled_fallbacks;
     push.zero_();  // the bounds missed: start again with the two-pass selection
     close.assign(N, 0);
+    Band<scalar_t>().swap(band);
   }
 
   // Pass 1: a histogram of the distances' buckets (one per thread, summed after), which
   // locates the buckets of the two ranks θ interpolates between.
-  Distances<scalar_t> dist(keys, /*keep=*/true);
+  Distances<scalar_t> dist(keys, tile_bytes, /*keep=*/true);
   const int threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> local(threads);
   for (int64_t t = 0; t < dist.tiles(); ++t)

@@ -9,12 +9,16 @@
 // MKL or OpenBLAS) with the arguments at::mm passes for the same row-major operands, so
 // the results are the bits at::mm gives in the same place (tests/test_ops.py compares
 // them with torch.mm on one thread); where torch exports no such symbol (weak references
-// resolve to null) and for bfloat16, they fall back to at::mm_out.
+// resolve to null), for bfloat16 and for empty or 2^31-sized products, they fall back to
+// at::mm_out. (The bits are at::mm's as long as at::mm itself takes BLAS for these dtypes: not
+// where float32 matmul precision below "highest" sends it to oneDNN, nor where another BLAS
+// loaded first provides the symbols.)
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 extern "C" {
@@ -30,15 +34,22 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace some {
 namespace small_gemm {
 
-// Whether the direct BLAS path serves scalar_t (float/double with the symbol present).
 template <typename scalar_t>
 constexpr bool has_blas_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
+// Whether the direct BLAS path serves scalar_t (float/double with the symbol present).
 template <typename scalar_t>
 bool direct() {
   if constexpr (std::is_same_v<scalar_t, float>) return sgemm_ != nullptr;
   if constexpr (std::is_same_v<scalar_t, double>) return dgemm_ != nullptr;
   return false;
+}
+
+// ... and for a product of these sizes: BLAS takes 32-bit sizes, and an empty product (a zero
+// width) is left to at::mm, which writes the zeros BLAS would refuse to.
+inline bool direct_sizes(int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  return m > 0 && n > 0 && k > 0 && m <= kMax && n <= kMax && k <= kMax;
 }
 
 // Column-major C (m × n, ldc) = op(A) · op(B), as at::mm hands it to BLAS.
@@ -63,7 +74,7 @@ template <typename scalar_t>
 void a_bt(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
           const at::TensorOptions& opts) {
   if constexpr (has_blas_type<scalar_t>) {
-    if (direct<scalar_t>()) {
+    if (direct<scalar_t>() && direct_sizes(m, n, k)) {
       // row-major C is column-major Cᵀ (n × m) = B (n × k) · Aᵀ: B's rows are columns of
       // length k ('T'), A's row-major storage is Aᵀ column-major ('N')
       blas<scalar_t>('t', 'n', n, m, k, b, k, a, k, c, n);
@@ -79,7 +90,7 @@ template <typename scalar_t>
 void a_b(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
          const at::TensorOptions& opts) {
   if constexpr (has_blas_type<scalar_t>) {
-    if (direct<scalar_t>()) {
+    if (direct<scalar_t>() && direct_sizes(m, n, k)) {
       // column-major Cᵀ (n × m) = Bᵀ (n × k) · Aᵀ (k × m), both stored as they are ('N')
       blas<scalar_t>('n', 'n', n, m, k, b, n, a, k, c, n);
       return;
