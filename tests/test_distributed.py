@@ -39,8 +39,12 @@ def run_train(out: Path, *extra: str, nproc: int = 1, timeout: int = 300, check:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "some", "train"]
     env = {**_env(), **{f"SOME_FAULT_{k.upper()}": v for k, v in (faults or {}).items()}}
-    proc = subprocess.run(cmd + list(base) + list(extra) + ["--out", str(out)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd + list(base) + list(extra) + ["--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # say where it stood (a hang once seen only in full-suite runs)
+        tail = [(b or b"").decode(errors="replace")[-3000:] for b in (e.stdout, e.stderr)]
+        raise AssertionError(f"training did not end in {timeout} s:\n{tail[0]}\n{tail[1]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -302,7 +302,10 @@ def test_resume_rewrites_the_log_exactly(tmp_path):
 @pytest.mark.slow
 def test_revival_keeps_two_gloo_ranks_identical(tmp_path):
     out = tmp_path / "two"
-    base = ["--preset", "tiny-test", "--set", "revive_after=2", "log_every=2", "--no-plots", "--no-progress"]
+    # (a collective timeout under the subprocess's: a rank left waiting raises one line naming
+    # the collective instead of hanging)
+    base = ["--preset", "tiny-test", "--set", "revive_after=2", "log_every=2", "dist_timeout=120", "--no-plots",
+            "--no-progress"]
     run_train(out, base=base, nproc=2, faults={"state_digest": "1"})
     rank0 = (out / "digest.rank0.jsonl").read_text().splitlines()
     rank1 = (out / "digest.rank1.jsonl").read_text().splitlines()
