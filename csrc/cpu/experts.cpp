@@ -6,8 +6,8 @@
 //   1. group the (token, slot) pairs by expert with a stable counting sort
 //      (`order`, `offsets`); index -1 slots are dropped;
 //   2. per expert, gather its rows and run the two GEMMs through BLAS
-//      (called directly, small_gemm.h: with many experts of a few rows each, a
-//      product's call would cost more than its arithmetic);
+//      (called directly, small_gemm.h: with many experts of a few rows each,
+//      at::mm's per-call bookkeeping would come with every one of them);
 //   3. bias + GELU (forward) and GELU' + gate (backward) in one fused
 //      vectorized pass per expert, parallel over rows;
 //   4. combine per token (parallel over tokens, so no atomics and
@@ -247,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
         if (n == 0) continue;
         scalar_t* pre_p = hidden.data_ptr<scalar_t>() + r0 * h;
         gather_rows(x.data_ptr<scalar_t>(), xg_p, ord + r0, n, k, d);
-        small_gemm::a_bt(pre_p, xg_p, src.w1(e, scratch).template data_ptr<scalar_t>(), n, h, d,
-                         x.options());  // (n, d) @ (d, h)
+        small_gemm::product(pre_p, xg_p, src.w1(e, scratch).template data_ptr<scalar_t>(), n, h, d,
+                            /*b_transposed=*/true, x.options());  // (n, d) @ (d, h)
         const auto b1_e = src.b1(e, scratch);
         const scalar_t* b1_p = b1_e.template data_ptr<scalar_t>();
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
@@ -257,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
           else
             bias_gelu_generic(pre_p + b * h, act_p + b * h, b1_p, end - b, h);
         });
-        small_gemm::a_bt(out.data_ptr<scalar_t>() + r0 * d, act_p, src.w2(e, scratch).template data_ptr<scalar_t>(),
-                         n, d, h, x.options());  // (n, h) @ (h, d)
+        small_gemm::product(out.data_ptr<scalar_t>() + r0 * d, act_p, src.w2(e, scratch).template data_ptr<scalar_t>(),
+                            n, d, h, /*b_transposed=*/true, x.options());  // (n, h) @ (h, d)
       }
     });
     // y_t = Σ_j g_tj (out[pos(t, j)] + b2_e), accumulated in opmath.
@@ -338,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
         gather_rows(grad_y.data_ptr<scalar_t>(), gy_p, ord + r0, n, k, d);
-        small_gemm::a_b(d_p, gy_p, src.w2(e, scratch).template data_ptr<scalar_t>(), n, h, d,
-                        x.options());  // dL/da (before the gate): (n, d) @ (d, h)
+        small_gemm::product(d_p, gy_p, src.w2(e, scratch).template data_ptr<scalar_t>(), n, h, d,
+                            /*b_transposed=*/false, x.options());  // dL/da (before the gate): (n, d) @ (d, h)
         for (int64_t r = 0; r < n; ++r) gate_rows[r] = G[ord[r0 + r]];
         const scalar_t* pre_p = hid.data_ptr<scalar_t>() + r0 * h;
         at::parallel_for(0, n, 8, [&](int64_t b, int64_t end) {
@@ -361,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor> experts_backward_impl(
           }
         }
         if (need_grad_x)
-          small_gemm::a_b(xpair.data_ptr<scalar_t>() + r0 * d, d_p, src.w1(e, scratch).template data_ptr<scalar_t>(),
-                          n, d, h, x.options());  // (n, h) @ (h, d)
+          small_gemm::product(xpair.data_ptr<scalar_t>() + r0 * d, d_p, src.w1(e, scratch).template data_ptr<scalar_t>(),
+                              n, d, h, /*b_transposed=*/false, x.options());  // (n, h) @ (h, d)
       }
     });
     if (need_grad_x) {

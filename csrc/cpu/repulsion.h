@@ -120,8 +120,7 @@ class Distances {
   // in 8 budgets). The same keys must always get the same tiles whichever selection runs: the
   // products' bits may depend on their shapes.
   Distances(const at::Tensor& keys, int64_t tile_bytes, bool keep) : K_(keys), N_(keys.size(0)), d_(keys.size(1)) {
-    const int64_t budget = tile_bytes;
-    const int64_t cells = std::max<int64_t>(budget / static_cast<int64_t>(sizeof(scalar_t)), 1);
+    const int64_t cells = std::max<int64_t>(tile_bytes / static_cast<int64_t>(sizeof(scalar_t)), 1);
     side_ = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(cells))), 1, N_);
     const int64_t grid = (N_ + side_ - 1) / side_;
     for (int64_t a = 0; a < grid; ++a)
@@ -234,8 +233,11 @@ struct Sums {
 // selection) or kFar (not closer than θ). A sure pair adds its exact difference to its
 // row key (owned by the thread that visits the row) and subtracts it from its column key
 // in that thread's buffer of the tile's columns, summed after each tile: no races, no
-// N × N weights. Returns how many pairs were sure.
+// N × N weights. Returns how many pairs were sure and how many kept.
 enum Where { kSure, kBand, kFar };
+struct Split {
+  int64_t sure = 0, kept = 0;
+};
 template <typename scalar_t>
 struct alignas(64) ThreadPart {  // one cache line apart: threads never write a shared line
   std::vector<Pair<scalar_t>> band;
@@ -244,8 +246,8 @@ struct alignas(64) ThreadPart {  // one cache line apart: threads never write a 
   int64_t sure = 0;
 };
 template <typename scalar_t, typename Classify>
-int64_t add_sure_keep_band(Distances<scalar_t>& dist, const Classify& where, const Sums<scalar_t>& sums,
-                           Band<scalar_t>& band) {
+Split add_sure_keep_band(Distances<scalar_t>& dist, const Classify& where, const Sums<scalar_t>& sums,
+                         Band<scalar_t>& band) {
   const int threads = at::get_num_threads();
   const int64_t d = sums.d;
   std::vector<ThreadPart<scalar_t>> part(threads);
@@ -280,12 +282,13 @@ int64_t add_sure_keep_band(Distances<scalar_t>& dist, const Classify& where, con
     }
   }
   band.clear();
-  int64_t total = 0;
+  Split split;
   for (auto& p : part) {
+    split.sure += p.sure;
+    split.kept += static_cast<int64_t>(p.band.size());
     band.push_back(std::move(p.band));
-    total += p.sure;
   }
-  return total;
+  return split;
 }
 
 // θ: the value at `rank` (linear interpolation between ranks lo and hi) of all pairs,
@@ -384,11 +387,10 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
     ++sampled_passes;
     const auto [a, b] = sampled_bounds<scalar_t>(keys, lo, hi, M);
     Distances<scalar_t> dist(keys, tile_bytes, /*keep=*/false);
-    const int64_t below = add_sure_keep_band(
+    const Split split = add_sure_keep_band(
         dist, [a = a, b = b](scalar_t v) { return v < a ? kSure : (v > b ? kFar : kBand); }, sums, band);
-    int64_t kept = 0;
-    for (const auto& part : band) kept += static_cast<int64_t>(part.size());
-    if (below <= lo && below + kept > hi) {  // ranks lo and hi were kept
+    const int64_t below = split.sure;
+    if (below <= lo && below + split.kept > hi) {  // ranks lo and hi were kept
       const scalar_t th = select_theta(band, rank, lo, hi, below);
       if (a <= th && th <= b) {  // so the sure pairs are closer than θ and the far ones not
         add_band(band, th, sums);
@@ -431,16 +433,14 @@ void push_sums(const at::Tensor& keys, double theta_percentile, at::Tensor& push
   int64_t below = 0, in_band = 0;
   for (int64_t j = 0; j < band_lo; ++j) below += hist[j];
   for (int64_t j = band_lo; j <= band_hi; ++j) in_band += hist[j];
-  add_sure_keep_band(
+  const Split split = add_sure_keep_band(
       dist,
       [&](scalar_t v) {
         const int64_t j = B::of(v);
         return j > band_hi ? kFar : (j >= band_lo ? kBand : kSure);
       },
       sums, band);
-  int64_t kept = 0;
-  for (const auto& part : band) kept += static_cast<int64_t>(part.size());
-  TORCH_INTERNAL_ASSERT(kept == in_band, "some.keystore_update: the distances changed between the two passes");
+  TORCH_INTERNAL_ASSERT(split.kept == in_band, "some.keystore_update: the distances changed between the two passes");
   add_band(band, select_theta(band, rank, lo, hi, below), sums);
 }
 

@@ -1,10 +1,10 @@
 // The experts' per-expert products on the CPU, called straight into torch's BLAS.
 //
 // With many experts each one gets a few rows (N = 2048, k = 4, T = 2048: four on
-// average), and then the cost of a product is its call, not its arithmetic: at::mm_out
-// on views of slices costs several microseconds of dispatch, shape checks and tensor
-// bookkeeping, about 300 ms of a `small`-preset step at N = 2048 (4 products per expert
-// and layer). These helpers call the BLAS that at::mm itself calls for float32 and
+// average), and at::mm_out on views of slices adds dispatch, shape checks and tensor
+// bookkeeping to every one of those small products (4 per expert and layer). (Measured on
+// the `small` preset at N = 2048: the step did not measurably change, since MKL packs each
+// expert's weights for a product of a few rows; see the README.) These helpers call the BLAS that at::mm itself calls for float32 and
 // float64 (sgemm_/dgemm_, which torch's libtorch_cpu exports where it is built with
 // MKL or OpenBLAS) with the arguments at::mm passes for the same row-major operands, so
 // the results are the bits at::mm gives in the same place (tests/test_ops.py compares
@@ -69,35 +69,22 @@ inline at::Tensor view(const void* p, int64_t rows, int64_t cols, const at::Tens
   return at::from_blob(const_cast<void*>(p), {rows, cols}, opts);
 }
 
-// C (m × n) = A (m × k) · Bᵀ, B (n × k); all row-major and contiguous.
+// C (m × n) = A (m × k) · B, all row-major and contiguous; B is stored (k × n), or (n × k)
+// with b_transposed (the product then takes Bᵀ).
 template <typename scalar_t>
-void a_bt(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
-          const at::TensorOptions& opts) {
+void product(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k, bool b_transposed,
+             const at::TensorOptions& opts) {
   if constexpr (has_blas_type<scalar_t>) {
     if (direct<scalar_t>() && direct_sizes(m, n, k)) {
-      // row-major C is column-major Cᵀ (n × m) = B (n × k) · Aᵀ: B's rows are columns of
-      // length k ('T'), A's row-major storage is Aᵀ column-major ('N')
-      blas<scalar_t>('t', 'n', n, m, k, b, k, a, k, c, n);
+      // row-major C is column-major Cᵀ (n × m) = op(B) · Aᵀ, A's row-major storage being Aᵀ
+      // column-major ('N'); B stored (k × n) row-major is column-major (n × k) ('N', ld n),
+      // stored (n × k) its rows are columns of length k ('T', ld k)
+      blas<scalar_t>(b_transposed ? 't' : 'n', 'n', n, m, k, b, b_transposed ? k : n, a, k, c, n);
       return;
     }
   }
   auto out = view(c, m, n, opts);
-  at::mm_out(out, view(a, m, k, opts), view(b, n, k, opts).t());
-}
-
-// C (m × n) = A (m × k) · B, B (k × n); all row-major and contiguous.
-template <typename scalar_t>
-void a_b(scalar_t* c, const scalar_t* a, const scalar_t* b, int64_t m, int64_t n, int64_t k,
-         const at::TensorOptions& opts) {
-  if constexpr (has_blas_type<scalar_t>) {
-    if (direct<scalar_t>() && direct_sizes(m, n, k)) {
-      // column-major Cᵀ (n × m) = Bᵀ (n × k) · Aᵀ (k × m), both stored as they are ('N')
-      blas<scalar_t>('n', 'n', n, m, k, b, n, a, k, c, n);
-      return;
-    }
-  }
-  auto out = view(c, m, n, opts);
-  at::mm_out(out, view(a, m, k, opts), view(b, k, n, opts));
+  at::mm_out(out, view(a, m, k, opts), b_transposed ? view(b, n, k, opts).t() : view(b, k, n, opts));
 }
 
 }  // namespace small_gemm
