@@ -71,16 +71,21 @@ SELECTIONS = {"sampled": {"SOME_KEYSTORE_SAMPLED_MIN_PAIRS": "1"},
               "fallback": {"SOME_KEYSTORE_SAMPLED_MIN_PAIRS": "1", "SOME_KEYSTORE_SAMPLE_SIGMAS": "-6"}}
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.fixture(params=SELECTIONS)
+def selection(request, monkeypatch):
+    """The native CPU op's selection forced by its knobs: its name."""
+    for name, value in SELECTIONS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
+
 @pytest.mark.parametrize("N, theta_percentile", [(3, 0.5), (33, 0.05), (257, 0.0), (257, 0.5), (300, 1.0),
                                                  (1024, 0.05)])
-def test_sampled_selection_equals_reference(selection, N, theta_percentile, monkeypatch):
+def test_sampled_selection_equals_reference(selection, N, theta_percentile):
     # the native CPU op's one-pass selection (the default from 2^18 pairs, N = 1024 here)
     # forced at every size, and its fallback when the sampled bounds miss; the extension's
     # counters say which path ran
     from some import _C
-    for name, value in SELECTIONS[selection].items():
-        monkeypatch.setenv(name, value)
     before = _C.keystore_selection_counts()
     _check(_unit(N, 16, seed=N), _stats(N, 16, seed=N), theta_percentile)
     K = _unit(N, 16, seed=N)
@@ -91,11 +96,8 @@ def test_sampled_selection_equals_reference(selection, N, theta_percentile, monk
     assert after["fallback"] - before["fallback"] == (2 if selection == "fallback" else 0)
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("theta_percentile", [0.0, 0.25, 0.9])
-def test_sampled_selection_with_ties(selection, theta_percentile, monkeypatch):
-    for name, value in SELECTIONS[selection].items():
-        monkeypatch.setenv(name, value)
+def test_sampled_selection_with_ties(selection, theta_percentile):
     eye = torch.eye(8, dtype=torch.float64)
     _check(torch.cat([eye, -eye]), _stats(16, 8, seed=3), theta_percentile)
 
